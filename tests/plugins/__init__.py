@@ -1,0 +1,1 @@
+"""Pytest plugins used by the suite."""
