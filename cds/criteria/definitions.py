@@ -1,0 +1,377 @@
+"""Trial definitions: JSON files validated by a shipped JSON Schema, checked against the value sets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from cds.criteria.units import Analyte
+from cds.criteria.valuesets import LOINC, ValueSet, load_valuesets
+from cds.errors import DefinitionError, InputError
+
+PACKAGE_DIR = Path(__file__).parent
+TRIALS_DIR = PACKAGE_DIR / "trials"
+VALUESETS_DIR = PACKAGE_DIR / "valuesets"
+ANALYTES_FILE = PACKAGE_DIR / "analytes.json"
+ANSWERS_FILE = PACKAGE_DIR / "analyte_answers.json"
+
+# Rule keys that name value sets, by the FHIR resource types they are matched against.
+_VALUESET_KEYS = {
+    "valuesets": ("Condition",),
+    "conditions": ("Condition",),
+    "procedures": ("Procedure",),
+    "ambiguous_procedures": ("Procedure",),
+    "medications": (
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+        "MedicationDispense",
+    ),
+    "related": ("Condition", "Procedure", "Observation"),
+}
+
+# Analytes each rule type reads besides a lab rule's own ``analyte``.
+_IMPLIED_ANALYTES = {
+    "grade": ("ki67",),
+    "creatinine_clearance": ("creatinine", "body-weight", "measured-creatinine-clearance"),
+    "pregnancy": (),
+}
+# Observation value sets read directly (not through an analyte) by rule type.
+_IMPLIED_OBSERVATION_VALUESETS = {
+    "grade": ("tumour-grade",),
+    "performance_status": ("ecog",),
+    "pregnancy": ("hcg",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Criterion:
+    """One eligibility criterion: verbatim protocol text plus a computable rule or ``manual``."""
+
+    id: str
+    kind: str
+    label: str
+    text: str
+    context: str | None
+    note: str | None
+    rule: dict[str, Any] | None
+    manual_reason: str | None
+    related: tuple[str, ...]
+
+    @property
+    def is_manual(self) -> bool:
+        return self.rule is None
+
+    @property
+    def breaking_valuesets(self) -> frozenset[str]:
+        """Value sets whose appearance in a new order or procedure would make this criterion
+        fail: the history it excludes, or the therapy its washout counts."""
+        if self.rule is None or self.rule["type"] not in ("history_absent", "washout"):
+            return frozenset()
+        return frozenset(
+            vs
+            for key in ("procedures", "medications")
+            for vs in self.rule.get(key, ())
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Trial:
+    """A trial's identity, registry facts and criteria in protocol order."""
+
+    id: str
+    title: str
+    short_title: str
+    version: str
+    url: str
+    registry_status: str
+    registry_status_source: str
+    lab_lookback_days: int
+    weight_lookback_days: int
+    performance_status_lookback_days: int
+    criteria: tuple[Criterion, ...]
+    source_file: str
+
+
+class TrialSet:
+    """The trials to screen for, with the value sets, analytes and answer codes they use."""
+
+    def __init__(
+        self,
+        trials: Sequence[Trial],
+        valuesets: dict[str, ValueSet],
+        analytes: dict[str, Analyte],
+        answers: dict[str, Any],
+    ) -> None:
+        self.trials = tuple(trials)
+        self.valuesets = valuesets
+        self.analytes = analytes
+        self.answers = answers
+        self._by_id = {t.id: t for t in self.trials}
+
+    def __iter__(self) -> Iterator[Trial]:
+        return iter(self.trials)
+
+    def __len__(self) -> int:
+        return len(self.trials)
+
+    def __getitem__(self, trial_id: str) -> Trial:
+        return self._by_id[trial_id]
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(self._by_id)
+
+    def valueset(self, valueset_id: str) -> ValueSet:
+        return self.valuesets[valueset_id]
+
+    def only(self, trial_ids: Iterable[str]) -> TrialSet:
+        """The subset of these trials named by ``trial_ids`` (unknown ids are an input error)."""
+        wanted = list(dict.fromkeys(trial_ids))
+        unknown = [t for t in wanted if t not in self._by_id]
+        if unknown:
+            raise InputError(
+                f"unknown trial {', '.join(unknown)} (known: {', '.join(self.ids)})",
+                source="--trial",
+            )
+        return TrialSet(
+            [self._by_id[t] for t in wanted], self.valuesets, self.analytes, self.answers
+        )
+
+    def valueset_ids_for(self, resource_type: str) -> frozenset[str]:
+        """Every value set the criteria match against resources of ``resource_type``."""
+        found: set[str] = set()
+        for trial in self.trials:
+            for criterion in trial.criteria:
+                found.update(_valuesets_by_type(criterion, self.analytes).get(resource_type, ()))
+        return frozenset(found)
+
+    def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
+        """The explicit (system, code) pairs the criteria read from ``resource_type``.
+
+        For Observation these are the LOINC codes to put in a server-side ``code`` filter.
+        ICD-10-CM families matched by prefix cannot be listed; Condition searches therefore
+        fetch all of a patient's conditions.
+        """
+        codes: set[tuple[str, str]] = set()
+        for vs_id in self.valueset_ids_for(resource_type):
+            codes.update(self.valuesets[vs_id].codes)
+        if resource_type == "Observation":
+            return frozenset(c for c in codes if c[0] == LOINC)
+        return frozenset(codes)
+
+
+def _valuesets_by_type(criterion: Criterion, analytes: dict[str, Analyte]) -> dict[str, set[str]]:
+    by_type: dict[str, set[str]] = {}
+
+    def add(types: Iterable[str], ids: Iterable[str]) -> None:
+        for t in types:
+            by_type.setdefault(t, set()).update(ids)
+
+    add(_VALUESET_KEYS["related"], criterion.related)
+    rule = criterion.rule
+    if rule is None:
+        return by_type
+    for sub in (rule, rule.get("lab") or {}):
+        for key, types in _VALUESET_KEYS.items():
+            if key in sub and key != "related":
+                add(types, sub[key])
+        analyte_ids = [sub["analyte"]] if "analyte" in sub else []
+        if "unless_within_normal_range" in sub:
+            analyte_ids.append(sub["unless_within_normal_range"])
+        analyte_ids.extend(_IMPLIED_ANALYTES.get(sub.get("type", ""), ()))
+        add(("Observation",), (analytes[a].valueset for a in analyte_ids if a in analytes))
+        add(("Observation",), _IMPLIED_OBSERVATION_VALUESETS.get(sub.get("type", ""), ()))
+    if rule["type"] == "grade":
+        add(("Condition",), ("poorly-differentiated-net",))
+    return by_type
+
+
+def _schema_path(error: jsonschema.ValidationError) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)[1:]
+
+
+@cache
+def _trial_validator() -> jsonschema.Draft202012Validator:
+    with open(PACKAGE_DIR / "schema" / "trial.schema.json", encoding="utf-8") as f:
+        return jsonschema.Draft202012Validator(json.load(f))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DefinitionError(f"not valid JSON ({exc})", file=str(path)) from exc
+
+
+def parse_trial(
+    data: Any,
+    *,
+    file: str,
+    valuesets: dict[str, ValueSet],
+    analytes: dict[str, Analyte],
+) -> Trial:
+    """Validate one trial definition (schema, then references) and build a :class:`Trial`."""
+    errors = sorted(_trial_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        # The most specific error is the deepest one; name the criterion it sits in.
+        first = max(errors, key=lambda e: len(e.absolute_path))
+        path = list(first.absolute_path)
+        criterion = None
+        if len(path) >= 2 and path[0] == "criteria" and isinstance(path[1], int):
+            items = data.get("criteria", [])
+            if path[1] < len(items) and isinstance(items[path[1]], dict):
+                criterion = str(items[path[1]].get("id", f"#{path[1]}"))
+        raise DefinitionError(
+            first.message, file=file, criterion=criterion, field=_schema_path(first) or "(root)"
+        )
+    seen: set[str] = set()
+    criteria: list[Criterion] = []
+    for i, item in enumerate(data["criteria"]):
+        cid = item["id"]
+        if cid in seen:
+            raise DefinitionError("duplicate criterion id", file=file, criterion=cid, field="id")
+        seen.add(cid)
+        if not cid.startswith("inc-" if item["kind"] == "inclusion" else "exc-"):
+            raise DefinitionError(
+                "id prefix does not match kind", file=file, criterion=cid, field="kind"
+            )
+        rule = item.get("rule")
+        manual = item.get("manual") or {}
+        _check_references(rule or {}, f"criteria[{i}].rule", file, cid, valuesets, analytes)
+        _check_references(manual, f"criteria[{i}].manual", file, cid, valuesets, analytes)
+        criteria.append(
+            Criterion(
+                id=cid,
+                kind=item["kind"],
+                label=item["label"],
+                text=item["text"],
+                context=item.get("context"),
+                note=item.get("note"),
+                rule=rule,
+                manual_reason=manual.get("reason"),
+                related=tuple(manual.get("related", ())),
+            )
+        )
+    defaults = data["defaults"]
+    return Trial(
+        id=data["id"],
+        title=data["title"],
+        short_title=data["short_title"],
+        version=data["version"],
+        url=data["registry"]["url"],
+        registry_status=data["registry"]["status"],
+        registry_status_source=data["registry"]["status_source"],
+        lab_lookback_days=defaults["lab_lookback_days"],
+        weight_lookback_days=defaults.get("weight_lookback_days", 90),
+        performance_status_lookback_days=defaults.get(
+            "performance_status_lookback_days", defaults["lab_lookback_days"]
+        ),
+        criteria=tuple(criteria),
+        source_file=file,
+    )
+
+
+def _check_references(
+    rule: dict[str, Any],
+    where: str,
+    file: str,
+    criterion: str,
+    valuesets: dict[str, ValueSet],
+    analytes: dict[str, Analyte],
+) -> None:
+    for key in _VALUESET_KEYS:
+        for j, vs_id in enumerate(rule.get(key, ())):
+            if vs_id not in valuesets:
+                raise DefinitionError(
+                    f"unknown value set {vs_id!r}",
+                    file=file,
+                    criterion=criterion,
+                    field=f"{where}.{key}[{j}]",
+                )
+    for key in ("analyte", "unless_within_normal_range"):
+        if key in rule and rule[key] not in analytes:
+            raise DefinitionError(
+                f"unknown analyte {rule[key]!r}", file=file, criterion=criterion,
+                field=f"{where}.{key}",
+            )
+    acceptable = rule.get("acceptable", {})
+    if "unit" in acceptable and "analyte" in rule and rule["analyte"] in analytes:
+        analyte = analytes[rule["analyte"]]
+        if analyte.to_unit(1.0, acceptable["unit"]) is None:
+            raise DefinitionError(
+                f"unit {acceptable['unit']!r} cannot be converted to {analyte.id}'s unit",
+                file=file,
+                criterion=criterion,
+                field=f"{where}.acceptable.unit",
+            )
+    if "lab" in rule:
+        _check_references(rule["lab"], f"{where}.lab", file, criterion, valuesets, analytes)
+
+
+def load_analytes(path: Path, valuesets: dict[str, ValueSet]) -> dict[str, Analyte]:
+    data = _read_json(path)
+    analytes: dict[str, Analyte] = {}
+    for aid, spec in data.get("analytes", {}).items():
+        for key in ("label", "valueset", "unit", "convert"):
+            if key not in spec:
+                raise DefinitionError("missing", file=str(path), field=f"analytes.{aid}.{key}")
+        if spec["valueset"] not in valuesets:
+            raise DefinitionError(
+                f"unknown value set {spec['valueset']!r}",
+                file=str(path),
+                field=f"analytes.{aid}.valueset",
+            )
+        if spec["unit"] not in spec["convert"]:
+            raise DefinitionError(
+                "the comparison unit must convert to itself",
+                file=str(path),
+                field=f"analytes.{aid}.convert",
+            )
+        analytes[aid] = Analyte(
+            aid, spec["label"], spec["valueset"], spec["unit"], dict(spec["convert"])
+        )
+    return analytes
+
+
+def load_trial_set(
+    trials_dir: Path = TRIALS_DIR,
+    valuesets_dir: Path = VALUESETS_DIR,
+    analytes_file: Path = ANALYTES_FILE,
+    answers_file: Path = ANSWERS_FILE,
+) -> TrialSet:
+    """Load and validate every trial definition and what it refers to. Raises DefinitionError."""
+    valuesets = load_valuesets(valuesets_dir)
+    analytes = load_analytes(analytes_file, valuesets)
+    answers = _read_json(answers_file) if answers_file.exists() else {}
+    trials = []
+    for path in sorted(trials_dir.glob("*.json")):
+        trial = parse_trial(
+            _read_json(path), file=str(path), valuesets=valuesets, analytes=analytes
+        )
+        if trial.id != path.stem:
+            raise DefinitionError(
+                f"id {trial.id!r} does not match the file name", file=str(path), field="id"
+            )
+        trials.append(trial)
+    if not trials:
+        raise DefinitionError("no trial definitions found", file=str(trials_dir))
+    return TrialSet(trials, valuesets, analytes, answers)
+
+
+@cache
+def _shipped() -> TrialSet:
+    return load_trial_set()
+
+
+def load_trials(only: Iterable[str] | None = None) -> TrialSet:
+    """The shipped trials (loaded and validated once per process), optionally a subset."""
+    trials = _shipped()
+    return trials.only(only) if only else trials

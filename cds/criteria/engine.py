@@ -1,0 +1,90 @@
+"""The evaluator: one patient record, a set of trials and a date in; results with evidence out."""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+
+from cds.criteria.definitions import Criterion, TrialSet
+from cds.criteria.model import CriterionResult, PatientEvaluation, Result, TrialEvaluation
+from cds.criteria.record import PatientRecord
+from cds.criteria.rules import RULES, Context, Outcome, _listing, related_on_record
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(record: PatientRecord, trials: TrialSet, as_of: date) -> PatientEvaluation:
+    """Evaluate every criterion of every trial for one patient on ``as_of``.
+
+    A pure function of its inputs: no I/O, no clock, no globals, so it can run in a request,
+    a worker process or a map step of a distributed job alike.
+    """
+    evaluations = []
+    for trial in trials:
+        ctx = Context(record=record, trials=trials, trial=trial, as_of=as_of)
+        results = tuple(_evaluate_criterion(criterion, ctx) for criterion in trial.criteria)
+        evaluations.append(
+            TrialEvaluation(
+                trial=trial.id,
+                version=trial.version,
+                title=trial.title,
+                url=trial.url,
+                registry_status=trial.registry_status,
+                criteria=results,
+            )
+        )
+    return PatientEvaluation(
+        patient=record.patient_ref,
+        as_of=as_of,
+        trials=tuple(evaluations),
+        warnings=tuple(dict.fromkeys(record.warnings)),
+    )
+
+
+def _evaluate_criterion(criterion: Criterion, ctx: Context) -> CriterionResult:
+    if criterion.rule is None:
+        outcome = _manual(criterion, ctx)
+    else:
+        try:
+            outcome = RULES[criterion.rule["type"]](criterion.rule, ctx)
+        except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as exc:
+            # Data shaped in a way no rule anticipated must not sink the patient or the
+            # sweep: the criterion becomes unknown and the cause is logged (ids only).
+            log.warning(
+                "criterion %s of %s could not be evaluated for %s: %r",
+                criterion.id,
+                ctx.trial.id,
+                ctx.record.patient_ref,
+                exc,
+            )
+            outcome = Outcome(
+                Result.UNKNOWN,
+                (ctx.record.patient_ref,),
+                "The record could not be evaluated for this criterion (unexpected data shape); "
+                "review the record by hand.",
+            )
+    return CriterionResult(
+        id=criterion.id,
+        kind=criterion.kind,
+        text=criterion.text,
+        label=criterion.label,
+        result=outcome.result,
+        evidence=outcome.evidence,
+        explanation=outcome.explanation,
+    )
+
+
+def _manual(criterion: Criterion, ctx: Context) -> Outcome:
+    reason = criterion.manual_reason or "Not computable from structured data."
+    if not criterion.related:
+        return Outcome(Result.MANUAL, (), f"To confirm by the study team: {reason}")
+    related = related_on_record(ctx, criterion.related)
+    if not related:
+        return Outcome(
+            Result.MANUAL, (), f"To confirm by the study team: {reason} Nothing related on record."
+        )
+    return Outcome(
+        Result.MANUAL,
+        tuple(dict.fromkeys(e.ref for e in related)),
+        f"To confirm by the study team: {reason} Related on record: {_listing(related)}.",
+    )

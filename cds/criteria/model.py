@@ -1,0 +1,107 @@
+"""Result types of an evaluation: per criterion, per trial, per patient, and their JSON form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+from enum import StrEnum
+from typing import Any
+
+
+class Result(StrEnum):
+    """What the record shows for one criterion."""
+
+    PASS = "pass"  # the record positively meets the criterion
+    FAIL = "fail"  # the record positively breaks it
+    UNKNOWN = "unknown"  # computable, but data is missing, stale, ambiguous or unconvertible
+    MANUAL = "manual"  # not computable from structured data: a person must check
+
+
+class TrialStatus(StrEnum):
+    """Overall screening status of one patient for one trial."""
+
+    CANDIDATE = "candidate"  # nothing fails, nothing unknown (manual items may remain)
+    NEEDS_REVIEW = "needs-review"  # nothing fails, something unknown
+    EXCLUDED = "excluded"  # at least one criterion fails
+
+
+@dataclass(frozen=True, slots=True)
+class CriterionResult:
+    """One criterion's result with the evidence behind it and a checkable sentence."""
+
+    id: str
+    kind: str  # "inclusion" | "exclusion"
+    text: str  # the protocol's sentence, verbatim
+    label: str  # a short name for cards and reports ("Total bilirubin")
+    result: Result
+    evidence: tuple[str, ...]  # FHIR references, "Observation/abc"
+    explanation: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "text": self.text,
+            "result": self.result.value,
+            "evidence": list(self.evidence),
+            "explanation": self.explanation,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TrialEvaluation:
+    """All criteria of one trial for one patient, in protocol order, and the overall status."""
+
+    trial: str  # NCT number
+    version: str  # trial definition version
+    title: str
+    url: str  # ClinicalTrials.gov record
+    registry_status: str
+    criteria: tuple[CriterionResult, ...]
+    status: TrialStatus = field(init=False)
+
+    def __post_init__(self) -> None:
+        results = {c.result for c in self.criteria}
+        if Result.FAIL in results:
+            status = TrialStatus.EXCLUDED
+        elif Result.UNKNOWN in results:
+            status = TrialStatus.NEEDS_REVIEW
+        else:
+            status = TrialStatus.CANDIDATE
+        object.__setattr__(self, "status", status)
+
+    def with_result(self, result: Result) -> tuple[CriterionResult, ...]:
+        return tuple(c for c in self.criteria if c.result is result)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "trial": self.trial,
+            "version": self.version,
+            "status": self.status.value,
+            "criteria": [c.to_json() for c in self.criteria],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PatientEvaluation:
+    """One patient's evaluation against every requested trial on one as-of date."""
+
+    patient: str  # "Patient/ID"
+    as_of: date
+    trials: tuple[TrialEvaluation, ...]
+    #: non-fatal problems met while reading the record (a malformed resource skipped, ...)
+    warnings: tuple[str, ...] = ()
+
+    def trial(self, trial_id: str) -> TrialEvaluation:
+        for evaluation in self.trials:
+            if evaluation.trial == trial_id:
+                return evaluation
+        raise KeyError(trial_id)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `cds evaluate --format json` object (one per patient, one per line)."""
+        return {
+            "patient": self.patient,
+            "as_of": self.as_of.isoformat(),
+            "trials": [t.to_json() for t in self.trials],
+        }

@@ -1,0 +1,364 @@
+"""One patient's FHIR resources, filtered by status and indexed by code for the rules to query."""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from cds.criteria.valuesets import ValueSet, normalize_coding
+
+log = logging.getLogger(__name__)
+
+CodingKey = tuple[str, str]
+
+MEDICATION_TYPES = (
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicationAdministration",
+    "MedicationDispense",
+)
+CLINICAL_TYPES = ("Condition", "Observation", "Procedure", *MEDICATION_TYPES)
+
+# Records in these states never count (FHIR R4 value sets observation-status, event-status,
+# medicationrequest-status, medication-statement-status, medication-admin-status,
+# medicationdispense-status, condition-ver-status). A procedure in "preparation" and a
+# medication "intended" have not happened yet, so they are not history either.
+_VOID_STATUS = {
+    "Observation": {"entered-in-error", "cancelled"},
+    "Procedure": {"entered-in-error", "not-done", "preparation"},
+    "MedicationRequest": {"entered-in-error", "cancelled", "draft"},
+    "MedicationStatement": {"entered-in-error", "not-taken", "intended"},
+    "MedicationAdministration": {"entered-in-error", "not-done"},
+    "MedicationDispense": {"entered-in-error", "cancelled", "declined"},
+}
+_VOID_VERIFICATION = {"entered-in-error", "refuted"}
+# A MedicationRequest that is only a proposal, plan or option is not an order that was given.
+_NON_ORDER_INTENTS = {"proposal", "plan", "option"}
+
+_DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+@dataclass(frozen=True, slots=True)
+class DateRange:
+    """The span a possibly partial FHIR date covers ("2024" covers the whole year)."""
+
+    start: date
+    end: date
+
+    def __str__(self) -> str:
+        if self.start == self.end:
+            return self.start.isoformat()
+        if self.start.month == 1 and self.start.day == 1 and self.end.month == 12:
+            return str(self.start.year)
+        return self.start.isoformat()[:7]
+
+
+def parse_date(value: Any) -> DateRange | None:
+    """Parse the date part of a FHIR date/dateTime/instant; ``None`` if absent or unreadable.
+
+    The date is taken as written (local to the source system): eligibility windows are
+    counted in days, and shifting a timestamp to UTC could move it across midnight.
+    """
+    if not isinstance(value, str):
+        return None
+    m = _DATE_RE.match(value)
+    if not m:
+        return None
+    try:
+        year = int(m.group(1))
+        if m.group(3):
+            d = date(year, int(m.group(2)), int(m.group(3)))
+            return DateRange(d, d)
+        if m.group(2):
+            month = int(m.group(2))
+            last_day = calendar.monthrange(year, month)[1]
+            return DateRange(date(year, month, 1), date(year, month, last_day))
+        return DateRange(date(year, 1, 1), date(year, 12, 31))
+    except ValueError:
+        return None
+
+
+def _first_date(resource: dict[str, Any], *fields: str) -> DateRange | None:
+    for name in fields:
+        if "." in name:
+            parent, child = name.split(".", 1)
+            value = resource.get(parent)
+            found = parse_date(value.get(child)) if isinstance(value, dict) else None
+        else:
+            found = parse_date(resource.get(name))
+        if found:
+            return found
+    return None
+
+
+def codings_of(concept: Any) -> list[CodingKey]:
+    """The normalised (system, code) pairs of a CodeableConcept, tolerating malformed shapes."""
+    if not isinstance(concept, dict):
+        return []
+    codings = concept.get("coding")
+    if not isinstance(codings, list):
+        return []
+    return [
+        normalize_coding(c["system"], c["code"])
+        for c in codings
+        if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)
+    ]
+
+
+def concept_display(concept: Any) -> str | None:
+    if not isinstance(concept, dict):
+        return None
+    if isinstance(concept.get("text"), str):
+        return str(concept["text"])
+    for c in concept.get("coding") or []:
+        if isinstance(c, dict) and isinstance(c.get("display"), str):
+            return str(c["display"])
+    return None
+
+
+def _status_code(concept: Any) -> str | None:
+    keys = codings_of(concept)
+    return keys[0][1] if keys else None
+
+
+@dataclass(slots=True)
+class Entry:
+    """One clinical resource as the rules see it."""
+
+    ref: str  # "Observation/abc"
+    type: str
+    resource: dict[str, Any]
+    keys: tuple[CodingKey, ...]  # normalised codes of its code (medication code for drugs)
+    when: DateRange | None  # the clinically relevant date (effective, onset, performed, ...)
+    until: DateRange | None = None  # end of a period (performedPeriod.end, abatement, ...)
+    display: str | None = None
+
+    @property
+    def status(self) -> str | None:
+        status = self.resource.get("status")
+        return status if isinstance(status, str) else None
+
+    def describe(self) -> str:
+        """``"Platelets (Observation/abc)"`` style label for explanations."""
+        name = self.display or (self.keys[0][1] if self.keys else self.type)
+        return f"{name} ({self.ref})"
+
+
+@dataclass
+class PatientRecord:
+    """A patient's resources, indexed for the rules. Built once, read by every criterion."""
+
+    patient: dict[str, Any]
+    entries: dict[str, list[Entry]] = field(default_factory=lambda: defaultdict(list))
+    warnings: list[str] = field(default_factory=list)
+    _index: dict[CodingKey, list[Entry]] = field(default_factory=lambda: defaultdict(list))
+    _validity: dict[str, str | None] = field(default_factory=dict)
+    _match_cache: dict[tuple[tuple[str, ...], str], list[Entry]] = field(default_factory=dict)
+
+    @property
+    def patient_id(self) -> str:
+        return str(self.patient.get("id", ""))
+
+    @property
+    def patient_ref(self) -> str:
+        return f"Patient/{self.patient_id}"
+
+    @property
+    def gender(self) -> str | None:
+        gender = self.patient.get("gender")
+        return gender if isinstance(gender, str) else None
+
+    @property
+    def birth_date(self) -> DateRange | None:
+        return parse_date(self.patient.get("birthDate"))
+
+    @classmethod
+    def from_resources(
+        cls,
+        resources: Iterable[dict[str, Any]],
+        *,
+        patient: dict[str, Any] | None = None,
+        warnings: list[str] | None = None,
+        aliases: dict[str, str] | None = None,
+    ) -> PatientRecord:
+        """Index one patient's resources. ``patient`` defaults to the Patient among them.
+
+        Resources that never count (entered in error, refuted, not done, cancelled) are dropped
+        here, so no rule can see them. ``aliases`` maps Bundle fullUrls (urn:uuid:...) to
+        ``Type/id`` so that references between resources resolve.
+        """
+        resources = list(resources)
+        if patient is None:
+            patients = [r for r in resources if r.get("resourceType") == "Patient"]
+            if not patients:
+                raise ValueError("no Patient resource among the resources")
+            patient = patients[0]
+        record = cls(patient=patient, warnings=list(warnings or []))
+        medications = {
+            f"Medication/{r.get('id')}": r
+            for r in resources
+            if r.get("resourceType") == "Medication"
+        }
+        for alias, target in (aliases or {}).items():
+            if target in medications:
+                medications[alias] = medications[target]
+        for resource in resources:
+            rtype = resource.get("resourceType")
+            if rtype not in CLINICAL_TYPES:
+                continue
+            try:
+                entry = _make_entry(rtype, resource, medications)
+            except (AttributeError, TypeError, ValueError) as exc:
+                # The resource's shape is too broken to even read its code: skip it, loudly.
+                record.warnings.append(f"{rtype}/{resource.get('id')} skipped: unreadable ({exc})")
+                continue
+            if entry is None:
+                continue
+            record.entries[rtype].append(entry)
+            for key in entry.keys:
+                record._index[key].append(entry)
+        return record
+
+    def matching(self, types: Iterable[str], valueset: ValueSet) -> list[Entry]:
+        """Entries of the given types with a code in ``valueset`` (each entry once)."""
+        types = tuple(types)
+        cache_key = (types, valueset.id)
+        cached = self._match_cache.get(cache_key)
+        if cached is not None:
+            return cached
+        found: dict[int, Entry] = {}
+        for key in valueset.codes:
+            for entry in self._index.get(key, ()):
+                if entry.type in types:
+                    found[id(entry)] = entry
+        if valueset.prefixes:
+            for key, entries in self._index.items():
+                if valueset.contains_key(key):
+                    for entry in entries:
+                        if entry.type in types:
+                            found[id(entry)] = entry
+        result = list(found.values())
+        self._match_cache[cache_key] = result
+        return result
+
+    def invalid_reason(self, entry: Entry) -> str | None:
+        """Why ``entry`` is not a valid FHIR R4 resource, or ``None`` if it is.
+
+        Validation with fhir.resources costs about 25x a JSON parse, so it runs only on the
+        resources that decide a criterion, once each.
+        """
+        if entry.ref in self._validity:
+            return self._validity[entry.ref]
+        reason = _validate(entry.resource)
+        self._validity[entry.ref] = reason
+        if reason:
+            self.warnings.append(f"{entry.ref} skipped: not valid FHIR R4 ({reason})")
+        return reason
+
+
+def _validate(resource: dict[str, Any]) -> str | None:
+    # Imported here: loading the model classes costs ~0.5 s, paid only when needed.
+    from fhir.resources.R4B import get_fhir_model_class
+    from pydantic import ValidationError
+
+    try:
+        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{where}: {first['msg']}"
+    return None
+
+
+def _make_entry(
+    rtype: str, resource: dict[str, Any], medications: dict[str, dict[str, Any]]
+) -> Entry | None:
+    ref = f"{rtype}/{resource.get('id')}"
+    status = resource.get("status")
+    if status in _VOID_STATUS.get(rtype, ()):
+        return None
+    if rtype == "Condition":
+        if _status_code(resource.get("verificationStatus")) in _VOID_VERIFICATION:
+            return None
+        keys = codings_of(resource.get("code"))
+        # mCODE carries ICD-O-3 morphology (grade, differentiation) in an extension.
+        for ext in resource.get("extension") or []:
+            if isinstance(ext, dict):
+                keys.extend(codings_of(ext.get("valueCodeableConcept")))
+        return Entry(
+            ref,
+            rtype,
+            resource,
+            tuple(keys),
+            _first_date(resource, "onsetDateTime", "onsetPeriod.start", "recordedDate"),
+            _first_date(resource, "abatementDateTime", "abatementPeriod.end"),
+            concept_display(resource.get("code")),
+        )
+    if rtype == "Observation":
+        return Entry(
+            ref,
+            rtype,
+            resource,
+            tuple(codings_of(resource.get("code"))),
+            _first_date(resource, "effectiveDateTime", "effectivePeriod.start",
+                        "effectiveInstant", "issued"),
+            display=concept_display(resource.get("code")),
+        )
+    if rtype == "Procedure":
+        return Entry(
+            ref,
+            rtype,
+            resource,
+            tuple(codings_of(resource.get("code"))),
+            _first_date(resource, "performedDateTime", "performedPeriod.start"),
+            _first_date(resource, "performedPeriod.end"),
+            concept_display(resource.get("code")),
+        )
+    # Medication resources: the drug is a CodeableConcept or a reference to a Medication
+    # (contained, or elsewhere in the record).
+    if rtype == "MedicationRequest" and resource.get("intent") in _NON_ORDER_INTENTS:
+        return None
+    concept = resource.get("medicationCodeableConcept")
+    if concept is None:
+        concept = _resolve_medication(resource, medications)
+    keys = tuple(codings_of(concept))
+    if rtype == "MedicationRequest":
+        when = _first_date(resource, "authoredOn")
+        until = None
+        dispense = resource.get("dispenseRequest")
+        if isinstance(dispense, dict):
+            until = _first_date(dispense, "validityPeriod.end")
+    elif rtype == "MedicationDispense":
+        when = _first_date(resource, "whenHandedOver", "whenPrepared")
+        until = None
+    else:
+        when = _first_date(resource, "effectiveDateTime", "effectivePeriod.start",
+                           "dateAsserted")
+        until = _first_date(resource, "effectivePeriod.end")
+    return Entry(ref, rtype, resource, keys, when, until, concept_display(concept))
+
+
+def _resolve_medication(
+    resource: dict[str, Any], medications: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    reference = resource.get("medicationReference")
+    if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):
+        return None
+    target = reference["reference"]
+    if target.startswith("#"):
+        for contained in resource.get("contained") or []:
+            if isinstance(contained, dict) and contained.get("id") == target[1:]:
+                code = contained.get("code")
+                return code if isinstance(code, dict) else None
+        return None
+    medication = medications.get(target) or medications.get(
+        "Medication/" + target.rsplit("Medication/", 1)[-1]
+    )
+    code = medication.get("code") if medication else None
+    return code if isinstance(code, dict) else None

@@ -1,0 +1,269 @@
+"""Patient-scoped FHIR queries derived from the trial definitions: fetching, prefetch templates."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from cds.errors import FhirBadResponse, InputError
+from cds.fhir.client import FhirClient, encode_query
+
+log = logging.getLogger(__name__)
+
+JSONDict = dict[str, Any]
+
+#: CDS Hooks 2.0 prefetch token for the patient in context.
+PATIENT_PLACEHOLDER = "{{context.patientId}}"
+
+#: FHIR R4 id datatype: ``[A-Za-z0-9\-\.]{1,64}``.
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+#: Resource types read by patient only (the trials' criteria filter them after fetching).
+_BY_PATIENT = (
+    ("conditions", "Condition"),
+    ("procedures", "Procedure"),
+)
+_MEDICATIONS = (
+    ("medication-requests", "MedicationRequest"),
+    ("medication-statements", "MedicationStatement"),
+    ("medication-administrations", "MedicationAdministration"),
+)
+
+
+class CodeSource(Protocol):
+    """What the queries need from the trial definitions (``cds.criteria.TrialSet`` has it)."""
+
+    def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
+        """(system, code) pairs the criteria read from resources of this type."""
+        ...
+
+
+@dataclass(frozen=True)
+class PatientQuery:
+    """One query, kept as a CDS Hooks prefetch template with the ``{{context.patientId}}`` token."""
+
+    #: the prefetch key, e.g. ``patient``, ``conditions``, ``observations-2``
+    key: str
+    resource_type: str
+    #: relative URL with PATIENT_PLACEHOLDER, e.g. ``Condition?patient={{context.patientId}}``
+    template: str
+
+    @property
+    def is_read(self) -> bool:
+        return "?" not in self.template
+
+    def for_patient(self, patient_id: str) -> str:
+        """The relative URL for one patient (the id is checked against the FHIR id syntax)."""
+        safe_id = quote(check_patient_id(patient_id), safe="")
+        return self.template.replace(PATIENT_PLACEHOLDER, safe_id)
+
+
+@dataclass(frozen=True)
+class QueryTiming:
+    """What one query of a fetch did."""
+
+    key: str
+    #: the relative URL of the first page
+    url: str
+    seconds: float
+    pages: int
+    resources: int
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """One patient's resources fetched from a FHIR server, and how the fetch went."""
+
+    patient_id: str
+    #: the Patient first, then each query's resources in query order, de-duplicated by type/id
+    resources: list[JSONDict]
+    #: server OperationOutcomes met on the way, as messages naming the query
+    warnings: list[str] = field(default_factory=list)
+    #: in query order, whatever order they ran in
+    queries: list[QueryTiming] = field(default_factory=list)
+    #: wall-clock seconds for the whole fetch
+    seconds: float = 0.0
+    concurrency: int = 1
+
+
+def check_patient_id(patient_id: str) -> str:
+    if not _FHIR_ID.fullmatch(patient_id):
+        raise InputError("not a FHIR resource id", source=f"patient id {patient_id[:70]!r}")
+    return patient_id
+
+
+def escape_token(value: str) -> str:
+    """FHIR R4 3.1.1.5.7 (escaping): ``\\``, ``,``, ``|`` and ``$`` in a value get a ``\\``."""
+    return re.sub(r"([\\,|$])", r"\\\1", value)
+
+
+def build_patient_queries(
+    trials: CodeSource,
+    *,
+    max_url_length: int = 1800,
+    base_url_allowance: int = 200,
+) -> tuple[PatientQuery, ...]:
+    """The queries a patient evaluation needs, derived from what the trials' criteria read.
+
+    Patient read; Condition and Procedure by patient; Observation by patient and the
+    criteria's codes, comma-OR'ed (FHIR R4 3.1.1.4.1 token ``system|code``), split into chunks
+    so no URL (with ``base_url_allowance`` characters of base and the longest FHIR id) passes
+    ``max_url_length`` percent-encoded: ~2000 characters is where proxies and servers start
+    refusing URLs; MedicationRequest/-Statement/-Administration by patient. No Observation query
+    when the criteria read no Observation codes.
+    """
+    patient = f"patient={PATIENT_PLACEHOLDER}"
+    queries = [PatientQuery("patient", "Patient", f"Patient/{PATIENT_PLACEHOLDER}")]
+    queries += [PatientQuery(key, rtype, f"{rtype}?{patient}") for key, rtype in _BY_PATIENT]
+
+    codes = sorted(trials.codes_for("Observation"))
+    prefix = f"Observation?{patient}&code="
+    # The placeholder stands in for an id of up to 64 characters.
+    fixed = _encoded_len(prefix) - len(PATIENT_PLACEHOLDER) + 64
+    budget = max_url_length - base_url_allowance - fixed
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for system, code in codes:
+        token = f"{escape_token(system)}|{escape_token(code)}" if system else escape_token(code)
+        cost = _encoded_len(token) + (1 if current else 0)
+        if current and used + cost > budget:
+            chunks.append(current)
+            current, used = [], 0
+            cost = _encoded_len(token)
+        if cost > budget:
+            raise InputError(f"code {code!r} of {system!r} alone is longer than a URL may be",
+                             source="trial definitions")
+        current.append(token)
+        used += cost
+    if current:
+        chunks.append(current)
+    for number, chunk in enumerate(chunks, start=1):
+        key = "observations" if len(chunks) == 1 else f"observations-{number}"
+        queries.append(PatientQuery(key, "Observation", prefix + ",".join(chunk)))
+
+    queries += [PatientQuery(key, rtype, f"{rtype}?{patient}") for key, rtype in _MEDICATIONS]
+    return tuple(queries)
+
+
+def prefetch_templates(trials: CodeSource, **limits: int) -> dict[str, str]:
+    """CDS Hooks discovery ``prefetch``: key -> template with ``{{context.patientId}}``.
+
+    The same derivation as the live fetch, so the two cannot drift; the live fetch only adds
+    ``_count`` (page size), which prefetch leaves out because an EHR may return just one page.
+    """
+    return {q.key: q.template for q in build_patient_queries(trials, **limits)}
+
+
+def fetch_patient_resources(
+    client: FhirClient,
+    patient_id: str,
+    trials: CodeSource,
+    *,
+    concurrency: int = 6,
+    page_size: int = 200,
+    tag: tuple[str, str] | None = None,
+    queries: Sequence[PatientQuery] | None = None,
+) -> FetchResult:
+    """Fetch what the trials need about one patient: the Patient, then every search, all pages.
+
+    :param concurrency: how many queries run at once (threads); 1 runs them one after another
+        in the calling thread, for comparison
+    :param page_size: ``_count`` sent with each search
+    :param tag: restrict searches to resources with this ``meta.tag`` (``_tag=system|code``),
+        for shared servers
+    :param queries: override the derived queries (default: :func:`build_patient_queries`)
+    :raises FhirNotFound: the patient does not exist
+    :raises FhirError: any other failure of any query (the others are cancelled)
+    """
+    check_patient_id(patient_id)
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    plan = tuple(queries) if queries is not None else build_patient_queries(trials)
+    extra: list[tuple[str, str]] = [("_count", str(page_size))]
+    if tag is not None:
+        extra.append(("_tag", f"{escape_token(tag[0])}|{escape_token(tag[1])}"))
+    suffix = "&" + encode_query(extra)
+
+    def run(query: PatientQuery) -> tuple[QueryTiming, list[JSONDict], list[str]]:
+        url = query.for_patient(patient_id)
+        started = time.perf_counter()
+        if query.is_read:
+            resources = [client.read(query.resource_type, patient_id)]
+            pages, warnings = 1, []
+        else:
+            resource_type, _, params = (url + suffix).partition("?")
+            result = client.search(resource_type, params)
+            resources, pages, warnings = result.resources, result.pages, result.warnings
+        seconds = time.perf_counter() - started
+        timing = QueryTiming(query.key, url, seconds, pages, len(resources))
+        return timing, resources, [f"{query.key}: {w}" for w in warnings]
+
+    started = time.perf_counter()
+    workers = min(concurrency, len(plan))
+    if workers <= 1:
+        outputs = [run(q) for q in plan]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fhir-fetch") as pool:
+            futures: list[Future[tuple[QueryTiming, list[JSONDict], list[str]]]] = [
+                pool.submit(run, q) for q in plan
+            ]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                if future in done and future.exception() is not None:
+                    for other in pending:
+                        other.cancel()  # queued queries never start; running ones finish
+                    future.result()  # raises the first failure, with its FhirError type
+            outputs = [f.result() for f in futures]
+    seconds = time.perf_counter() - started
+
+    resources: list[JSONDict] = []
+    warnings: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for timing, found, notes in outputs:
+        warnings += notes
+        for resource in found:
+            rid = resource.get("id")
+            key = (str(resource.get("resourceType")), str(rid))
+            if rid is not None and key in seen:
+                # An Observation with codings from two chunks matches two queries.
+                continue
+            seen.add(key)
+            resources.append(resource)
+        if timing.key == "patient" and found and found[0].get("id") != patient_id:
+            raise FhirBadResponse(f"asked for Patient/{patient_id}, got another Patient")
+    log.debug("fetched %d resources for one patient with %d queries in %.1f ms",
+              len(resources), len(plan), seconds * 1000)
+    return FetchResult(
+        patient_id=patient_id,
+        resources=resources,
+        warnings=warnings,
+        queries=[timing for timing, _, _ in outputs],
+        seconds=seconds,
+        concurrency=max(workers, 1),
+    )
+
+
+def _encoded_len(text: str) -> int:
+    # What requests sends: everything outside RFC 3986's unreserved and a few query-safe
+    # characters is percent-encoded (``|`` becomes ``%7C``).
+    return len(quote(text, safe="/:?=&,{}.-_~"))
+
+
+__all__ = [
+    "PATIENT_PLACEHOLDER",
+    "CodeSource",
+    "FetchResult",
+    "PatientQuery",
+    "QueryTiming",
+    "build_patient_queries",
+    "check_patient_id",
+    "fetch_patient_resources",
+    "prefetch_templates",
+]
