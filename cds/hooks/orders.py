@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from cds.criteria.model import CriterionResult, Result, TrialEvaluation, TrialStatus
 from cds.criteria.record import codings_of, concept_display
 
-__all__ = ["DraftOrder", "TrialDefinitions", "draft_orders", "orders_at_risk"]
+__all__ = ["AtRisk", "DraftOrder", "TrialDefinitions", "draft_orders", "orders_at_risk", "trials_at_stake"]
 
 # Where each draft request type keeps the code of what is ordered (FHIR R4).
 _CODE_FIELDS = {
@@ -146,3 +146,22 @@ def orders_at_risk(
             if any(vs.contains(system, code) for system, code in order.codes for vs in valuesets):
                 found.append(AtRisk(result, order))
     return found
+
+
+def trials_at_stake(
+    definitions: TrialDefinitions, trial_ids: Iterable[str], orders: Sequence[DraftOrder]
+) -> set[str]:
+    """Trials with a criterion some draft order would break, whatever the patient's status:
+    the cheap check that lets an order hook answer ``{"cards": []}`` without any FHIR data."""
+    at_stake: set[str] = set()
+    codes = [key for order in orders for key in order.codes]
+    if not codes:
+        return at_stake
+    for trial_id in trial_ids:
+        trial = definitions[trial_id]
+        for criterion in trial.criteria:
+            valuesets = [definitions.valueset(v) for v in sorted(criterion.breaking_valuesets)]
+            if any(vs.contains(system, code) for system, code in codes for vs in valuesets):
+                at_stake.add(trial_id)
+                break
+    return at_stake

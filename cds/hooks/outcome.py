@@ -35,7 +35,8 @@ def operation_outcome(
     severity: str = "error",
 ) -> dict[str, Any]:
     """One-issue OperationOutcome. Diagnostics name the problem, never a value sent to us."""
-    issue: dict[str, Any] = {"severity": severity, "code": _ISSUE_CODE.get(status, "processing")}
+    code = "informational" if severity == "information" else _ISSUE_CODE.get(status, "processing")
+    issue: dict[str, Any] = {"severity": severity, "code": code}
     if diagnostics:
         issue["diagnostics"] = diagnostics
     if expression:

@@ -1,0 +1,302 @@
+"""Prefetch as CDS Hooks 2.0 says: absent keys fetched, null/empty kept, errors and pages handled."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from cds.config import Settings
+from cds.errors import (
+    FhirBadResponse,
+    FhirError,
+    FhirNotFound,
+    PrefetchUnavailable,
+    UntrustedFhirServer,
+)
+from cds.fhir.client import FhirClient, RetryPolicy, Timeouts
+from cds.fhir.queries import CodeSource, PatientQuery, fetch_patient_resources
+
+__all__ = ["PrefetchResult", "gather"]
+
+log = logging.getLogger("cds.hooks.prefetch")
+
+JSONDict = dict[str, Any]
+
+#: page size asked for when we run a search ourselves
+_PAGE_SIZE = 500
+#: issue severities that mean a prefetch query failed (information/warning do not)
+_FAILED = frozenset({"error", "fatal"})
+
+
+@dataclass
+class PrefetchResult:
+    """What the hook call learned about the patient, and how (for the call log)."""
+
+    resources: list[JSONDict] = field(default_factory=list)
+    #: keys satisfied by the client's prefetch
+    used: list[str] = field(default_factory=list)
+    #: keys (or their missing pages) fetched from fhirServer by us
+    fetched: list[str] = field(default_factory=list)
+    #: keys the client says hold no data (null, or an empty Bundle)
+    empty: list[str] = field(default_factory=list)
+    #: keys whose data we do not have in full: the criteria they feed become unknown
+    incomplete: list[str] = field(default_factory=list)
+    fhir_calls: int = 0
+    timed_out: bool = False
+    #: longest single FHIR query we ran, seconds (bench: p95 vs the slowest query)
+    slowest_query_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    query: PatientQuery
+    #: "have" (prefetch complete), "fetch" (ask fhirServer), "pages" (follow next links)
+    action: str
+    next_url: str | None = None
+    #: OperationOutcome-based refetches may degrade instead of 412 when they cannot run
+    optional: bool = False
+
+
+def _operation_failed(resource: Mapping[str, Any]) -> bool:
+    issues = resource.get("issue")
+    if not isinstance(issues, list) or not issues:
+        return True
+    return any(isinstance(i, dict) and i.get("severity") in _FAILED for i in issues)
+
+
+def _next_link(bundle: Mapping[str, Any]) -> str | None:
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+            return str(link["url"])
+    return None
+
+
+def _bundle_resources(bundle: Mapping[str, Any]) -> tuple[list[JSONDict], bool]:
+    """Data resources of a searchset Bundle, and whether it reports a failed query."""
+    found: list[JSONDict] = []
+    failed = False
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        mode = (entry.get("search") or {}).get("mode")
+        if resource.get("resourceType") == "OperationOutcome" or mode == "outcome":
+            failed = failed or _operation_failed(resource)
+            continue
+        found.append(resource)
+    return found, failed
+
+
+def gather(
+    *,
+    prefetch: Mapping[str, Any] | None,
+    queries: Sequence[PatientQuery],
+    trials: CodeSource,
+    patient_id: str,
+    fhir_server: str | None,
+    access_token: str | None,
+    trusted: Sequence[str],
+    settings: Settings,
+    deadline: float,
+) -> PrefetchResult:
+    """The patient's resources from prefetch and, for what is missing, from ``fhirServer``.
+
+    2.0 'Prefetch Template': the client "MUST NOT send keys it did not satisfy" and "MUST
+    omit a key when details cannot be provided"; "if the client has no data for a key, the
+    value MUST be null". So: absent -> we fetch; null or an empty Bundle -> no data, no fetch;
+    an OperationOutcome (the client's error) -> refetched or left unknown by policy; a Bundle
+    with a ``next`` link -> its further pages are fetched with the same token.
+
+    Raises :class:`PrefetchUnavailable` (HTTP 412) when a key is absent and cannot be fetched:
+    no fhirServer, an untrusted one, or a FHIR error. Past ``deadline`` (time.monotonic())
+    whatever is still running is abandoned and its keys reported in ``incomplete``.
+    """
+    result = PrefetchResult()
+    plans: list[_Plan] = []
+    given = prefetch or {}
+    for query in queries:
+        if query.key not in given:
+            plans.append(_Plan(query, "fetch"))
+            continue
+        value = given[query.key]
+        if value is None:
+            result.empty.append(query.key)
+            continue
+        rtype = value.get("resourceType")
+        if rtype == "OperationOutcome" or (
+            rtype == "Bundle" and _bundle_resources(value)[1]
+        ):
+            # 2.0: the service "SHOULD check prefetch for OperationOutcomes".
+            if settings.prefetch_oo_policy == "refetch":
+                plans.append(_Plan(query, "fetch", optional=True))
+            else:
+                result.incomplete.append(query.key)
+                result.warnings.append(f"{query.key}: the client's prefetch reported an error")
+            continue
+        if query.is_read:
+            if rtype != query.resource_type:
+                plans.append(_Plan(query, "fetch", optional=True))
+                result.warnings.append(f"{query.key}: prefetch is not a {query.resource_type}")
+                continue
+            result.resources.append(value)
+            result.used.append(query.key)
+            continue
+        if rtype != "Bundle":
+            plans.append(_Plan(query, "fetch", optional=True))
+            result.warnings.append(f"{query.key}: prefetch is not a Bundle")
+            continue
+        found, _ = _bundle_resources(value)
+        result.resources.extend(found)
+        next_url = _next_link(value)
+        if next_url:
+            plans.append(_Plan(query, "pages", next_url=next_url, optional=True))
+            result.used.append(query.key)
+        elif found:
+            result.used.append(query.key)
+        else:
+            result.empty.append(query.key)
+    if plans:
+        _run(plans, result, trials, patient_id, fhir_server, access_token, trusted, settings,
+             deadline)
+    return result
+
+
+def _run(
+    plans: list[_Plan],
+    result: PrefetchResult,
+    trials: CodeSource,
+    patient_id: str,
+    fhir_server: str | None,
+    access_token: str | None,
+    trusted: Sequence[str],
+    settings: Settings,
+    deadline: float,
+) -> None:
+    required = [p.query.key for p in plans if not p.optional]
+    if fhir_server is None:
+        if required:
+            # 2.0: "If the CDS Service is unable to obtain the required data ... it SHALL
+            # respond with an HTTP 412 Precondition Failed".
+            raise PrefetchUnavailable(
+                f"prefetch {_keys(required)} absent and no fhirServer to fetch it from"
+            )
+        _give_up(plans, result, "no fhirServer to complete it from")
+        return
+    remaining = deadline - time.monotonic()
+    try:
+        client = FhirClient(
+            base_url=fhir_server,
+            trusted_base_urls=trusted,
+            allow_insecure_loopback=settings.dev,
+            access_token=access_token,
+            timeouts=Timeouts(connect=max(min(remaining, 2.0), 0.05), read=max(remaining, 0.05)),
+            retry=RetryPolicy(attempts=1),
+            max_pages=settings.max_prefetch_pages,
+        )
+    except (UntrustedFhirServer, ValueError) as exc:
+        # The allowlist refused fhirServer before a single packet was sent (no SSRF, no token
+        # leak): with nothing else to ask, required data is unobtainable.
+        log.warning("fhirServer refused: %s", type(exc).__name__)
+        if required:
+            raise PrefetchUnavailable(
+                f"prefetch {_keys(required)} absent and fhirServer is not a trusted FHIR server"
+            ) from exc
+        _give_up(plans, result, "fhirServer is not trusted")
+        return
+
+    pool = ThreadPoolExecutor(
+        max_workers=min(settings.fhir_concurrency, len(plans)), thread_name_prefix="prefetch"
+    )
+    futures: dict[Future[tuple[list[JSONDict], int, float]], _Plan] = {}
+    try:
+        for plan in plans:
+            if plan.action == "fetch":
+                futures[pool.submit(_fetch, client, patient_id, trials, plan.query)] = plan
+            else:
+                futures[pool.submit(_pages, client, plan.next_url or "", settings)] = plan
+        done, _pending = wait(futures, timeout=max(deadline - time.monotonic(), 0.0))
+        failures: list[str] = []
+        for future, plan in futures.items():
+            key = plan.query.key
+            if future not in done:
+                result.timed_out = True
+                result.incomplete.append(key)
+                result.warnings.append(f"{key}: not fetched within the time budget")
+                continue
+            exc = future.exception()
+            if exc is None:
+                found, calls, seconds = future.result()
+                result.resources.extend(found)
+                result.fetched.append(key)
+                result.fhir_calls += calls
+                result.slowest_query_s = max(result.slowest_query_s, seconds)
+                continue
+            result.fhir_calls += 1
+            if isinstance(exc, FhirNotFound) and plan.query.is_read:
+                # The patient is not on that server: data that cannot be obtained.
+                failures.append(key)
+            elif isinstance(exc, FhirError) and plan.optional:
+                result.incomplete.append(key)
+            elif isinstance(exc, FhirError):
+                failures.append(key)
+            else:
+                raise exc
+            log.warning("FHIR query %s failed: %s (HTTP %s)", key, type(exc).__name__,
+                        getattr(exc, "status", None))
+        if failures:
+            raise PrefetchUnavailable(
+                f"prefetch {_keys(failures)} absent and the FHIR server did not provide it"
+            )
+    finally:
+        # Never wait for abandoned queries: they end on their own read timeout.
+        pool.shutdown(wait=False, cancel_futures=True)
+        client.close()
+
+
+def _fetch(
+    client: FhirClient, patient_id: str, trials: CodeSource, query: PatientQuery
+) -> tuple[list[JSONDict], int, float]:
+    started = time.perf_counter()
+    fetched = fetch_patient_resources(
+        client, patient_id, trials, concurrency=1, page_size=_PAGE_SIZE, queries=[query]
+    )
+    calls = sum(t.pages for t in fetched.queries)
+    return fetched.resources, calls, time.perf_counter() - started
+
+
+def _pages(client: FhirClient, url: str, settings: Settings) -> tuple[list[JSONDict], int, float]:
+    """Follow a prefetch Bundle's ``next`` links (3.0: the service then needs the token)."""
+    started = time.perf_counter()
+    found: list[JSONDict] = []
+    calls = 0
+    next_url: str | None = url
+    seen: set[str] = set()
+    while next_url and calls < settings.max_prefetch_pages and next_url not in seen:
+        seen.add(next_url)
+        bundle = client.get(next_url)
+        calls += 1
+        if bundle.get("resourceType") != "Bundle":
+            raise FhirBadResponse("a prefetch next page is not a Bundle")
+        page, failed = _bundle_resources(bundle)
+        if failed:
+            raise FhirBadResponse("a prefetch next page reported an error")
+        found.extend(page)
+        next_url = _next_link(bundle)
+    if next_url:
+        raise FhirBadResponse(f"more than {settings.max_prefetch_pages} prefetch pages")
+    return found, calls, time.perf_counter() - started
+
+
+def _give_up(plans: Sequence[_Plan], result: PrefetchResult, why: str) -> None:
+    for plan in plans:
+        result.incomplete.append(plan.query.key)
+        result.warnings.append(f"{plan.query.key}: {why}")
+
+
+def _keys(keys: Sequence[str]) -> str:
+    return ", ".join(repr(k) for k in keys)
