@@ -62,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cds: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`cds evaluate ... | head`): not an error worth a traceback.
+        sys.stderr.close()
+        return 0
     return status
 
 

@@ -56,9 +56,7 @@ def read_bundle_file(path: Path) -> list[PatientRecord]:
     return records_from_bundle(data, source=str(path))
 
 
-def evaluate_files(
-    paths: Iterable[str], trials: TrialSet, as_of: date
-) -> list[PatientEvaluation]:
+def evaluate_files(paths: Iterable[str], trials: TrialSet, as_of: date) -> list[PatientEvaluation]:
     # Every file is read and checked before anything is printed, so bad input never leaves
     # half an answer behind.
     records = [record for path in bundle_files(paths) for record in read_bundle_file(path)]
@@ -96,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or ("text" if sys.stdout.isatty() else "json")
     for evaluation in evaluations:
         for warning in evaluation.warnings:
-            print(f"cds: warning: {warning}", file=sys.stderr)
+            sys.stderr.write(f"cds: warning: {warning}\n")
         if fmt == "json":
             sys.stdout.write(json.dumps(evaluation.to_json(), ensure_ascii=False) + "\n")
         else:

@@ -55,9 +55,15 @@ class Patient:
     def _subject(self) -> dict[str, str]:
         return {"reference": f"Patient/{self.pid}"}
 
-    def condition(self, codings: list[tuple[str, str, str]], onset: str, *,
-                  clinical: str | None = "active", verification: str | None = "confirmed",
-                  rid: str | None = None) -> dict[str, Any]:
+    def condition(
+        self,
+        codings: list[tuple[str, str, str]],
+        onset: str,
+        *,
+        clinical: str | None = "active",
+        verification: str | None = "confirmed",
+        rid: str | None = None,
+    ) -> dict[str, Any]:
         r: dict[str, Any] = {
             "resourceType": "Condition",
             "id": rid or self._id("cond"),
@@ -72,16 +78,35 @@ class Patient:
         self.resources.append(r)
         return r
 
-    def lab(self, code: str, display: str, value: float | None, unit: str | None, when: str, *,
-            high: float | None = None, low: float | None = None, status: str = "final",
-            ucum: bool = True, rid: str | None = None, **extra: Any) -> dict[str, Any]:
+    def lab(
+        self,
+        code: str,
+        display: str,
+        value: float | None,
+        unit: str | None,
+        when: str,
+        *,
+        high: float | None = None,
+        low: float | None = None,
+        status: str = "final",
+        ucum: bool = True,
+        rid: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         r: dict[str, Any] = {
             "resourceType": "Observation",
             "id": rid or self._id("obs"),
             "status": status,
-            "category": [{"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                "code": "laboratory"}]}],
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "laboratory",
+                        }
+                    ]
+                }
+            ],
             "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
             "subject": self._subject(),
             "effectiveDateTime": when,
@@ -104,8 +129,9 @@ class Patient:
         self.resources.append(r)
         return r
 
-    def coded_obs(self, code: str, display: str, value: tuple[str, str, str], when: str,
-                  status: str = "final") -> dict[str, Any]:
+    def coded_obs(
+        self, code: str, display: str, value: tuple[str, str, str], when: str, status: str = "final"
+    ) -> dict[str, Any]:
         r: dict[str, Any] = {
             "resourceType": "Observation",
             "id": self._id("obs"),
@@ -113,14 +139,16 @@ class Patient:
             "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
             "subject": self._subject(),
             "effectiveDateTime": when,
-            "valueCodeableConcept": {"coding": [
-                {"system": value[0], "code": value[1], "display": value[2]}]},
+            "valueCodeableConcept": {
+                "coding": [{"system": value[0], "code": value[1], "display": value[2]}]
+            },
         }
         self.resources.append(r)
         return r
 
-    def procedure(self, codings: list[tuple[str, str, str]], when: str, *,
-                  status: str = "completed") -> dict[str, Any]:
+    def procedure(
+        self, codings: list[tuple[str, str, str]], when: str, *, status: str = "completed"
+    ) -> dict[str, Any]:
         r = {
             "resourceType": "Procedure",
             "id": self._id("proc"),
@@ -132,28 +160,32 @@ class Patient:
         self.resources.append(r)
         return r
 
-    def med_admin(self, rxcui: str, display: str, when: str, *,
-                  status: str = "completed") -> dict[str, Any]:
+    def med_admin(
+        self, rxcui: str, display: str, when: str, *, status: str = "completed"
+    ) -> dict[str, Any]:
         r = {
             "resourceType": "MedicationAdministration",
             "id": self._id("medadmin"),
             "status": status,
-            "medicationCodeableConcept": {"coding": [
-                {"system": RXNORM, "code": rxcui, "display": display}]},
+            "medicationCodeableConcept": {
+                "coding": [{"system": RXNORM, "code": rxcui, "display": display}]
+            },
             "subject": self._subject(),
             "effectiveDateTime": when,
         }
         self.resources.append(r)
         return r
 
-    def med_statement(self, rxcui: str, display: str, start: str, *,
-                      status: str = "active") -> dict[str, Any]:
+    def med_statement(
+        self, rxcui: str, display: str, start: str, *, status: str = "active"
+    ) -> dict[str, Any]:
         r = {
             "resourceType": "MedicationStatement",
             "id": self._id("medstmt"),
             "status": status,
-            "medicationCodeableConcept": {"coding": [
-                {"system": RXNORM, "code": rxcui, "display": display}]},
+            "medicationCodeableConcept": {
+                "coding": [{"system": RXNORM, "code": rxcui, "display": display}]
+            },
             "subject": self._subject(),
             "effectivePeriod": {"start": start},
         }
@@ -165,16 +197,23 @@ class Patient:
 
     def bundle(self, bundle_type: str = "collection") -> dict[str, Any]:
         entries = [{"fullUrl": f"Patient/{self.pid}", "resource": self.patient}]
-        entries += [{"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r}
-                    for r in self.resources]
-        return {"resourceType": "Bundle", "id": f"fixture-{self.key}", "type": bundle_type,
-                "entry": entries}
+        entries += [
+            {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r} for r in self.resources
+        ]
+        return {
+            "resourceType": "Bundle",
+            "id": f"fixture-{self.key}",
+            "type": bundle_type,
+            "entry": entries,
+        }
 
 
 # --- the base: eligible for both trials on 2026-11-01 -----------------------------------
 
-PNET = [(ICD10, "C25.4", "Malignant neoplasm of endocrine pancreas"),
-        (SNOMED, "735735001", "Primary malignant neuroendocrine neoplasm of pancreas (disorder)")]
+PNET = [
+    (ICD10, "C25.4", "Malignant neoplasm of endocrine pancreas"),
+    (SNOMED, "735735001", "Primary malignant neuroendocrine neoplasm of pancreas (disorder)"),
+]
 LIVER_METS = [(ICD10, "C7B.02", "Secondary carcinoid tumors of liver")]
 ILEAL_NET = [(ICD10, "C7A.012", "Malignant carcinoid tumor of the ileum")]
 LAB_DAY = "2026-10-20"
@@ -198,150 +237,310 @@ def base(key: str, **kw: Any) -> tuple[Patient, dict[str, dict[str, Any]]]:
     r["hb"] = p.lab("718-7", "Hemoglobin", 13.5, "g/dL", LAB_DAY, high=17.5, low=13.0)
     r["wbc"] = p.lab("6690-2", "Leukocytes", 6.2, "10*3/uL", LAB_DAY, high=11.0, low=4.0)
     r["weight"] = p.lab("29463-7", "Body weight", 80, "kg", LAB_DAY)
-    r["ecog"] = p.coded_obs("89247-1", "ECOG performance status",
-                            (LOINC, "LA9623-5", "Restricted in physically strenuous activity"),
-                            "2026-10-25")
+    r["ecog"] = p.coded_obs(
+        "89247-1",
+        "ECOG performance status",
+        (LOINC, "LA9623-5", "Restricted in physically strenuous activity"),
+        "2026-10-25",
+    )
     return p, r
 
 
 SCENARIOS: list[dict[str, Any]] = []
 
 
-def scenario(key: str, about: str, patient: Patient, expected: dict[str, Any],
-             bundle_type: str = "collection", bundle: dict[str, Any] | None = None) -> None:
-    SCENARIOS.append({"key": key, "about": about, "expected": expected,
-                      "bundle": bundle or patient.bundle(bundle_type)})
+def scenario(
+    key: str,
+    about: str,
+    patient: Patient,
+    expected: dict[str, Any],
+    bundle_type: str = "collection",
+    bundle: dict[str, Any] | None = None,
+) -> None:
+    SCENARIOS.append(
+        {
+            "key": key,
+            "about": about,
+            "expected": expected,
+            "bundle": bundle or patient.bundle(bundle_type),
+        }
+    )
 
 
 def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately flat
     p, _ = base("both-candidate")
-    scenario("both-candidate", "pancreatic NET G2 (Ki-67 8 %) with liver metastases, normal "
-             "recent labs: a candidate for both trials", p,
-             {A: {"status": "candidate", "inc-net-diagnosis": "pass", "inc-grade-2": "pass",
-                  "inc-liver-metastases": "pass", "inc-age": "pass", "inc-ecog": "pass",
-                  "inc-bilirubin": "pass", "inc-alt": "pass", "inc-ast": "pass",
-                  "inc-albumin": "pass", "inc-platelets": "pass", "inc-creatinine": "pass",
-                  "inc-inr": "pass", "inc-washout": "pass", "exc-prior-liver-embolization": "pass",
-                  "exc-biliary-intervention": "pass", "exc-pregnancy": "pass",
-                  "inc-portal-vein": "manual"},
-              B: {"status": "candidate", "inc-pancreatic-net": "pass",
-                  "inc-liver-metastases": "pass", "inc-grade-1-2": "pass", "inc-age": "pass",
-                  "inc-chemotherapy-washout": "pass", "exc-grade-3": "pass",
-                  "exc-prior-liver-directed-therapy": "pass",
-                  "exc-prior-capecitabine-temozolomide": "pass", "exc-bilirubin": "pass",
-                  "exc-inr": "pass", "exc-albumin": "pass", "exc-cirrhosis": "pass",
-                  "exc-ascites": "pass", "exc-renal-function": "pass", "exc-hemoglobin": "pass",
-                  "exc-wbc": "pass", "exc-platelets": "pass", "exc-brain-metastases": "pass",
-                  "exc-heart-failure": "pass", "exc-uncontrolled-diabetes": "pass",
-                  "exc-pregnancy": "pass", "exc-urinary-incontinence": "pass"}})
+    scenario(
+        "both-candidate",
+        "pancreatic NET G2 (Ki-67 8 %) with liver metastases, normal "
+        "recent labs: a candidate for both trials",
+        p,
+        {
+            A: {
+                "status": "candidate",
+                "inc-net-diagnosis": "pass",
+                "inc-grade-2": "pass",
+                "inc-liver-metastases": "pass",
+                "inc-age": "pass",
+                "inc-ecog": "pass",
+                "inc-bilirubin": "pass",
+                "inc-alt": "pass",
+                "inc-ast": "pass",
+                "inc-albumin": "pass",
+                "inc-platelets": "pass",
+                "inc-creatinine": "pass",
+                "inc-inr": "pass",
+                "inc-washout": "pass",
+                "exc-prior-liver-embolization": "pass",
+                "exc-biliary-intervention": "pass",
+                "exc-pregnancy": "pass",
+                "inc-portal-vein": "manual",
+            },
+            B: {
+                "status": "candidate",
+                "inc-pancreatic-net": "pass",
+                "inc-liver-metastases": "pass",
+                "inc-grade-1-2": "pass",
+                "inc-age": "pass",
+                "inc-chemotherapy-washout": "pass",
+                "exc-grade-3": "pass",
+                "exc-prior-liver-directed-therapy": "pass",
+                "exc-prior-capecitabine-temozolomide": "pass",
+                "exc-bilirubin": "pass",
+                "exc-inr": "pass",
+                "exc-albumin": "pass",
+                "exc-cirrhosis": "pass",
+                "exc-ascites": "pass",
+                "exc-renal-function": "pass",
+                "exc-hemoglobin": "pass",
+                "exc-wbc": "pass",
+                "exc-platelets": "pass",
+                "exc-brain-metastases": "pass",
+                "exc-heart-failure": "pass",
+                "exc-uncontrolled-diabetes": "pass",
+                "exc-pregnancy": "pass",
+                "exc-urinary-incontinence": "pass",
+            },
+        },
+    )
 
     p, r = base("non-net")
     p.remove(r["pnet"])
     p.remove(r["liver"])
     p.remove(r["ki67"])
     p.condition([(ICD10, "I10", "Essential (primary) hypertension")], "2020-01-01")
-    scenario("non-net", "no neuroendocrine tumour on record (hypertension only): excluded "
-             "from both, not needs-review", p,
-             {A: {"status": "excluded", "inc-net-diagnosis": "fail",
-                  "inc-liver-metastases": "fail"},
-              B: {"status": "excluded", "inc-pancreatic-net": "fail",
-                  "inc-liver-metastases": "fail"}})
+    scenario(
+        "non-net",
+        "no neuroendocrine tumour on record (hypertension only): excluded "
+        "from both, not needs-review",
+        p,
+        {
+            A: {"status": "excluded", "inc-net-diagnosis": "fail", "inc-liver-metastases": "fail"},
+            B: {"status": "excluded", "inc-pancreatic-net": "fail", "inc-liver-metastases": "fail"},
+        },
+    )
 
     p, r = base("ileal-net-a-only")
     p.remove(r["pnet"])
     p.condition(ILEAL_NET, "2025-10-01")
-    scenario("ileal-net-a-only", "small-bowel NET G2 with liver metastases: a candidate for "
-             "the CapTem + Y90 trial (any primary), excluded from the pancreatic trial", p,
-             {A: {"status": "candidate", "inc-net-diagnosis": "pass"},
-              B: {"status": "excluded", "inc-pancreatic-net": "fail"}})
+    scenario(
+        "ileal-net-a-only",
+        "small-bowel NET G2 with liver metastases: a candidate for "
+        "the CapTem + Y90 trial (any primary), excluded from the pancreatic trial",
+        p,
+        {
+            A: {"status": "candidate", "inc-net-diagnosis": "pass"},
+            B: {"status": "excluded", "inc-pancreatic-net": "fail"},
+        },
+    )
 
     p, r = base("grade-unrecorded")
     p.remove(r["ki67"])
-    scenario("grade-unrecorded", "pancreatic NET with no grade, Ki-67 or differentiation "
-             "recorded: needs review for both, not excluded", p,
-             {A: {"status": "needs-review", "inc-grade-2": "unknown"},
-              B: {"status": "needs-review", "inc-grade-1-2": "unknown", "exc-grade-3": "unknown"}})
+    scenario(
+        "grade-unrecorded",
+        "pancreatic NET with no grade, Ki-67 or differentiation "
+        "recorded: needs review for both, not excluded",
+        p,
+        {
+            A: {"status": "needs-review", "inc-grade-2": "unknown"},
+            B: {"status": "needs-review", "inc-grade-1-2": "unknown", "exc-grade-3": "unknown"},
+        },
+    )
 
     p, r = base("grade-1-b-only")
     p.remove(r["ki67"])
-    p.coded_obs("21858-6", "Grade Cancer", (SNOMED, "54102005", "G1 grade (finding)"),
-                "2025-11-10")
-    scenario("grade-1-b-only", "recorded histologic grade G1: excluded from the grade 2 "
-             "trial, a candidate for the G1/G2 pancreatic trial", p,
-             {A: {"status": "excluded", "inc-grade-2": "fail"},
-              B: {"status": "candidate", "inc-grade-1-2": "pass", "exc-grade-3": "pass"}})
+    p.coded_obs("21858-6", "Grade Cancer", (SNOMED, "54102005", "G1 grade (finding)"), "2025-11-10")
+    scenario(
+        "grade-1-b-only",
+        "recorded histologic grade G1: excluded from the grade 2 "
+        "trial, a candidate for the G1/G2 pancreatic trial",
+        p,
+        {
+            A: {"status": "excluded", "inc-grade-2": "fail"},
+            B: {"status": "candidate", "inc-grade-1-2": "pass", "exc-grade-3": "pass"},
+        },
+    )
 
     p, r = base("grade-3-ki67")
     r["ki67"]["valueQuantity"]["value"] = 35
-    scenario("grade-3-ki67", "Ki-67 35 % (G3 by WHO 2019): excluded from both", p,
-             {A: {"status": "excluded", "inc-grade-2": "fail"},
-              B: {"status": "excluded", "inc-grade-1-2": "fail", "exc-grade-3": "fail"}})
+    scenario(
+        "grade-3-ki67",
+        "Ki-67 35 % (G3 by WHO 2019): excluded from both",
+        p,
+        {
+            A: {"status": "excluded", "inc-grade-2": "fail"},
+            B: {"status": "excluded", "inc-grade-1-2": "fail", "exc-grade-3": "fail"},
+        },
+    )
 
     p, r = base("grade-conflict")
     p.remove(r["ki67"])
-    p.coded_obs("21858-6", "Grade Cancer", (SNOMED, "1663004", "G2 grade (finding)"),
-                "2025-11-10")
-    p.condition([(ICD10, "C7A.1", "Malignant poorly differentiated neuroendocrine tumors")],
-                "2025-11-03")
-    scenario("grade-conflict", "a recorded G2 and a poorly differentiated diagnosis code "
-             "disagree: grade unknown, needs review", p,
-             {A: {"status": "needs-review", "inc-grade-2": "unknown"},
-              B: {"status": "needs-review", "exc-grade-3": "unknown"}})
+    p.coded_obs("21858-6", "Grade Cancer", (SNOMED, "1663004", "G2 grade (finding)"), "2025-11-10")
+    p.condition(
+        [(ICD10, "C7A.1", "Malignant poorly differentiated neuroendocrine tumors")], "2025-11-03"
+    )
+    scenario(
+        "grade-conflict",
+        "a recorded G2 and a poorly differentiated diagnosis code "
+        "disagree: grade unknown, needs review",
+        p,
+        {
+            A: {"status": "needs-review", "inc-grade-2": "unknown"},
+            B: {"status": "needs-review", "exc-grade-3": "unknown"},
+        },
+    )
 
     p, r = base("si-units")
-    for role, value, unit in (("bili", 15, "umol/L"), ("creat", 80, "umol/L"),
-                              ("alb", 40, "g/L"), ("hb", 8.5, "mmol/L"),
-                              ("plt", 210, "10*9/L"), ("wbc", 6200, "/uL")):
+    for role, value, unit in (
+        ("bili", 15, "umol/L"),
+        ("creat", 80, "umol/L"),
+        ("alb", 40, "g/L"),
+        ("hb", 8.5, "mmol/L"),
+        ("plt", 210, "10*9/L"),
+        ("wbc", 6200, "/uL"),
+    ):
         q = r[role]["valueQuantity"]
         q.update(value=value, unit=unit, code=unit)
         r[role].pop("referenceRange", None)
     r["plt"]["valueQuantity"]["unit"] = "x10^9/L"  # a common non-UCUM spelling; code is UCUM
-    scenario("si-units", "labs sent in SI units (bilirubin and creatinine µmol/L, albumin "
-             "g/L, haemoglobin mmol/L, counts in 10*9/L and /uL): converted, all pass", p,
-             {A: {"status": "candidate", "inc-bilirubin": "pass", "inc-creatinine": "pass",
-                  "inc-albumin": "pass", "inc-platelets": "pass"},
-              B: {"status": "candidate", "exc-hemoglobin": "pass", "exc-wbc": "pass",
-                  "exc-albumin": "pass", "exc-renal-function": "pass"}})
+    scenario(
+        "si-units",
+        "labs sent in SI units (bilirubin and creatinine µmol/L, albumin "
+        "g/L, haemoglobin mmol/L, counts in 10*9/L and /uL): converted, all pass",
+        p,
+        {
+            A: {
+                "status": "candidate",
+                "inc-bilirubin": "pass",
+                "inc-creatinine": "pass",
+                "inc-albumin": "pass",
+                "inc-platelets": "pass",
+            },
+            B: {
+                "status": "candidate",
+                "exc-hemoglobin": "pass",
+                "exc-wbc": "pass",
+                "exc-albumin": "pass",
+                "exc-renal-function": "pass",
+            },
+        },
+    )
 
     p, r = base("labs-out-of-range")
-    r["bili"]["valueQuantity"]["value"] = 2.5       # A: > 2.0 fails; B: <= 3 passes
-    r["alt"]["valueQuantity"]["value"] = 250        # 6.25 x ULN 40
-    r["ast"]["valueQuantity"]["value"] = 120        # 3 x ULN: passes
-    r["alb"]["valueQuantity"]["value"] = 2.2        # A fails; B fails but PT normal rescues
-    r["plt"]["valueQuantity"]["value"] = 90         # A: <= 100 fails (transfusion); B: >= 75
-    r["creat"]["valueQuantity"]["value"] = 2.3      # A fails; B: CG 40 mL/min fails
-    r["inr"]["valueQuantity"]["value"] = 1.7        # A fails (transfusion); B rescued by PT
-    r["hb"]["valueQuantity"]["value"] = 7.1         # B fails
-    r["wbc"]["valueQuantity"]["value"] = 1.5        # B fails
-    scenario("labs-out-of-range", "labs beyond the limits: A fails bilirubin, ALT, albumin, "
-             "platelets (correctable by transfusion), creatinine and INR; B fails creatinine "
-             "clearance, Hb and WBC, while its INR and albumin limits are waived by a normal "
-             "prothrombin time", p,
-             {A: {"status": "excluded", "inc-bilirubin": "fail", "inc-alt": "fail",
-                  "inc-ast": "pass", "inc-albumin": "fail", "inc-platelets": "fail",
-                  "inc-creatinine": "fail", "inc-inr": "fail"},
-              B: {"status": "excluded", "exc-bilirubin": "pass", "exc-inr": "pass",
-                  "exc-albumin": "pass", "exc-platelets": "pass", "exc-renal-function": "fail",
-                  "exc-hemoglobin": "fail", "exc-wbc": "fail"}})
+    r["bili"]["valueQuantity"]["value"] = 2.5  # A: > 2.0 fails; B: <= 3 passes
+    r["alt"]["valueQuantity"]["value"] = 250  # 6.25 x ULN 40
+    r["ast"]["valueQuantity"]["value"] = 120  # 3 x ULN: passes
+    r["alb"]["valueQuantity"]["value"] = 2.2  # A fails; B fails but PT normal rescues
+    r["plt"]["valueQuantity"]["value"] = 90  # A: <= 100 fails (transfusion); B: >= 75
+    r["creat"]["valueQuantity"]["value"] = 2.3  # A fails; B: CG 40 mL/min fails
+    r["inr"]["valueQuantity"]["value"] = 1.7  # A fails (transfusion); B rescued by PT
+    r["hb"]["valueQuantity"]["value"] = 7.1  # B fails
+    r["wbc"]["valueQuantity"]["value"] = 1.5  # B fails
+    scenario(
+        "labs-out-of-range",
+        "labs beyond the limits: A fails bilirubin, ALT, albumin, "
+        "platelets (correctable by transfusion), creatinine and INR; B fails creatinine "
+        "clearance, Hb and WBC, while its INR and albumin limits are waived by a normal "
+        "prothrombin time",
+        p,
+        {
+            A: {
+                "status": "excluded",
+                "inc-bilirubin": "fail",
+                "inc-alt": "fail",
+                "inc-ast": "pass",
+                "inc-albumin": "fail",
+                "inc-platelets": "fail",
+                "inc-creatinine": "fail",
+                "inc-inr": "fail",
+            },
+            B: {
+                "status": "excluded",
+                "exc-bilirubin": "pass",
+                "exc-inr": "pass",
+                "exc-albumin": "pass",
+                "exc-platelets": "pass",
+                "exc-renal-function": "fail",
+                "exc-hemoglobin": "fail",
+                "exc-wbc": "fail",
+            },
+        },
+    )
 
     p, r = base("pt-abnormal")
     r["inr"]["valueQuantity"]["value"] = 1.7
     r["alb"]["valueQuantity"]["value"] = 2.8
     r["pt"]["valueQuantity"]["value"] = 16.0
-    scenario("pt-abnormal", "INR 1.7 and albumin 2.8 with a prolonged prothrombin time: the "
-             "pancreatic trial's PT exception does not apply", p,
-             {A: {"status": "excluded", "inc-inr": "fail", "inc-albumin": "pass"},
-              B: {"status": "excluded", "exc-inr": "fail", "exc-albumin": "fail"}})
+    r["ast"]["valueQuantity"]["value"] = 220
+    r["bili"]["valueQuantity"]["value"] = 3.4
+    r["plt"]["valueQuantity"]["value"] = 60
+    scenario(
+        "pt-abnormal",
+        "liver failure signs: INR 1.7 and albumin 2.8 with a prolonged "
+        "prothrombin time (the pancreatic trial's PT exception does not apply), bilirubin "
+        "3.4 mg/dL, AST 5.5 x ULN, platelets 60",
+        p,
+        {
+            A: {
+                "status": "excluded",
+                "inc-inr": "fail",
+                "inc-albumin": "pass",
+                "inc-ast": "fail",
+                "inc-bilirubin": "fail",
+                "inc-platelets": "fail",
+            },
+            B: {
+                "status": "excluded",
+                "exc-inr": "fail",
+                "exc-albumin": "fail",
+                "exc-bilirubin": "fail",
+                "exc-platelets": "fail",
+            },
+        },
+    )
 
     p, r = base("labs-stale")
     for role in ("bili", "alt", "ast", "alb", "plt", "creat", "inr", "pt", "hb", "wbc"):
         r[role]["effectiveDateTime"] = "2026-08-01"
-    scenario("labs-stale", "every lab is from 2026-08-01, outside the 30-day window: the lab "
-             "criteria are unknown and both trials need review", p,
-             {A: {"status": "needs-review", "inc-bilirubin": "unknown", "inc-alt": "unknown",
-                  "inc-platelets": "unknown", "inc-inr": "unknown"},
-              B: {"status": "needs-review", "exc-hemoglobin": "unknown",
-                  "exc-renal-function": "unknown"}})
+    scenario(
+        "labs-stale",
+        "every lab is from 2026-08-01, outside the 30-day window: the lab "
+        "criteria are unknown and both trials need review",
+        p,
+        {
+            A: {
+                "status": "needs-review",
+                "inc-bilirubin": "unknown",
+                "inc-alt": "unknown",
+                "inc-platelets": "unknown",
+                "inc-inr": "unknown",
+            },
+            B: {
+                "status": "needs-review",
+                "exc-hemoglobin": "unknown",
+                "exc-renal-function": "unknown",
+            },
+        },
+    )
 
     p, r = base("latest-wins")
     p.lab("777-3", "Platelets", 60, "10*3/uL", "2026-10-05", high=400, low=150)
@@ -349,198 +548,424 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
     p.lab("1975-2", "Bilirubin.total", 1.0, "mg/dL", "2026-10-05", high=1.2)
     r["bili"]["valueQuantity"]["value"] = 2.6
     r["bili"]["effectiveDateTime"] = "2026-10-28"
-    scenario("latest-wins", "an older low platelet count is superseded by a normal one, and "
-             "an older normal bilirubin by a high one: the latest result decides", p,
-             {A: {"status": "excluded", "inc-platelets": "pass", "inc-bilirubin": "fail"},
-              B: {"status": "candidate", "exc-platelets": "pass"}})
+    scenario(
+        "latest-wins",
+        "an older low platelet count is superseded by a normal one, and "
+        "an older normal bilirubin by a high one: the latest result decides",
+        p,
+        {
+            A: {"status": "excluded", "inc-platelets": "pass", "inc-bilirubin": "fail"},
+            B: {"status": "candidate", "exc-platelets": "pass"},
+        },
+    )
 
     p, r = base("entered-in-error")
-    p.procedure([(SNOMED, "314617008", "Chemoembolization of hepatic artery")], "2025-12-01",
-                status="entered-in-error")
-    p.med_admin("200328", "capecitabine 500 MG Oral Tablet", "2026-10-15",
-                status="entered-in-error")
+    p.procedure(
+        [(SNOMED, "314617008", "Chemoembolization of hepatic artery")],
+        "2025-12-01",
+        status="entered-in-error",
+    )
+    p.med_admin(
+        "200328", "capecitabine 500 MG Oral Tablet", "2026-10-15", status="entered-in-error"
+    )
     p.lab("777-3", "Platelets", 40, "10*3/uL", "2026-10-30", status="entered-in-error")
-    p.condition([(SNOMED, "19943007", "Cirrhosis of liver")], "2026-01-01",
-                verification="refuted")
+    p.condition([(SNOMED, "19943007", "Cirrhosis of liver")], "2026-01-01", verification="refuted")
     p.procedure([(CPT, "43274", "ERCP with stent placement")], "2026-03-01", status="not-done")
-    scenario("entered-in-error", "a TACE, a capecitabine dose and a platelet count entered in "
-             "error, a refuted cirrhosis and a not-done biliary stent: none of them counts", p,
-             {A: {"status": "candidate", "exc-prior-liver-embolization": "pass",
-                  "inc-washout": "pass", "inc-platelets": "pass",
-                  "exc-biliary-intervention": "pass"},
-              B: {"status": "candidate", "exc-prior-capecitabine-temozolomide": "pass",
-                  "exc-cirrhosis": "pass"}})
+    scenario(
+        "entered-in-error",
+        "a TACE, a capecitabine dose and a platelet count entered in "
+        "error, a refuted cirrhosis and a not-done biliary stent: none of them counts",
+        p,
+        {
+            A: {
+                "status": "candidate",
+                "exc-prior-liver-embolization": "pass",
+                "inc-washout": "pass",
+                "inc-platelets": "pass",
+                "exc-biliary-intervention": "pass",
+            },
+            B: {
+                "status": "candidate",
+                "exc-prior-capecitabine-temozolomide": "pass",
+                "exc-cirrhosis": "pass",
+            },
+        },
+    )
 
     p, r = base("prior-tace")
     p.procedure([(SNOMED, "314617008", "Chemoembolization of hepatic artery")], "2024-06-11")
-    scenario("prior-tace", "a hepatic chemoembolization in 2024: excluded from both", p,
-             {A: {"status": "excluded", "exc-prior-liver-embolization": "fail"},
-              B: {"status": "excluded", "exc-prior-liver-directed-therapy": "fail"}})
+    scenario(
+        "prior-tace",
+        "a hepatic chemoembolization in 2024: excluded from both",
+        p,
+        {
+            A: {"status": "excluded", "exc-prior-liver-embolization": "fail"},
+            B: {"status": "excluded", "exc-prior-liver-directed-therapy": "fail"},
+        },
+    )
 
     p, r = base("embolization-site-unknown")
     p.procedure([(CPT, "37243", "Vascular embolization or occlusion, for tumors")], "2024-06-11")
-    scenario("embolization-site-unknown", "an embolization coded without its site (CPT 37243): "
-             "unknown until someone confirms it was not hepatic", p,
-             {A: {"status": "needs-review", "exc-prior-liver-embolization": "unknown"},
-              B: {"status": "needs-review", "exc-prior-liver-directed-therapy": "unknown"}})
+    scenario(
+        "embolization-site-unknown",
+        "an embolization coded without its site (CPT 37243): "
+        "unknown until someone confirms it was not hepatic",
+        p,
+        {
+            A: {"status": "needs-review", "exc-prior-liver-embolization": "unknown"},
+            B: {"status": "needs-review", "exc-prior-liver-directed-therapy": "unknown"},
+        },
+    )
 
     p, r = base("biliary-stent-b-only")
     p.procedure([(CPT, "43274", "ERCP with biliary stent placement")], "2025-09-02")
-    scenario("biliary-stent-b-only", "a transpapillary biliary stent: excluded from the "
-             "CapTem + Y90 trial only", p,
-             {A: {"status": "excluded", "exc-biliary-intervention": "fail"},
-              B: {"status": "candidate"}})
+    scenario(
+        "biliary-stent-b-only",
+        "a transpapillary biliary stent: excluded from the CapTem + Y90 trial only",
+        p,
+        {A: {"status": "excluded", "exc-biliary-intervention": "fail"}, B: {"status": "candidate"}},
+    )
 
     p, r = base("recent-capecitabine")
     p.med_admin("200328", "capecitabine 500 MG Oral Tablet", "2026-10-20")
-    scenario("recent-capecitabine", "capecitabine 12 days before the as-of date: washout "
-             "fails for both, and prior capecitabine excludes from the pancreatic trial", p,
-             {A: {"status": "excluded", "inc-washout": "fail"},
-              B: {"status": "excluded", "inc-chemotherapy-washout": "fail",
-                  "exc-prior-capecitabine-temozolomide": "fail"}})
+    scenario(
+        "recent-capecitabine",
+        "capecitabine 12 days before the as-of date: washout "
+        "fails for both, and prior capecitabine excludes from the pancreatic trial",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {
+                "status": "excluded",
+                "inc-chemotherapy-washout": "fail",
+                "exc-prior-capecitabine-temozolomide": "fail",
+            },
+        },
+    )
 
     p, r = base("somatostatin-analogue")
     p.med_statement("312068", "octreotide", "2026-03-01")
-    scenario("somatostatin-analogue", "ongoing octreotide (a somatostatin analogue, not "
-             "chemotherapy): the washouts pass", p,
-             {A: {"status": "candidate", "inc-washout": "pass"},
-              B: {"status": "candidate", "inc-chemotherapy-washout": "pass"}})
+    scenario(
+        "somatostatin-analogue",
+        "ongoing octreotide (a somatostatin analogue, not chemotherapy): the washouts pass",
+        p,
+        {
+            A: {"status": "candidate", "inc-washout": "pass"},
+            B: {"status": "candidate", "inc-chemotherapy-washout": "pass"},
+        },
+    )
 
     p, r = base("recent-radiotherapy")
-    p.procedure([(CPT, "77385", "Intensity modulated radiation treatment delivery")],
-                "2026-10-15")
+    p.procedure([(CPT, "77385", "Intensity modulated radiation treatment delivery")], "2026-10-15")
     p.med_admin("4179", "etoposide", "2026-06-01")
-    scenario("recent-radiotherapy", "external beam radiotherapy 17 days ago and etoposide "
-             "in June: the CapTem + Y90 washout (chemo or radiotherapy) fails, the pancreatic "
-             "trial's chemotherapy washout passes", p,
-             {A: {"status": "excluded", "inc-washout": "fail"},
-              B: {"status": "candidate", "inc-chemotherapy-washout": "pass"}})
+    scenario(
+        "recent-radiotherapy",
+        "external beam radiotherapy 17 days ago and etoposide "
+        "in June: the CapTem + Y90 washout (chemo or radiotherapy) fails, the pancreatic "
+        "trial's chemotherapy washout passes",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {"status": "candidate", "inc-chemotherapy-washout": "pass"},
+        },
+    )
 
     p, r = base("liver-and-heart-disease")
     p.condition([(SNOMED, "19943007", "Cirrhosis of liver")], "2024-02-01")
     p.condition([(ICD10, "C79.31", "Secondary malignant neoplasm of brain")], "2026-05-01")
-    p.condition([(ICD10, "I50.22", "Chronic systolic (congestive) heart failure")],
-                "2023-01-01")
-    scenario("liver-and-heart-disease", "cirrhosis (excludes from the pancreatic trial), brain "
-             "metastases and heart failure (unknown: treated and stable? NYHA class?)", p,
-             {A: {"status": "candidate", "exc-intercurrent-illness": "manual"},
-              B: {"status": "excluded", "exc-cirrhosis": "fail",
-                  "exc-brain-metastases": "unknown", "exc-heart-failure": "unknown"}})
+    p.condition([(ICD10, "I50.22", "Chronic systolic (congestive) heart failure")], "2023-01-01")
+    p.condition([(ICD10, "R18.8", "Other ascites")], "2026-09-01")
+    p.condition([(ICD10, "R32", "Unspecified urinary incontinence")], "2025-01-01")
+    p.condition([(ICD10, "I81", "Portal vein thrombosis")], "2026-08-01")
+    scenario(
+        "liver-and-heart-disease",
+        "cirrhosis and ascites (exclude from the pancreatic "
+        "trial); brain metastases, heart failure and urinary incontinence (unknown: treated "
+        "and stable? NYHA class? safe to give PRRT?); portal vein thrombosis (patency to "
+        "confirm for the Y90 trial)",
+        p,
+        {
+            A: {
+                "status": "needs-review",
+                "exc-intercurrent-illness": "manual",
+                "inc-portal-vein": "unknown",
+            },
+            B: {
+                "status": "excluded",
+                "exc-cirrhosis": "fail",
+                "exc-ascites": "fail",
+                "exc-brain-metastases": "unknown",
+                "exc-heart-failure": "unknown",
+                "exc-urinary-incontinence": "unknown",
+            },
+        },
+    )
+
+    p, r = base("provisional-exclusions")
+    p.condition(
+        [(SNOMED, "19943007", "Cirrhosis of liver")], "2026-09-01", verification="provisional"
+    )
+    p.condition([(ICD10, "R18.8", "Other ascites")], "2026-09-01", verification="differential")
+    scenario(
+        "provisional-exclusions",
+        "cirrhosis and ascites recorded only as provisional or "
+        "differential diagnoses: unknown, not excluded",
+        p,
+        {B: {"status": "needs-review", "exc-cirrhosis": "unknown", "exc-ascites": "unknown"}},
+    )
+
+    p, r = base("uncertain-history")
+    stent = p.procedure(
+        [(CPT, "43274", "ERCP with biliary stent placement")], "2025-09-02", status="unknown"
+    )
+    tmz = p.med_statement("37776", "temozolomide", "2026-01-01", status="unknown")
+    del tmz["effectivePeriod"]
+    scenario(
+        "uncertain-history",
+        "a biliary stent with status 'unknown' and an undated "
+        "temozolomide statement with status 'unknown': the history and washout criteria "
+        "are unknown",
+        p,
+        {
+            A: {
+                "status": "needs-review",
+                "exc-biliary-intervention": "unknown",
+                "inc-washout": "unknown",
+            },
+            B: {
+                "status": "needs-review",
+                "exc-prior-capecitabine-temozolomide": "unknown",
+                "inc-chemotherapy-washout": "unknown",
+            },
+        },
+    )
+    assert stent["status"] == "unknown"
+
+    p, r = base("hcg-quantitative", gender="female", birth="1989-07-30")
+    p.lab(
+        "21198-7",
+        "Choriogonadotropin.beta subunit [Units/volume] in Serum or Plasma",
+        3,
+        "m[IU]/mL",
+        "2026-10-28",
+    )
+    scenario(
+        "hcg-quantitative",
+        "a quantitative serum hCG without an interpretation: the "
+        "service does not guess a cut-off, pregnancy is unknown",
+        p,
+        {
+            A: {"status": "needs-review", "exc-pregnancy": "unknown"},
+            B: {"status": "needs-review", "exc-pregnancy": "unknown"},
+        },
+    )
 
     p, r = base("diabetes-uncontrolled")
-    p.condition([(ICD10, "E11.9", "Type 2 diabetes mellitus without complications")],
-                "2019-01-01")
+    p.condition([(ICD10, "E11.9", "Type 2 diabetes mellitus without complications")], "2019-01-01")
     p.lab("1558-6", "Fasting glucose", 250, "mg/dL", "2026-10-20", high=99, low=70)
-    scenario("diabetes-uncontrolled", "type 2 diabetes with fasting glucose 250 mg/dL "
-             "(> 2 x ULN 99): excluded from the pancreatic trial", p,
-             {A: {"status": "candidate"},
-              B: {"status": "excluded", "exc-uncontrolled-diabetes": "fail"}})
+    scenario(
+        "diabetes-uncontrolled",
+        "type 2 diabetes with fasting glucose 250 mg/dL "
+        "(> 2 x ULN 99): excluded from the pancreatic trial",
+        p,
+        {
+            A: {"status": "candidate"},
+            B: {"status": "excluded", "exc-uncontrolled-diabetes": "fail"},
+        },
+    )
 
     p, r = base("diabetes-no-glucose")
-    p.condition([(ICD10, "E11.9", "Type 2 diabetes mellitus without complications")],
-                "2019-01-01")
-    scenario("diabetes-no-glucose", "type 2 diabetes with no fasting glucose on record: "
-             "unknown", p,
-             {B: {"status": "needs-review", "exc-uncontrolled-diabetes": "unknown"}})
+    p.condition([(ICD10, "E11.9", "Type 2 diabetes mellitus without complications")], "2019-01-01")
+    scenario(
+        "diabetes-no-glucose",
+        "type 2 diabetes with no fasting glucose on record: unknown",
+        p,
+        {B: {"status": "needs-review", "exc-uncontrolled-diabetes": "unknown"}},
+    )
 
     p, r = base("pregnant", gender="female", birth="1991-02-09")
-    p.coded_obs("2106-3", "Choriogonadotropin (pregnancy test) [Presence] in Urine",
-                (SNOMED, "10828004", "Positive"), "2026-10-28")
-    scenario("pregnant", "positive urine hCG 4 days ago: excluded from both", p,
-             {A: {"status": "excluded", "exc-pregnancy": "fail"},
-              B: {"status": "excluded", "exc-pregnancy": "fail"}})
+    p.coded_obs(
+        "2106-3",
+        "Choriogonadotropin (pregnancy test) [Presence] in Urine",
+        (SNOMED, "10828004", "Positive"),
+        "2026-10-28",
+    )
+    scenario(
+        "pregnant",
+        "positive urine hCG 4 days ago: excluded from both",
+        p,
+        {
+            A: {"status": "excluded", "exc-pregnancy": "fail"},
+            B: {"status": "excluded", "exc-pregnancy": "fail"},
+        },
+    )
 
     p, r = base("renal-low-clearance", gender="female", birth="1950-03-01")
     r["weight"]["valueQuantity"]["value"] = 50
     r["creat"]["valueQuantity"]["value"] = 1.3
-    scenario("renal-low-clearance", "76-year-old woman, 50 kg, creatinine 1.3 mg/dL: "
-             "Cockcroft-Gault clearance 29 mL/min, excluded from the pancreatic trial", p,
-             {A: {"status": "candidate", "inc-creatinine": "pass"},
-              B: {"status": "excluded", "exc-renal-function": "fail"}})
+    scenario(
+        "renal-low-clearance",
+        "76-year-old woman, 50 kg, creatinine 1.3 mg/dL: "
+        "Cockcroft-Gault clearance 29 mL/min, excluded from the pancreatic trial",
+        p,
+        {
+            A: {"status": "candidate", "inc-creatinine": "pass"},
+            B: {"status": "excluded", "exc-renal-function": "fail"},
+        },
+    )
 
     p, r = base("renal-measured-confirms", gender="female", birth="1950-03-01")
     r["weight"]["valueQuantity"]["value"] = 50
     r["creat"]["valueQuantity"]["value"] = 1.3
     p.lab("2164-2", "Creatinine renal clearance in 24 hour urine", 62, "mL/min", "2026-10-22")
-    scenario("renal-measured-confirms", "the same low Cockcroft-Gault estimate, but a measured "
-             "clearance of 62 mL/min (the protocol's confirmatory exam) passes", p,
-             {B: {"status": "candidate", "exc-renal-function": "pass"}})
+    scenario(
+        "renal-measured-confirms",
+        "the same low Cockcroft-Gault estimate, but a measured "
+        "clearance of 62 mL/min (the protocol's confirmatory exam) passes",
+        p,
+        {B: {"status": "candidate", "exc-renal-function": "pass"}},
+    )
 
     p, r = base("no-weight")
     p.remove(r["weight"])
-    scenario("no-weight", "no body weight on record: creatinine clearance cannot be "
-             "calculated", p,
-             {B: {"status": "needs-review", "exc-renal-function": "unknown"}})
+    scenario(
+        "no-weight",
+        "no body weight on record: creatinine clearance cannot be calculated",
+        p,
+        {B: {"status": "needs-review", "exc-renal-function": "unknown"}},
+    )
 
     p, r = base("minor", birth="2008-12-01")
-    scenario("minor", "17 years old on the as-of date: excluded from both", p,
-             {A: {"status": "excluded", "inc-age": "fail"},
-              B: {"status": "excluded", "inc-age": "fail"}})
+    scenario(
+        "minor",
+        "17 years old on the as-of date: excluded from both",
+        p,
+        {
+            A: {"status": "excluded", "inc-age": "fail"},
+            B: {"status": "excluded", "inc-age": "fail"},
+        },
+    )
 
     p, r = base("no-birthdate", birth=None)
-    scenario("no-birthdate", "no birth date: age unknown", p,
-             {A: {"status": "needs-review", "inc-age": "unknown"},
-              B: {"status": "needs-review", "inc-age": "unknown",
-                  "exc-renal-function": "unknown"}})
+    scenario(
+        "no-birthdate",
+        "no birth date: age unknown",
+        p,
+        {
+            A: {"status": "needs-review", "inc-age": "unknown"},
+            B: {"status": "needs-review", "inc-age": "unknown", "exc-renal-function": "unknown"},
+        },
+    )
 
     p, r = base("ecog-3")
     r["ecog"]["valueCodeableConcept"]["coding"][0].update(
-        code="LA9625-0", display="Capable of only limited selfcare")
-    scenario("ecog-3", "ECOG 3: excluded from the CapTem + Y90 trial", p,
-             {A: {"status": "excluded", "inc-ecog": "fail"}, B: {"status": "candidate"}})
+        code="LA9625-0", display="Capable of only limited selfcare"
+    )
+    scenario(
+        "ecog-3",
+        "ECOG 3: excluded from the CapTem + Y90 trial",
+        p,
+        {A: {"status": "excluded", "inc-ecog": "fail"}, B: {"status": "candidate"}},
+    )
 
     p, r = base("ecog-stale")
     r["ecog"]["effectiveDateTime"] = "2026-05-01"
-    scenario("ecog-stale", "the only ECOG score is six months old: unknown", p,
-             {A: {"status": "needs-review", "inc-ecog": "unknown"}})
+    scenario(
+        "ecog-stale",
+        "the only ECOG score is six months old: unknown",
+        p,
+        {A: {"status": "needs-review", "inc-ecog": "unknown"}},
+    )
 
     p, r = base("preliminary-lab")
     r["plt"]["status"] = "preliminary"
-    scenario("preliminary-lab", "the latest platelet count is preliminary: it cannot pass", p,
-             {A: {"status": "needs-review", "inc-platelets": "unknown"},
-              B: {"status": "needs-review", "exc-platelets": "unknown"}})
+    scenario(
+        "preliminary-lab",
+        "the latest platelet count is preliminary: it cannot pass",
+        p,
+        {
+            A: {"status": "needs-review", "inc-platelets": "unknown"},
+            B: {"status": "needs-review", "exc-platelets": "unknown"},
+        },
+    )
 
     p, r = base("malformed-observation")
     r["bili"]["valueQuantity"]["value"] = "high"
-    scenario("malformed-observation", "the bilirubin Observation is malformed (a text value "
-             "where a number belongs): skipped with a warning, its criteria unknown, the rest "
-             "evaluated", p,
-             {A: {"status": "needs-review", "inc-bilirubin": "unknown", "inc-alt": "pass"},
-              B: {"status": "needs-review", "exc-bilirubin": "unknown"}})
+    scenario(
+        "malformed-observation",
+        "the bilirubin Observation is malformed (a text value "
+        "where a number belongs): skipped with a warning, its criteria unknown, the rest "
+        "evaluated",
+        p,
+        {
+            A: {"status": "needs-review", "inc-bilirubin": "unknown", "inc-alt": "pass"},
+            B: {"status": "needs-review", "exc-bilirubin": "unknown"},
+        },
+    )
 
     p, r = base("uln-missing")
     r["alt"].pop("referenceRange")
-    scenario("uln-missing", "ALT without a reference range: 5 x ULN cannot be judged", p,
-             {A: {"status": "needs-review", "inc-alt": "unknown"}})
+    scenario(
+        "uln-missing",
+        "ALT without a reference range: 5 x ULN cannot be judged",
+        p,
+        {A: {"status": "needs-review", "inc-alt": "unknown"}},
+    )
 
     p, r = base("provisional-diagnosis")
     r["pnet"]["verificationStatus"]["coding"][0]["code"] = "provisional"
-    r["liver"]["code"]["coding"] = [{"system": ICD10, "code": "C78.7", "display":
-                                     "Secondary malignant neoplasm of liver and intrahepatic "
-                                     "bile duct"}]
-    scenario("provisional-diagnosis", "the pancreatic NET is only provisional (and the liver "
-             "metastases are coded without a NET-specific code): unknown", p,
-             {A: {"status": "needs-review", "inc-net-diagnosis": "unknown"},
-              B: {"status": "needs-review", "inc-pancreatic-net": "unknown"}})
+    r["liver"]["verificationStatus"]["coding"][0]["code"] = "provisional"
+    r["liver"]["code"]["coding"] = [
+        {
+            "system": ICD10,
+            "code": "C78.7",
+            "display": "Secondary malignant neoplasm of liver and intrahepatic bile duct",
+        }
+    ]
+    scenario(
+        "provisional-diagnosis",
+        "the pancreatic NET is only provisional (and the liver "
+        "metastases are provisional too): unknown",
+        p,
+        {
+            A: {
+                "status": "needs-review",
+                "inc-net-diagnosis": "unknown",
+                "inc-liver-metastases": "unknown",
+            },
+            B: {
+                "status": "needs-review",
+                "inc-pancreatic-net": "unknown",
+                "inc-liver-metastases": "unknown",
+            },
+        },
+    )
 
     # A transaction bundle with urn:uuid references, as an EHR export or a test tool sends.
     p, r = base("transaction-urn-uuid")
     p.med_admin("200328", "capecitabine 500 MG Oral Tablet", "2026-10-20")
     bundle = p.bundle("transaction")
-    uuid_of = {f"{e['resource']['resourceType']}/{e['resource']['id']}":
-               f"urn:uuid:00000000-0000-4000-8000-{i:012d}"
-               for i, e in enumerate(bundle["entry"])}
+    uuid_of = {}
+    for i, e in enumerate(bundle["entry"]):
+        key = f"{e['resource']['resourceType']}/{e['resource']['id']}"
+        uuid_of[key] = f"urn:uuid:00000000-0000-4000-8000-{i:012d}"
     for entry in bundle["entry"]:
         res = entry["resource"]
         entry["fullUrl"] = uuid_of[f"{res['resourceType']}/{res['id']}"]
         entry["request"] = {"method": "PUT", "url": f"{res['resourceType']}/{res['id']}"}
         if "subject" in res:
             res["subject"]["reference"] = uuid_of[res["subject"]["reference"]]
-    scenario("transaction-urn-uuid", "a transaction bundle whose references are urn:uuid "
-             "fullUrls: resolved, and recent capecitabine found", p,
-             {A: {"status": "excluded", "inc-washout": "fail"},
-              B: {"status": "excluded", "exc-prior-capecitabine-temozolomide": "fail"}},
-             bundle=bundle)
+    scenario(
+        "transaction-urn-uuid",
+        "a transaction bundle whose references are urn:uuid "
+        "fullUrls: resolved, and recent capecitabine found",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {"status": "excluded", "exc-prior-capecitabine-temozolomide": "fail"},
+        },
+        bundle=bundle,
+    )
 
     # Two patients in one searchset bundle.
     p1, _ = base("searchset-first")
@@ -552,9 +977,14 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
     for e in b["entry"]:
         e["search"] = {"mode": "match"}
     b["id"] = "fixture-searchset-two-patients"
-    scenario("searchset-two-patients", "a searchset bundle holding two patients: the first a "
-             "candidate for both, the second without a NET", p1,
-             {A: {"status": "candidate"}, B: {"status": "candidate"}}, bundle=b)
+    scenario(
+        "searchset-two-patients",
+        "a searchset bundle holding two patients: the first a "
+        "candidate for both, the second without a NET",
+        p1,
+        {A: {"status": "candidate"}, B: {"status": "candidate"}},
+        bundle=b,
+    )
 
 
 def main() -> None:
@@ -582,10 +1012,16 @@ def main() -> None:
         with open(OUT / name, "w", encoding="utf-8") as f:
             json.dump(s["bundle"], f, indent=1, ensure_ascii=False)
             f.write("\n")
-        first_patient = next(e["resource"]["id"] for e in s["bundle"]["entry"]
-                             if e["resource"]["resourceType"] == "Patient")
-        expectations[name] = {"as_of": AS_OF, "patient": f"Patient/{first_patient}",
-                              "trials": copy.deepcopy(s["expected"])}
+        first_patient = next(
+            e["resource"]["id"]
+            for e in s["bundle"]["entry"]
+            if e["resource"]["resourceType"] == "Patient"
+        )
+        expectations[name] = {
+            "as_of": AS_OF,
+            "patient": f"Patient/{first_patient}",
+            "trials": copy.deepcopy(s["expected"]),
+        }
         lines.append(f"| `{name}` | {s['about']} |")
     with open(ROOT / "tests" / "fixture_expectations.json", "w", encoding="utf-8") as f:
         json.dump(expectations, f, indent=1)

@@ -1,4 +1,4 @@
-"""Trial definitions: JSON files validated by a shipped JSON Schema, checked against the value sets."""
+"""Trial definitions: JSON files checked by a shipped JSON Schema and against the value sets."""
 
 from __future__ import annotations
 
@@ -75,9 +75,7 @@ class Criterion:
         if self.rule is None or self.rule["type"] not in ("history_absent", "washout"):
             return frozenset()
         return frozenset(
-            vs
-            for key in ("procedures", "medications")
-            for vs in self.rule.get(key, ())
+            vs for key in ("procedures", "medications") for vs in self.rule.get(key, ())
         )
 
 
@@ -299,7 +297,9 @@ def _check_references(
     for key in ("analyte", "unless_within_normal_range"):
         if key in rule and rule[key] not in analytes:
             raise DefinitionError(
-                f"unknown analyte {rule[key]!r}", file=file, criterion=criterion,
+                f"unknown analyte {rule[key]!r}",
+                file=file,
+                criterion=criterion,
                 field=f"{where}.{key}",
             )
     acceptable = rule.get("acceptable", {})

@@ -11,7 +11,7 @@ from typing import Any
 class Result(StrEnum):
     """What the record shows for one criterion."""
 
-    PASS = "pass"  # the record positively meets the criterion
+    PASS = "pass"  # noqa: S105 - a result, not a password. The record positively meets the criterion
     FAIL = "fail"  # the record positively breaks it
     UNKNOWN = "unknown"  # computable, but data is missing, stale, ambiguous or unconvertible
     MANUAL = "manual"  # not computable from structured data: a person must check

@@ -107,7 +107,9 @@ def codings_of(concept: Any) -> list[CodingKey]:
     return [
         normalize_coding(c["system"], c["code"])
         for c in codings
-        if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)
+        if isinstance(c, dict)
+        and isinstance(c.get("system"), str)
+        and isinstance(c.get("code"), str)
     ]
 
 
@@ -306,8 +308,9 @@ def _make_entry(
             rtype,
             resource,
             tuple(codings_of(resource.get("code"))),
-            _first_date(resource, "effectiveDateTime", "effectivePeriod.start",
-                        "effectiveInstant", "issued"),
+            _first_date(
+                resource, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"
+            ),
             display=concept_display(resource.get("code")),
         )
     if rtype == "Procedure":
@@ -327,7 +330,7 @@ def _make_entry(
     concept = resource.get("medicationCodeableConcept")
     if concept is None:
         concept = _resolve_medication(resource, medications)
-    keys = tuple(codings_of(concept))
+    drug_keys = tuple(codings_of(concept))
     if rtype == "MedicationRequest":
         when = _first_date(resource, "authoredOn")
         until = None
@@ -338,10 +341,9 @@ def _make_entry(
         when = _first_date(resource, "whenHandedOver", "whenPrepared")
         until = None
     else:
-        when = _first_date(resource, "effectiveDateTime", "effectivePeriod.start",
-                           "dateAsserted")
+        when = _first_date(resource, "effectiveDateTime", "effectivePeriod.start", "dateAsserted")
         until = _first_date(resource, "effectivePeriod.end")
-    return Entry(ref, rtype, resource, keys, when, until, concept_display(concept))
+    return Entry(ref, rtype, resource, drug_keys, when, until, concept_display(concept))
 
 
 def _resolve_medication(

@@ -196,9 +196,7 @@ def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
         )
     if bad:
         return _malformed_unknown(ctx, bad, f"A {what} record")
-    not_counted = (
-        f" (resolved, not counted: {_listing(inactive)})" if inactive else ""
-    )
+    not_counted = f" (resolved, not counted: {_listing(inactive)})" if inactive else ""
     if rule.get("on_absent") == "manual":
         return Outcome(
             Result.MANUAL,
@@ -276,9 +274,7 @@ def _quantity(resource: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _latest_observations(
-    ctx: Context, valueset_id: str
-) -> tuple[list[Entry], list[Entry]]:
+def _latest_observations(ctx: Context, valueset_id: str) -> tuple[list[Entry], list[Entry]]:
     """Usable observations of a value set, newest first, and the malformed ones."""
     entries = [
         e
@@ -318,8 +314,10 @@ def _fmt(value: float) -> str:
 
 def _show(m: Measurement, analyte: Analyte) -> str:
     converted = f"{_fmt(m.value)} {display_unit(analyte.unit)}".strip()
-    shown = m.raw if m.raw.replace(" ", "") == converted.replace(" ", "") else (
-        f"{m.raw} (= {converted})"
+    shown = (
+        m.raw
+        if m.raw.replace(" ", "") == converted.replace(" ", "")
+        else (f"{m.raw} (= {converted})")
     )
     prefix = _OP_TEXT[m.comparator] if m.comparator else ""
     return f"{analyte.label} {prefix}{shown}{_when(m.entry)} ({m.entry.ref})"
@@ -337,9 +335,7 @@ def _reference_high(m: Measurement, analyte: Analyte, gender: str | None) -> flo
     for r in ranges:
         applies = {
             code for concept in r.get("appliesTo") or [] for _, code in codings_of(concept)
-        } | {
-            (c.get("text") or "").lower() for c in r.get("appliesTo") or [] if isinstance(c, dict)
-        }
+        } | {(c.get("text") or "").lower() for c in r.get("appliesTo") or [] if isinstance(c, dict)}
         if gender and gender in applies:
             ranked.append((0, r))
         elif not r.get("appliesTo"):
@@ -391,9 +387,7 @@ def _decide(m: Measurement, op: str, limit: float) -> bool | None:
     return False if m.value >= limit else None
 
 
-def latest_measurement(
-    ctx: Context, analyte: Analyte, lookback_days: int
-) -> Measurement | Outcome:
+def latest_measurement(ctx: Context, analyte: Analyte, lookback_days: int) -> Measurement | Outcome:
     """The latest usable result of ``analyte`` in the look-back window, or an UNKNOWN outcome
     that says what is missing and what would resolve it."""
     entries, _ = _latest_observations(ctx, analyte.valueset)
@@ -419,7 +413,9 @@ def latest_measurement(
     measured = measure(analyte, latest)
     if isinstance(measured, str):
         return Outcome(
-            Result.UNKNOWN, (latest.ref,), f"{measured}; a result with a usable value would decide it."
+            Result.UNKNOWN,
+            (latest.ref,),
+            f"{measured}; a result with a usable value would decide it.",
         )
     return measured
 
@@ -444,15 +440,18 @@ def lab(rule: dict[str, Any], ctx: Context) -> Outcome:
                 "(no population ULN is assumed); the lab's reference range would decide it.",
             )
         limit = acceptable["uln_multiple"] * uln
+        unit = display_unit(analyte.unit)
         limit_text = (
             f"{_OP_TEXT[op]} {_fmt(acceptable['uln_multiple'])} × ULN "
-            f"({_fmt(uln)} {display_unit(analyte.unit)}) = {_fmt(limit)} {display_unit(analyte.unit)}"
+            f"({_fmt(uln)} {unit}) = {_fmt(limit)} {unit}"
         )
     else:
         converted = analyte.to_unit(float(acceptable["value"]), acceptable["unit"])
         assert converted is not None  # noqa: S101 - checked when the definition was loaded
         limit = converted
-        limit_text = f"{_OP_TEXT[op]} {_fmt(acceptable['value'])} {display_unit(acceptable['unit'])}"
+        limit_text = (
+            f"{_OP_TEXT[op]} {_fmt(acceptable['value'])} {display_unit(acceptable['unit'])}"
+        )
         limit_text = limit_text.rstrip()
     meets = _decide(measured, op, limit)
     shown = _show(measured, analyte)
@@ -483,9 +482,7 @@ def lab(rule: dict[str, Any], ctx: Context) -> Outcome:
             )
         explanation += f" {rescued}"
     if rule.get("correctable_by_transfusion"):
-        explanation += (
-            " The protocol allows correction by transfusion: re-check after transfusion."
-        )
+        explanation += " The protocol allows correction by transfusion: re-check after transfusion."
     return Outcome(Result.FAIL, (measured.entry.ref,), explanation)
 
 
@@ -540,9 +537,7 @@ def condition_with_lab(rule: dict[str, Any], ctx: Context) -> Outcome:
     )
 
 
-def _scale_value(
-    resource: dict[str, Any], answers: dict[str, int]
-) -> int | None:
+def _scale_value(resource: dict[str, Any], answers: dict[str, int]) -> int | None:
     if isinstance(resource.get("valueInteger"), int):
         return int(resource["valueInteger"])
     quantity = _quantity(resource)
@@ -742,8 +737,13 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
             ctx.entries(("Condition",), ["net-grade-1", "net-grade-2", "net-grade-3"])
         )[0]:
             found = next(
-                (g for g in (1, 2, 3)
-                 if any(ctx.trials.valueset(f"net-grade-{g}").contains_key(k) for k in entry.keys)),
+                (
+                    g
+                    for g in (1, 2, 3)
+                    if any(
+                        ctx.trials.valueset(f"net-grade-{g}").contains_key(k) for k in entry.keys
+                    )
+                ),
                 None,
             )
             if found is not None:
@@ -806,12 +806,16 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
 
 def _last_exposure(entry: Entry, as_of: date) -> date | None:
     """The last day a therapy record shows the patient exposed, ``as_of`` if still ongoing."""
-    if entry.type in ("MedicationRequest", "MedicationStatement") and entry.status in (
-        "active",
-        "on-hold",
+    if (
+        entry.type in ("MedicationRequest", "MedicationStatement")
+        and entry.status
+        in (
+            "active",
+            "on-hold",
+        )
+        and (entry.until is None or entry.until.end >= as_of)
     ):
-        if entry.until is None or entry.until.end >= as_of:
-            return as_of
+        return as_of
     if entry.until is not None:
         return min(entry.until.end, as_of)
     return min(entry.when.end, as_of) if entry.when else None
@@ -893,12 +897,15 @@ def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
             continue
         codes = {f"{s}|{c}" for s, c in codings_of(entry.resource.get("valueCodeableConcept"))}
         interpretation = {
-            c for concept in entry.resource.get("interpretation") or []
+            c
+            for concept in entry.resource.get("interpretation") or []
             for _, c in codings_of(concept)
         }
         if codes & positive or interpretation & {"POS", "H", "HH", "A"}:
             return Outcome(
-                Result.FAIL, (entry.ref,), f"Positive pregnancy test: {entry.describe()}{_when(entry)}."
+                Result.FAIL,
+                (entry.ref,),
+                f"Positive pregnancy test: {entry.describe()}{_when(entry)}.",
             )
         if codes & negative or interpretation & {"NEG", "N"}:
             return Outcome(

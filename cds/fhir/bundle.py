@@ -9,8 +9,17 @@ from typing import Any
 from cds.criteria.record import CLINICAL_TYPES, PatientRecord
 from cds.errors import InputError
 
-_BUNDLE_TYPES = {"searchset", "collection", "transaction", "batch", "transaction-response",
-                 "batch-response", "document", "message", "history"}
+_BUNDLE_TYPES = {
+    "searchset",
+    "collection",
+    "transaction",
+    "batch",
+    "transaction-response",
+    "batch-response",
+    "document",
+    "message",
+    "history",
+}
 # Where each clinical resource names its patient (FHIR R4: Patient compartment definition).
 _PATIENT_FIELDS = ("subject", "patient")
 
@@ -35,8 +44,9 @@ def patient_reference(resource: dict[str, Any], aliases: dict[str, str]) -> str 
     return None
 
 
-def bundle_resources(bundle: Any, *, source: str) -> tuple[list[dict[str, Any]], dict[str, str],
-                                                           list[str]]:
+def bundle_resources(
+    bundle: Any, *, source: str
+) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
     """The resources of a Bundle, the fullUrl aliases (urn:uuid -> Type/id) and warnings."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         found = bundle.get("resourceType") if isinstance(bundle, dict) else type(bundle).__name__
@@ -74,7 +84,10 @@ def bundle_resources(bundle: Any, *, source: str) -> tuple[list[dict[str, Any]],
 
 
 def group_by_patient(
-    resources: Iterable[dict[str, Any]], aliases: dict[str, str], *, source: str,
+    resources: Iterable[dict[str, Any]],
+    aliases: dict[str, str],
+    *,
+    source: str,
     warnings: list[str] | None = None,
 ) -> Iterator[PatientRecord]:
     """One PatientRecord per Patient, holding the clinical resources that name it.

@@ -1,0 +1,81 @@
+"""Small builders shared by the tests: bundles and records from a few resources."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from cds.criteria import TrialSet, load_trials
+from cds.criteria.engine import evaluate
+from cds.criteria.model import CriterionResult, PatientEvaluation
+from cds.criteria.record import PatientRecord
+
+AS_OF = date(2026, 11, 1)
+A, B = "NCT04339036", "NCT05610826"
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+
+
+def patient(
+    pid: str = "p1", gender: str = "male", birth: str | None = "1968-05-14"
+) -> dict[str, Any]:
+    p: dict[str, Any] = {"resourceType": "Patient", "id": pid, "gender": gender}
+    if birth:
+        p["birthDate"] = birth
+    return p
+
+
+def obs(
+    oid: str,
+    code: str,
+    value: Any,
+    unit: str | None,
+    when: str = "2026-10-20",
+    *,
+    status: str = "final",
+    high: float | None = None,
+    low: float | None = None,
+    pid: str = "p1",
+    ucum: bool = True,
+    comparator: str | None = None,
+) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": status,
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "effectiveDateTime": when,
+    }
+    if value is not None:
+        q: dict[str, Any] = {"value": value}
+        if unit is not None:
+            q["unit"] = unit
+            if ucum:
+                q.update(system=UCUM, code=unit)
+        if comparator:
+            q["comparator"] = comparator
+        r["valueQuantity"] = q
+    if high is not None or low is not None:
+        rr: dict[str, Any] = {}
+        if high is not None:
+            rr["high"] = {"value": high, "unit": unit}
+        if low is not None:
+            rr["low"] = {"value": low, "unit": unit}
+        r["referenceRange"] = [rr]
+    return r
+
+
+def run(
+    resources: list[dict[str, Any]],
+    *,
+    as_of: date = AS_OF,
+    trials: TrialSet | None = None,
+    pat: dict[str, Any] | None = None,
+) -> PatientEvaluation:
+    record = PatientRecord.from_resources([pat or patient(), *resources])
+    return evaluate(record, trials or load_trials(), as_of)
+
+
+def criterion(evaluation: PatientEvaluation, trial: str, cid: str) -> CriterionResult:
+    return next(c for c in evaluation.trial(trial).criteria if c.id == cid)

@@ -1,0 +1,307 @@
+"""Rule semantics beyond the fixtures: conversions, derived values, dates, codes, statuses."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from cds.criteria import load_trials
+from cds.criteria.model import Result, TrialStatus
+from cds.criteria.record import PatientRecord, parse_date
+from cds.criteria.units import normalize_unit
+from cds.criteria.valuesets import HCPCS, normalize_coding
+from tests.helpers import AS_OF, A, B, criterion, obs, patient, run
+
+
+@pytest.mark.parametrize(
+    ("quantity", "ucum"),
+    [
+        ({"value": 1, "unit": "µmol/L"}, "umol/L"),
+        ({"value": 1, "unit": "umol/l"}, "umol/L"),
+        ({"value": 1, "unit": "K/uL"}, "10*3/uL"),
+        ({"value": 1, "unit": "x10^9/L"}, "10*9/L"),
+        (
+            {"value": 1, "system": "http://unitsofmeasure.org", "code": "g/L", "unit": "gram/L"},
+            "g/L",
+        ),
+        ({"value": 1, "unit": "furlongs"}, None),
+    ],
+)
+def test_unit_spellings_normalise_to_ucum(quantity: dict, ucum: str | None) -> None:
+    assert normalize_unit(quantity) == ucum
+
+
+@pytest.mark.parametrize(
+    ("code", "value", "unit", "expected_mg_dl"),
+    [
+        ("14631-6", 34.2, "umol/L", 34.2 * 0.0585),  # bilirubin
+        ("2160-0", 176.8, "umol/L", 176.8 * 0.01131),  # creatinine
+    ],
+)
+def test_si_results_are_converted_before_comparison(
+    code: str, value: float, unit: str, expected_mg_dl: float
+) -> None:
+    evaluation = run([obs("x", code, value, unit)], trials=load_trials([A]))
+    cid = "inc-bilirubin" if code == "14631-6" else "inc-creatinine"
+    result = criterion(evaluation, A, cid)
+    assert f"{expected_mg_dl:.2f}".rstrip("0").rstrip(".") in result.explanation
+    limit = 2.0
+    ok = expected_mg_dl <= limit if cid == "inc-bilirubin" else expected_mg_dl < limit
+    assert result.result is (Result.PASS if ok else Result.FAIL)
+
+
+def test_unconvertible_unit_is_unknown_and_says_so() -> None:
+    evaluation = run([obs("x", "1975-2", 1.0, "mmol/mol")], trials=load_trials([A]))
+    result = criterion(evaluation, A, "inc-bilirubin")
+    assert result.result is Result.UNKNOWN
+    assert "cannot be converted" in result.explanation
+
+
+def test_counts_per_microlitre_convert_to_10_9_per_litre() -> None:
+    evaluation = run([obs("x", "777-3", 99000, "/uL")], trials=load_trials([A]))
+    result = criterion(evaluation, A, "inc-platelets")
+    assert result.result is Result.FAIL  # 99 x 10^9/L is not > 100
+    assert "transfusion" in result.explanation
+
+
+def test_uln_comes_from_the_sex_specific_reference_range() -> None:
+    alt = obs("alt", "1742-6", 180, "U/L")
+    alt["referenceRange"] = [
+        {"high": {"value": 33, "unit": "U/L"}, "appliesTo": [{"text": "female"}]},
+        {"high": {"value": 41, "unit": "U/L"}, "appliesTo": [{"text": "male"}]},
+    ]
+    male = criterion(run([alt], trials=load_trials([A])), A, "inc-alt")
+    female = criterion(
+        run([alt], trials=load_trials([A]), pat=patient(gender="female")), A, "inc-alt"
+    )
+    assert male.result is Result.PASS  # 180 <= 5 x 41
+    assert female.result is Result.FAIL  # 180 > 5 x 33
+    assert "165" in female.explanation
+
+
+def test_window_edges_and_future_results() -> None:
+    trials = load_trials([A])
+    on_edge = run([obs("p", "777-3", 150, "10*3/uL", when="2026-10-02")], trials=trials)
+    outside = run([obs("p", "777-3", 150, "10*3/uL", when="2026-10-01")], trials=trials)
+    future = run(
+        [
+            obs("p", "777-3", 50, "10*3/uL", when="2026-11-05"),
+            obs("q", "777-3", 150, "10*3/uL", when="2026-10-20"),
+        ],
+        trials=trials,
+    )
+    assert criterion(on_edge, A, "inc-platelets").result is Result.PASS
+    assert criterion(outside, A, "inc-platelets").result is Result.UNKNOWN
+    assert (
+        "older than the 30 days before 2026-11-01"
+        in criterion(outside, A, "inc-platelets").explanation
+    )
+    # A result dated after the as-of date was not known then.
+    assert criterion(future, A, "inc-platelets").evidence == ("Observation/q",)
+
+
+def test_reported_bound_decides_only_when_it_can() -> None:
+    trials = load_trials([A])
+    low = run([obs("b", "1975-2", 0.2, "mg/dL", comparator="<")], trials=trials)
+    open_ended = run([obs("b", "1975-2", 1.5, "mg/dL", comparator=">")], trials=trials)
+    assert criterion(low, A, "inc-bilirubin").result is Result.PASS
+    assert criterion(open_ended, A, "inc-bilirubin").result is Result.UNKNOWN
+
+
+def _cg(age: int, kg: float, scr: float, female: bool) -> float:
+    return (140 - age) * kg / (72 * scr) * (0.85 if female else 1.0)
+
+
+@pytest.mark.parametrize(
+    ("gender", "birth", "kg", "scr"),
+    [
+        ("male", "1966-01-01", 70, 1.6),
+        ("female", "1956-06-30", 62, 1.1),
+        ("male", "1950-03-01", 90, 0.8),
+    ],
+)
+def test_cockcroft_gault_uses_age_sex_weight_and_creatinine(
+    gender: str, birth: str, kg: float, scr: float
+) -> None:
+    born = date.fromisoformat(birth)
+    age = AS_OF.year - born.year - ((AS_OF.month, AS_OF.day) < (born.month, born.day))
+    expected = _cg(age, kg, scr, gender == "female")
+    evaluation = run(
+        [obs("w", "29463-7", kg, "kg"), obs("c", "2160-0", scr, "mg/dL")],
+        trials=load_trials([B]),
+        pat=patient(gender=gender, birth=birth),
+    )
+    result = criterion(evaluation, B, "exc-renal-function")
+    assert f"{expected:.0f} mL/min" in result.explanation
+    assert set(result.evidence) == {"Patient/p1", "Observation/w", "Observation/c"}
+    assert result.result is (Result.PASS if expected >= 50 else Result.FAIL)
+
+
+def test_weight_in_pounds_is_converted_for_cockcroft_gault() -> None:
+    evaluation = run(
+        [obs("w", "29463-7", 176.37, "[lb_av]"), obs("c", "2160-0", 1.0, "mg/dL")],
+        trials=load_trials([B]),
+    )
+    assert "weight 80 kg" in criterion(evaluation, B, "exc-renal-function").explanation
+
+
+@pytest.mark.parametrize(
+    ("birth", "expected"),
+    [
+        ("2008-11-01", Result.FAIL),  # the 18th birthday itself: not yet older than 18
+        ("2008-10-31", Result.PASS),
+        ("2008", Result.UNKNOWN),  # a year alone cannot tell
+        ("1970", Result.PASS),
+    ],
+)
+def test_age_is_computed_on_the_as_of_date(birth: str, expected: Result) -> None:
+    evaluation = run([], trials=load_trials([A]), pat=patient(birth=birth))
+    result = criterion(evaluation, A, "inc-age")
+    assert result.result is expected
+    assert result.evidence == ("Patient/p1",)
+
+
+def test_icd10_codes_match_with_or_without_dot_and_by_family() -> None:
+    vs = load_trials().valueset("net-diagnosis")
+    assert vs.contains("http://hl7.org/fhir/sid/icd-10-cm", "C7A.012")
+    assert vs.contains("http://hl7.org/fhir/sid/icd-10-cm", "C7A012")
+    assert vs.contains("http://hl7.org/fhir/sid/icd-10-cm", "c7b.02")
+    assert not vs.contains("http://hl7.org/fhir/sid/icd-10-cm", "D3A.8")
+
+
+def test_both_hcpcs_uris_are_recognised() -> None:
+    assert normalize_coding("http://www.nlm.nih.gov/research/umls/hcpcs", "S2095")[0] == HCPCS
+    proc = {
+        "resourceType": "Procedure",
+        "id": "y90",
+        "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "performedDateTime": "2024-01-01",
+        "code": {
+            "coding": [{"system": "http://www.nlm.nih.gov/research/umls/hcpcs", "code": "S2095"}]
+        },
+    }
+    evaluation = run([proc])
+    assert criterion(evaluation, A, "exc-prior-liver-embolization").result is Result.FAIL
+    assert criterion(evaluation, B, "exc-prior-liver-directed-therapy").evidence == (
+        "Procedure/y90",
+    )
+
+
+def test_rxnorm_product_behind_a_medication_reference_rolls_up_to_the_ingredient() -> None:
+    med = {
+        "resourceType": "Medication",
+        "id": "m1",
+        "code": {
+            "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "313210"}]
+        },
+    }
+    contained_order = {
+        "resourceType": "MedicationRequest",
+        "id": "rq2",
+        "status": "completed",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "authoredOn": "2025-02-01",
+        "contained": [
+            {
+                "resourceType": "Medication",
+                "id": "c",
+                "code": {
+                    "coding": [
+                        {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "200327"}
+                    ]
+                },
+            }
+        ],
+        "medicationReference": {"reference": "#c"},
+    }
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "rq1",
+        "status": "completed",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "authoredOn": "2025-01-01",
+        "medicationReference": {"reference": "Medication/m1"},
+    }
+    evaluation = run([med, order, contained_order], trials=load_trials([B]))
+    result = criterion(evaluation, B, "exc-prior-capecitabine-temozolomide")
+    assert result.result is Result.FAIL
+    assert set(result.evidence) == {"MedicationRequest/rq1", "MedicationRequest/rq2"}
+
+
+def test_a_proposed_order_is_not_history() -> None:
+    proposal = {
+        "resourceType": "MedicationRequest",
+        "id": "rq",
+        "status": "active",
+        "intent": "proposal",
+        "subject": {"reference": "Patient/p1"},
+        "authoredOn": "2026-10-30",
+        "medicationCodeableConcept": {
+            "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "194000"}]
+        },
+    }
+    evaluation = run([proposal], trials=load_trials([B]))
+    assert criterion(evaluation, B, "exc-prior-capecitabine-temozolomide").result is Result.PASS
+
+
+def test_an_active_prescription_is_ongoing_exposure() -> None:
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "rq",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "authoredOn": "2026-06-01",
+        "medicationCodeableConcept": {
+            "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "37776"}]
+        },
+    }
+    result = criterion(run([order], trials=load_trials([A])), A, "inc-washout")
+    assert result.result is Result.FAIL and "ongoing" in result.explanation
+
+
+def test_history_exclusions_pass_with_none_on_record() -> None:
+    result = criterion(run([]), A, "exc-biliary-intervention")
+    assert result.result is Result.PASS
+    assert result.explanation.startswith("None on record")
+    assert result.evidence == ("Patient/p1",)
+
+
+def test_overall_status_rules() -> None:
+    evaluation = run([])
+    # No NET on record: disease-defining inclusions fail, so both trials are excluded.
+    assert {t.status for t in evaluation.trials} == {TrialStatus.EXCLUDED}
+
+
+@pytest.mark.parametrize(
+    ("text", "start", "end"),
+    [
+        ("2026-02", date(2026, 2, 1), date(2026, 2, 28)),
+        ("2024-02", date(2024, 2, 1), date(2024, 2, 29)),
+        ("2026-10-20T23:30:00-05:00", date(2026, 10, 20), date(2026, 10, 20)),
+        ("2025", date(2025, 1, 1), date(2025, 12, 31)),
+    ],
+)
+def test_partial_dates_cover_their_span(text: str, start: date, end: date) -> None:
+    span = parse_date(text)
+    assert span is not None and (span.start, span.end) == (start, end)
+
+
+def test_unreadable_resource_is_skipped_with_a_warning() -> None:
+    broken = {
+        "resourceType": "Condition",
+        "id": "bad",
+        "subject": {"reference": "Patient/p1"},
+        "code": "C7A.012",
+    }
+    record = PatientRecord.from_resources([patient(), broken])
+    assert record.entries["Condition"][0].keys == ()
+    malformed = obs("m", "1975-2", "high", "mg/dL")
+    evaluation = run([malformed], trials=load_trials([A]))
+    result = criterion(evaluation, A, "inc-bilirubin")
+    assert result.result is Result.UNKNOWN and "could not be read" in result.explanation
+    assert any("Observation/m" in w for w in evaluation.warnings)
