@@ -1,0 +1,50 @@
+# One place for the commands people and CI run. `make run` and `make test` work on a fresh
+# machine with Python 3.11+ and PyPI: every install step is here or in scripts/.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SERVER_VENV := .fhir-server-venv
+
+.PHONY: setup run test lint typecheck unit bench fixtures clean
+
+$(BIN)/cds: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+$(SERVER_VENV)/bin/uvicorn: scripts/install-fhir-server
+	bash scripts/install-fhir-server $(SERVER_VENV)
+	touch $@
+
+setup: $(BIN)/cds $(SERVER_VENV)/bin/uvicorn
+
+## run: start a local FHIR server loaded with fhir_fixtures/, the CDS service, and an example call
+run: setup
+	bash scripts/demo
+
+lint: $(BIN)/cds
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/cds
+	$(BIN)/mypy
+
+unit: $(BIN)/cds
+	$(BIN)/python -m pytest -m "not integration"
+
+## test: lint, type-check and the whole suite, integration tests against a real FHIR server included
+test: setup lint typecheck
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/bench_evaluate.py
+	$(BIN)/python bench/bench_fetch.py
+	$(BIN)/python bench/bench_hooks.py
+	$(BIN)/python bench/bench_sweep.py
+
+fixtures: $(BIN)/cds
+	$(BIN)/python scripts/build_fixtures.py
+
+clean:
+	rm -rf $(VENV) $(SERVER_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
