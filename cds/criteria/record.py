@@ -84,17 +84,40 @@ def parse_date(value: Any) -> DateRange | None:
         return None
 
 
-def _first_date(resource: dict[str, Any], *fields: str) -> DateRange | None:
-    for name in fields:
-        if "." in name:
-            parent, child = name.split(".", 1)
-            value = resource.get(parent)
-            found = parse_date(value.get(child)) if isinstance(value, dict) else None
-        else:
-            found = parse_date(resource.get(name))
+def _first_date(resource: dict[str, Any], fields: tuple[str, ...]) -> DateRange | None:
+    """The first readable date among dotted element paths ("effectivePeriod.start")."""
+    for path in fields:
+        value: Any = resource
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        found = parse_date(value)
         if found:
             return found
     return None
+
+
+# Where each resource type keeps the date a rule cares about, and the end of its period.
+_DATE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "Condition": (
+        ("onsetDateTime", "onsetPeriod.start", "recordedDate"),
+        ("abatementDateTime", "abatementPeriod.end"),
+    ),
+    "Observation": (
+        ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"),
+        (),
+    ),
+    "Procedure": (("performedDateTime", "performedPeriod.start"), ("performedPeriod.end",)),
+    "MedicationRequest": (("authoredOn",), ("dispenseRequest.validityPeriod.end",)),
+    "MedicationDispense": (("whenHandedOver", "whenPrepared"), ()),
+    "MedicationStatement": (
+        ("effectiveDateTime", "effectivePeriod.start", "dateAsserted"),
+        ("effectivePeriod.end",),
+    ),
+    "MedicationAdministration": (
+        ("effectiveDateTime", "effectivePeriod.start"),
+        ("effectivePeriod.end",),
+    ),
+}
 
 
 def codings_of(concept: Any) -> list[CodingKey]:
@@ -129,17 +152,56 @@ def _status_code(concept: Any) -> str | None:
     return keys[0][1] if keys else None
 
 
-@dataclass(slots=True)
 class Entry:
-    """One clinical resource as the rules see it."""
+    """One clinical resource as the rules see it.
 
-    ref: str  # "Observation/abc"
-    type: str
-    resource: dict[str, Any]
-    keys: tuple[CodingKey, ...]  # normalised codes of its code (medication code for drugs)
-    when: DateRange | None  # the clinically relevant date (effective, onset, performed, ...)
-    until: DateRange | None = None  # end of a period (performedPeriod.end, abatement, ...)
-    display: str | None = None
+    Only the codes are read up front; dates and display are read on first use, because most
+    of a large record never matches a criterion (a bundle of 2,000 Observations matches a few
+    dozen).
+    """
+
+    __slots__ = ("ref", "type", "resource", "keys", "_concept", "_when", "_until", "_display")
+
+    def __init__(
+        self,
+        ref: str,
+        rtype: str,
+        resource: dict[str, Any],
+        keys: tuple[CodingKey, ...],
+        concept: Any,
+    ) -> None:
+        self.ref = ref  # "Observation/abc"
+        self.type = rtype
+        self.resource = resource
+        self.keys = keys  # normalised codes of its code (the drug's code for medications)
+        self._concept = concept  # the CodeableConcept the keys came from
+        self._when: DateRange | None | bool = False  # False: not read yet
+        self._until: DateRange | None | bool = False
+        self._display: str | None | bool = False
+
+    @property
+    def when(self) -> DateRange | None:
+        """The clinically relevant date: effective, onset, performed, authored, ..."""
+        if self._when is False:
+            self._when = _first_date(self.resource, _DATE_FIELDS[self.type][0])
+        return self._when  # type: ignore[return-value]
+
+    @property
+    def until(self) -> DateRange | None:
+        """The end of its period (performedPeriod.end, abatement, validity end), if any."""
+        if self._until is False:
+            self._until = _first_date(self.resource, _DATE_FIELDS[self.type][1])
+        return self._until  # type: ignore[return-value]
+
+    @property
+    def display(self) -> str | None:
+        if self._display is False:
+            self._display = concept_display(self._concept)
+        return self._display  # type: ignore[return-value]
+
+    @display.setter
+    def display(self, value: str | None) -> None:
+        self._display = value
 
     @property
     def status(self) -> str | None:
@@ -288,41 +350,16 @@ def _make_entry(
     if rtype == "Condition":
         if _status_code(resource.get("verificationStatus")) in _VOID_VERIFICATION:
             return None
-        keys = codings_of(resource.get("code"))
+        concept = resource.get("code")
+        keys = codings_of(concept)
         # mCODE carries ICD-O-3 morphology (grade, differentiation) in an extension.
-        for ext in resource.get("extension") or []:
-            if isinstance(ext, dict):
-                keys.extend(codings_of(ext.get("valueCodeableConcept")))
-        return Entry(
-            ref,
-            rtype,
-            resource,
-            tuple(keys),
-            _first_date(resource, "onsetDateTime", "onsetPeriod.start", "recordedDate"),
-            _first_date(resource, "abatementDateTime", "abatementPeriod.end"),
-            concept_display(resource.get("code")),
-        )
-    if rtype == "Observation":
-        return Entry(
-            ref,
-            rtype,
-            resource,
-            tuple(codings_of(resource.get("code"))),
-            _first_date(
-                resource, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"
-            ),
-            display=concept_display(resource.get("code")),
-        )
-    if rtype == "Procedure":
-        return Entry(
-            ref,
-            rtype,
-            resource,
-            tuple(codings_of(resource.get("code"))),
-            _first_date(resource, "performedDateTime", "performedPeriod.start"),
-            _first_date(resource, "performedPeriod.end"),
-            concept_display(resource.get("code")),
-        )
+        for ext in resource.get("extension") or ():
+            if isinstance(ext, dict) and "valueCodeableConcept" in ext:
+                keys.extend(codings_of(ext["valueCodeableConcept"]))
+        return Entry(ref, rtype, resource, tuple(keys), concept)
+    if rtype in ("Observation", "Procedure"):
+        concept = resource.get("code")
+        return Entry(ref, rtype, resource, tuple(codings_of(concept)), concept)
     # Medication resources: the drug is a CodeableConcept or a reference to a Medication
     # (contained, or elsewhere in the record).
     if rtype == "MedicationRequest" and resource.get("intent") in _NON_ORDER_INTENTS:
@@ -330,20 +367,7 @@ def _make_entry(
     concept = resource.get("medicationCodeableConcept")
     if concept is None:
         concept = _resolve_medication(resource, medications)
-    drug_keys = tuple(codings_of(concept))
-    if rtype == "MedicationRequest":
-        when = _first_date(resource, "authoredOn")
-        until = None
-        dispense = resource.get("dispenseRequest")
-        if isinstance(dispense, dict):
-            until = _first_date(dispense, "validityPeriod.end")
-    elif rtype == "MedicationDispense":
-        when = _first_date(resource, "whenHandedOver", "whenPrepared")
-        until = None
-    else:
-        when = _first_date(resource, "effectiveDateTime", "effectivePeriod.start", "dateAsserted")
-        until = _first_date(resource, "effectivePeriod.end")
-    return Entry(ref, rtype, resource, drug_keys, when, until, concept_display(concept))
+    return Entry(ref, rtype, resource, tuple(codings_of(concept)), concept)
 
 
 def _resolve_medication(

@@ -10,7 +10,7 @@ from typing import Any
 
 from cds.criteria.definitions import Trial, TrialSet
 from cds.criteria.model import Result
-from cds.criteria.record import MEDICATION_TYPES, DateRange, Entry, PatientRecord, codings_of
+from cds.criteria.record import MEDICATION_TYPES, Entry, PatientRecord, codings_of
 from cds.criteria.units import Analyte, display_unit, normalize_unit
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -274,14 +274,14 @@ def _quantity(resource: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _latest_observations(ctx: Context, valueset_id: str) -> tuple[list[Entry], list[Entry]]:
-    """Usable observations of a value set, newest first, and the malformed ones."""
-    entries = [
+def _usable_observations(ctx: Context, valueset_id: str) -> list[Entry]:
+    """Dated observations of a value set whose status allows their value to be used, newest
+    first."""
+    return [
         e
         for e in ctx.entries(("Observation",), [valueset_id])
         if e.status in _USABLE and e.when is not None
     ]
-    return entries, []
 
 
 def measure(analyte: Analyte, entry: Entry) -> Measurement | str:
@@ -390,7 +390,7 @@ def _decide(m: Measurement, op: str, limit: float) -> bool | None:
 def latest_measurement(ctx: Context, analyte: Analyte, lookback_days: int) -> Measurement | Outcome:
     """The latest usable result of ``analyte`` in the look-back window, or an UNKNOWN outcome
     that says what is missing and what would resolve it."""
-    entries, _ = _latest_observations(ctx, analyte.valueset)
+    entries = _usable_observations(ctx, analyte.valueset)
     start = ctx.window_start(lookback_days)
     window_text = f"the {lookback_days} days before {ctx.as_of}"
     if not entries:
@@ -552,7 +552,7 @@ def _scale_value(resource: dict[str, Any], answers: dict[str, int]) -> int | Non
 def performance_status(rule: dict[str, Any], ctx: Context) -> Outcome:
     """ECOG performance status at most ``max``, from the latest score in the window."""
     lookback = rule.get("lookback_days", ctx.trial.performance_status_lookback_days)
-    entries, _ = _latest_observations(ctx, "ecog")
+    entries = _usable_observations(ctx, "ecog")
     window_text = f"the {lookback} days before {ctx.as_of}"
     if not entries:
         return Outcome(
@@ -561,7 +561,7 @@ def performance_status(rule: dict[str, Any], ctx: Context) -> Outcome:
             f"No ECOG performance status on record; a score from {window_text} would decide it.",
         )
     latest = entries[0]
-    assert latest.when is not None  # noqa: S101 - filtered by _latest_observations
+    assert latest.when is not None  # noqa: S101 - filtered by _usable_observations
     if latest.when.end < ctx.window_start(lookback):
         return Outcome(
             Result.UNKNOWN,
@@ -751,7 +751,7 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
                 break
     poorly = ctx.readable(ctx.entries(("Condition",), ["poorly-differentiated-net"]))[0]
     ki67: tuple[int, Measurement] | None = None
-    ki_entries, _ = _latest_observations(ctx, "ki67")
+    ki_entries = _usable_observations(ctx, "ki67")
     if ki_entries and not ctx.record.invalid_reason(ki_entries[0]):
         m = measure(ctx.trials.analytes["ki67"], ki_entries[0])
         if isinstance(m, Measurement) and m.comparator is None:
@@ -953,7 +953,3 @@ def related_on_record(ctx: Context, valueset_ids: Sequence[str]) -> list[Entry]:
     return [
         e for e in found if e.type != "Condition" or _condition_state(e, ctx.as_of) != "inactive"
     ]
-
-
-def describe_range(value: DateRange | None) -> str:
-    return str(value) if value else "undated"
