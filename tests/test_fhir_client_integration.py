@@ -72,19 +72,35 @@ def paging_patient(fhir_server: FhirTestServer, tmp_path_factory: pytest.TempPat
     pid = f"{fhir_server.id_prefix}paging-1"
     patient_urn = "urn:uuid:7a0c2b1e-52a4-4f3f-9d61-2f6c3f0a0001"
     entries: list[dict[str, Any]] = [
-        {"fullUrl": patient_urn, "resource": {"resourceType": "Patient", "id": pid,
-                                              "gender": "female", "birthDate": "1961-04-02"}},
+        {
+            "fullUrl": patient_urn,
+            "resource": {
+                "resourceType": "Patient",
+                "id": pid,
+                "gender": "female",
+                "birthDate": "1961-04-02",
+            },
+        },
     ]
     for n in range(25):
         oid = f"{pid}-cga-{n:02d}"
-        entries.append({"fullUrl": f"urn:uuid:00000000-0000-4000-8000-{n:012d}",
-                        "resource": observation(oid, patient_urn, CHROMOGRANIN_A, 100 + n)})
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:00000000-0000-4000-8000-{n:012d}",
+                "resource": observation(oid, patient_urn, CHROMOGRANIN_A, 100 + n),
+            }
+        )
     entries += [
         {"resource": observation(f"{pid}-hgb", patient_urn, HEMOGLOBIN, 12.5)},
         {"resource": observation(f"{pid}-height", patient_urn, NOT_READ, 170)},
-        {"resource": {"resourceType": "Condition", "id": f"{pid}-net",
-                      "subject": {"reference": patient_urn},
-                      "code": {"text": "Neuroendocrine tumour of pancreas"}}},
+        {
+            "resource": {
+                "resourceType": "Condition",
+                "id": f"{pid}-net",
+                "subject": {"reference": patient_urn},
+                "code": {"text": "Neuroendocrine tumour of pancreas"},
+            }
+        },
     ]
     path = write_bundle(tmp_path_factory.mktemp("paging"), "paging.json", entries, "collection")
     with fhir_server.client() as c:
@@ -136,7 +152,9 @@ def test_chunked_code_queries_give_the_same_resources_once(
     small = build_patient_queries(TRIALS, max_url_length=220, base_url_allowance=100)
     assert sum(q.resource_type == "Observation" for q in small) == 3
     chunked = fetch_patient_resources(client, paging_patient, TRIALS, queries=small)
-    assert sorted(r["id"] for r in chunked.resources) == sorted(r["id"] for r in one_chunk.resources)
+    assert sorted(r["id"] for r in chunked.resources) == sorted(
+        r["id"] for r in one_chunk.resources
+    )
 
 
 def test_sequential_and_concurrent_fetches_agree(client: FhirClient, paging_patient: str) -> None:
@@ -159,10 +177,14 @@ def test_loading_twice_changes_nothing(
 ) -> None:
     pid = f"{fhir_server.id_prefix}idem-1"
     entries = [
-        {"resource": {"resourceType": "Patient", "id": pid, "gender": "male"},
-         "request": {"method": "PUT", "url": f"Patient/{pid}"}},
-        {"resource": observation(f"{pid}-cr", f"Patient/{pid}", CREATININE, 0.9),
-         "request": {"method": "POST", "url": "Observation"}},
+        {
+            "resource": {"resourceType": "Patient", "id": pid, "gender": "male"},
+            "request": {"method": "PUT", "url": f"Patient/{pid}"},
+        },
+        {
+            "resource": observation(f"{pid}-cr", f"Patient/{pid}", CREATININE, 0.9),
+            "request": {"method": "POST", "url": "Observation"},
+        },
     ]
     write_bundle(tmp_path, "idem.json", entries, "transaction")
 
@@ -178,14 +200,15 @@ def test_loading_twice_changes_nothing(
     assert second.total("created") == second.total("updated") == 0
     for ref, version in versions.items():
         assert client.read(*ref.split("/"))["meta"]["versionId"] == version
-    tagged = client.search(
-        "Observation", [("patient", pid), ("_tag", "|".join(fhir_server.tag))]
-    )
+    tagged = client.search("Observation", [("patient", pid), ("_tag", "|".join(fhir_server.tag))])
     assert [r["id"] for r in tagged.resources] == [f"{pid}-cr"]  # no duplicate from the POST
 
 
 def test_a_rejected_transaction_names_the_file_and_entry_and_rolls_back(
-    client: FhirClient, fhir_server: FhirTestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    client: FhirClient,
+    fhir_server: FhirTestServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     pid = f"{fhir_server.id_prefix}rejected-1"
     entries = [
@@ -204,8 +227,17 @@ def test_a_rejected_transaction_names_the_file_and_entry_and_rolls_back(
     with pytest.raises(FhirNotFound):  # the transaction was rolled back as a whole
         client.read("Patient", pid)
 
-    status = cli.main(["fixtures", "load", "--fhir-base", fhir_server.base_url, str(tmp_path),
-                       "--tag", "|".join(fhir_server.tag)])
+    status = cli.main(
+        [
+            "fixtures",
+            "load",
+            "--fhir-base",
+            fhir_server.base_url,
+            str(tmp_path),
+            "--tag",
+            "|".join(fhir_server.tag),
+        ]
+    )
     assert status == 1
     assert f"cds: error: {path}: entry 1" in capsys.readouterr().err
 
@@ -220,8 +252,15 @@ def test_cli_load_reports_counts_per_type(
         {"resource": observation(f"{pid}-b", f"Patient/{pid}", HEMOGLOBIN, 14)},
     ]
     write_bundle(tmp_path, "cli.json", entries, "collection")
-    argv = ["fixtures", "load", "--fhir-base", fhir_server.base_url + "/", str(tmp_path),
-            "--tag", "|".join(fhir_server.tag)]
+    argv = [
+        "fixtures",
+        "load",
+        "--fhir-base",
+        fhir_server.base_url + "/",
+        str(tmp_path),
+        "--tag",
+        "|".join(fhir_server.tag),
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "Observation 2, Patient 1" in out
@@ -230,7 +269,9 @@ def test_cli_load_reports_counts_per_type(
     assert "3 unchanged" in capsys.readouterr().out
 
 
-def test_the_session_fixtures_are_loaded(loaded_fhir_base_url: str, fhir_server: FhirTestServer) -> None:
+def test_the_session_fixtures_are_loaded(
+    loaded_fhir_base_url: str, fhir_server: FhirTestServer
+) -> None:
     with fhir_server.client() as c:
         tagged = c.search("Patient", [("_tag", "|".join(fhir_server.tag)), ("_count", "1")])
     from cds.fhir.loader import FIXTURES_DIR, bundle_files
@@ -238,3 +279,56 @@ def test_the_session_fixtures_are_loaded(loaded_fhir_base_url: str, fhir_server:
     if FIXTURES_DIR.is_dir() and bundle_files(FIXTURES_DIR):
         assert tagged.resources, "fixtures were loaded but no tagged Patient is found"
     assert loaded_fhir_base_url == fhir_server.base_url
+
+
+def _fixture_expectations(tag: tuple[str, str]) -> dict[str, set[str]]:
+    """Per fixture patient: the Type/id of every fixture resource the derived queries must find."""
+    from cds.criteria import load_trials
+    from cds.fhir.loader import FIXTURES_DIR, bundle_files, prepare_entries
+
+    codes = load_trials().codes_for("Observation")
+    covered = {
+        "Condition",
+        "Procedure",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+    }
+    expected: dict[str, set[str]] = {}
+    resources = []
+    for path in bundle_files(FIXTURES_DIR):
+        resources += [
+            e.resource
+            for e in prepare_entries(json.loads(path.read_text()), file=str(path), tag=tag)
+        ]
+    for resource in resources:
+        if resource["resourceType"] == "Patient":
+            expected.setdefault(resource["id"], set()).add(f"Patient/{resource['id']}")
+    for resource in resources:
+        rtype = resource["resourceType"]
+        ref = (resource.get("subject") or resource.get("patient") or {}).get("reference", "")
+        if not ref.startswith("Patient/") or ref[8:] not in expected:
+            continue
+        codings = {
+            (c.get("system"), c.get("code"))
+            for c in (resource.get("code") or {}).get("coding") or []
+        }
+        if rtype in covered or (rtype == "Observation" and codings & codes):
+            expected[ref[8:]].add(f"{rtype}/{resource['id']}")
+    return expected
+
+
+def test_every_fixture_patient_fetched_from_the_server_has_all_its_fixture_resources(
+    loaded_fhir_base_url: str, fhir_server: FhirTestServer
+) -> None:
+    """Loader + trial-derived queries: what a patient's fixture bundle holds comes back."""
+    from cds.criteria import load_trials
+
+    trials = load_trials()
+    expected = _fixture_expectations(fhir_server.tag)
+    assert expected, "no fixture patients"
+    with fhir_server.client() as c:
+        for patient_id, refs in sorted(expected.items()):
+            result = fetch_patient_resources(c, patient_id, trials, tag=fhir_server.tag)
+            fetched = {f"{r['resourceType']}/{r['id']}" for r in result.resources}
+            assert fetched == refs, patient_id

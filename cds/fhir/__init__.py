@@ -1,1 +1,1 @@
-"""FHIR R4 access: bundles, REST client, SMART auth, fixtures loader and the trial-derived queries."""
+"""FHIR R4 access: bundles, REST client, SMART auth, the trial-derived queries, fixture loader."""

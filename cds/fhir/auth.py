@@ -184,11 +184,13 @@ class SmartBackendAuth:
         except ValueError:
             body = None
         if status == 429 or status >= 500:
-            raise FhirTemporaryError(f"token endpoint {url} answered HTTP {status}", url=url,
-                                     status=status)
+            raise FhirTemporaryError(
+                f"token endpoint {url} answered HTTP {status}", url=url, status=status
+            )
         if not isinstance(body, dict):
-            raise FhirAuthError(f"token endpoint {url} answered HTTP {status} without JSON",
-                                url=url, status=status)
+            raise FhirAuthError(
+                f"token endpoint {url} answered HTTP {status} without JSON", url=url, status=status
+            )
         if status != 200:
             # RFC 6749 section 5.2 error response: error + error_description.
             reason = body.get("error_description") or body.get("error") or "no reason given"
@@ -199,13 +201,17 @@ class SmartBackendAuth:
             )
         token = body.get("access_token")
         if not isinstance(token, str) or not token:
-            raise FhirAuthError(f"token endpoint {url} answered without an access_token", url=url,
-                                status=status)
+            raise FhirAuthError(
+                f"token endpoint {url} answered without an access_token", url=url, status=status
+            )
         expires_in = body.get("expires_in")
         # SMART requires expires_in; if a server leaves it out, assume a short life and renew often.
         lifetime = float(expires_in) if isinstance(expires_in, int | float) else 300.0
-        log.info("obtained a SMART backend access token for client %s (expires in %.0f s)",
-                 self._client_id, lifetime)
+        log.info(
+            "obtained a SMART backend access token for client %s (expires in %.0f s)",
+            self._client_id,
+            lifetime,
+        )
         return token, lifetime
 
 

@@ -294,8 +294,7 @@ class FhirClient:
         entries = bundle.get("entry") or []
         safe_methods = {"PUT", "GET", "HEAD", "DELETE"}
         idempotent = all(
-            str((e.get("request") or {}).get("method", "")).upper() in safe_methods
-            for e in entries
+            str((e.get("request") or {}).get("method", "")).upper() in safe_methods for e in entries
         )
         response = self._request("POST", self._base, body=bundle, idempotent=idempotent)
         return self._expect("Bundle", response)
@@ -348,11 +347,12 @@ class FhirClient:
                     outcomes.append(resource)
                     message = outcome_message(resource) or "(no message)"
                     warnings.append(f"{resource_type} search: server said: {message}")
-                    log.warning("search %s: server returned an OperationOutcome: %s",
-                                resource_type, message)
+                    log.warning(
+                        "search %s: server returned an OperationOutcome: %s", resource_type, message
+                    )
                     continue
                 resources.append(resource)
-            next_url = _next_link(bundle, next_url)
+            next_url = _next_link(bundle, self._base)
         log.debug("search %s: %d resources in %d pages", resource_type, len(resources), pages)
         return SearchResult(resources=resources, outcomes=outcomes, warnings=warnings, pages=pages)
 
@@ -389,8 +389,11 @@ class FhirClient:
                     raise
                 self._wait(method, url, attempt, exc.status, None, str(exc))
                 continue
-            except (requests.ConnectionError, requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError) as exc:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as exc:
                 if isinstance(exc, requests.exceptions.SSLError):
                     raise FhirFatalError(
                         f"{method} {url}: TLS failed ({_short(exc)})", url=url
@@ -407,15 +410,17 @@ class FhirClient:
                 continue
             except requests.RequestException as exc:
                 # Anything else requests can raise (bad gzip, invalid URL...): not retryable.
-                raise FhirBadResponse(f"{method} {url}: {type(exc).__name__}: {_short(exc)}",
-                                      url=url) from exc
+                raise FhirBadResponse(
+                    f"{method} {url}: {type(exc).__name__}: {_short(exc)}", url=url
+                ) from exc
 
             status = response.status_code
             if status in _REDIRECTS and method == "GET" and "Location" in response.headers:
                 redirects += 1
                 if redirects > _MAX_REDIRECTS:
-                    raise FhirBadResponse(f"{method} {url}: too many redirects", url=url,
-                                          status=status)
+                    raise FhirBadResponse(
+                        f"{method} {url}: too many redirects", url=url, status=status
+                    )
                 url = urljoin(url, response.headers["Location"])
                 attempt -= 1  # a redirect is not a failed attempt
                 continue
@@ -431,7 +436,9 @@ class FhirClient:
                     self._wait(method, url, attempt, status, delay, f"HTTP {status}")
                     continue
                 raise FhirTemporaryError(
-                    f"{message} (after {attempt} attempt(s))", url=url, status=status,
+                    f"{message} (after {attempt} attempt(s))",
+                    url=url,
+                    status=status,
                     outcome=outcome,
                 )
             if status == 401 and self._auth is not None and not refreshed_auth:
@@ -458,8 +465,13 @@ class FhirClient:
                 timeout=(self._timeouts.connect, self._timeouts.read),
                 allow_redirects=False,  # redirects are followed above, inside the trusted base
             )
-        log.debug("%s %s -> %d in %.1f ms", method, _loggable(url), response.status_code,
-                  (time.perf_counter() - started) * 1000)
+        log.debug(
+            "%s %s -> %d in %.1f ms",
+            method,
+            _loggable(url),
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
         return response
 
     def _wait(
@@ -476,16 +488,24 @@ class FhirClient:
             delay = min(retry_after, retry.retry_after_cap)
         else:
             delay = retry.backoff(attempt, self._rng)
-        log.warning("%s %s: %s; retry %d/%d in %.2f s", method, _loggable(url), reason,
-                    attempt, retry.attempts - 1, delay)
+        log.warning(
+            "%s %s: %s; retry %d/%d in %.2f s",
+            method,
+            _loggable(url),
+            reason,
+            attempt,
+            retry.attempts - 1,
+            delay,
+        )
         self._sleep(delay)
 
 
-def _next_link(bundle: Mapping[str, Any], current: str) -> str | None:
+def _next_link(bundle: Mapping[str, Any], base: str) -> str | None:
     for link in bundle.get("link") or []:
         if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
-            # Absolute links are used as given; a relative one is resolved against the page URL.
-            return urljoin(current, str(link["url"]))
+            # Absolute links are used as given. A relative one is taken as relative to the
+            # server base, as FHIR R4 relative URLs are (2.36.4.1 / 3.1.0.1.1 "Service Base URL").
+            return urljoin(base + "/", str(link["url"]))
     return None
 
 

@@ -214,8 +214,7 @@ def load_bundle_file(
     if skip_unchanged and entries:
         existing = _existing_versions(client, entries)
         to_send = [
-            e for e in entries
-            if _comparable(existing.get(e.reference)) != _comparable(e.resource)
+            e for e in entries if _comparable(existing.get(e.reference)) != _comparable(e.resource)
         ]
         report.unchanged = len(entries) - len(to_send)
     if not to_send:
@@ -241,8 +240,13 @@ def load_bundle_file(
                 file=file,
                 entry_index=sent.source_index if sent else None,
             )
-    log.info("%s: %d created, %d updated, %d unchanged", file, report.created, report.updated,
-             report.unchanged)
+    log.info(
+        "%s: %d created, %d updated, %d unchanged",
+        file,
+        report.created,
+        report.updated,
+        report.unchanged,
+    )
     return report
 
 
@@ -293,8 +297,11 @@ def register(
         metavar="SYSTEM|CODE",
         help=f"meta.tag stamped on every resource (default {DEFAULT_TAG[0]}|{DEFAULT_TAG[1]})",
     )
-    load.add_argument("--always-send", action="store_true",
-                      help="PUT every resource even when the server already has it unchanged")
+    load.add_argument(
+        "--always-send",
+        action="store_true",
+        help="PUT every resource even when the server already has it unchanged",
+    )
     load.set_defaults(func=_load_command)
 
     fetch = fixtures_subparsers.add_parser(
@@ -310,10 +317,19 @@ def register(
 
 
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fhir-base", required=True, metavar="URL",
-                        help="FHIR base URL (https, or http to loopback)")
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="read timeout per request (default 60)")
+    parser.add_argument(
+        "--fhir-base",
+        required=True,
+        metavar="URL",
+        help="FHIR base URL (https, or http to loopback)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="read timeout per request (default 60)",
+    )
 
 
 def _cli_client(args: argparse.Namespace) -> FhirClient:
@@ -334,12 +350,15 @@ def _load_command(args: argparse.Namespace) -> int:
     if not files:
         raise InputError("no *.json bundles here", source=str(args.directory))
     with _cli_client(args) as client:
-        report = load_fixtures(client, args.directory, tag=args.tag,
-                               skip_unchanged=not args.always_send, files=files)
+        report = load_fixtures(
+            client, args.directory, tag=args.tag, skip_unchanged=not args.always_send, files=files
+        )
     for item in report.files:
         per_type = ", ".join(f"{t} {n}" for t, n in sorted(item.counts.items()))
-        sys.stdout.write(f"{item.file}: {per_type} ({item.created} created, {item.updated} "
-                         f"updated, {item.unchanged} unchanged)\n")
+        sys.stdout.write(
+            f"{item.file}: {per_type} ({item.created} created, {item.updated} "
+            f"updated, {item.unchanged} unchanged)\n"
+        )
     sys.stdout.write(f"loaded into {client.base_url}: {report.summary()}\n")
     return 0
 
@@ -371,8 +390,12 @@ def _fetch_command(args: argparse.Namespace) -> int:
         args.output.write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
-    log.info("fetched %d resources with %d queries in %.0f ms", len(result.resources),
-             len(result.queries), result.seconds * 1000)
+    log.info(
+        "fetched %d resources with %d queries in %.0f ms",
+        len(result.resources),
+        len(result.queries),
+        result.seconds * 1000,
+    )
     return 0
 
 
@@ -397,8 +420,9 @@ def _rewrite_references(node: Any, full_urls: Mapping[str, str], where: str) -> 
                 if value in full_urls:
                     node[key] = full_urls[value]
                 elif value.startswith("urn:uuid:"):
-                    raise InputError(f"reference {value} matches no fullUrl in the bundle",
-                                     source=where)
+                    raise InputError(
+                        f"reference {value} matches no fullUrl in the bundle", source=where
+                    )
             else:
                 _rewrite_references(value, full_urls, where)
     elif isinstance(node, list):
@@ -427,9 +451,7 @@ def _comparable(resource: Mapping[str, Any] | None) -> Any:
     return json.dumps(copied, sort_keys=True)
 
 
-def _existing_versions(
-    client: FhirClient, entries: Sequence[PreparedEntry]
-) -> dict[str, JSONDict]:
+def _existing_versions(client: FhirClient, entries: Sequence[PreparedEntry]) -> dict[str, JSONDict]:
     """What the server holds now for these ids (``Type?_id=a,b,...``), by ``Type/id``."""
     by_type: dict[str, list[str]] = {}
     for entry in entries:
@@ -483,7 +505,8 @@ def _locate_entry(
                 return sent[int(match.group(1))].source_index
     for pattern in ("{ref}", "'{id}'", "'{type}'", '"{id}"'):
         named = [
-            e for e in sent
+            e
+            for e in sent
             if pattern.format(ref=e.reference, id=e.resource_id, type=e.resource_type) in message
         ]
         if len({e.resource_type if "{type}" in pattern else e.reference for e in named}) == 1:

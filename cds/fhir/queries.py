@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -74,6 +76,8 @@ class QueryTiming:
     seconds: float
     pages: int
     resources: int
+    #: when it started, in seconds after the fetch started (queued queries start late)
+    started: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,10 @@ def build_patient_queries(
             current, used = [], 0
             cost = _encoded_len(token)
         if cost > budget:
-            raise InputError(f"code {code!r} of {system!r} alone is longer than a URL may be",
-                             source="trial definitions")
+            raise InputError(
+                f"code {code!r} of {system!r} alone is longer than a URL may be",
+                source="trial definitions",
+            )
         current.append(token)
         used += cost
     if current:
@@ -194,6 +200,7 @@ def fetch_patient_resources(
     def run(query: PatientQuery) -> tuple[QueryTiming, list[JSONDict], list[str]]:
         url = query.for_patient(patient_id)
         started = time.perf_counter()
+        offset = started - fetch_started
         if query.is_read:
             resources = [client.read(query.resource_type, patient_id)]
             pages, warnings = 1, []
@@ -202,26 +209,28 @@ def fetch_patient_resources(
             result = client.search(resource_type, params)
             resources, pages, warnings = result.resources, result.pages, result.warnings
         seconds = time.perf_counter() - started
-        timing = QueryTiming(query.key, url, seconds, pages, len(resources))
+        timing = QueryTiming(query.key, url, seconds, pages, len(resources), offset)
         return timing, resources, [f"{query.key}: {w}" for w in warnings]
 
-    started = time.perf_counter()
+    fetch_started = time.perf_counter()
     workers = min(concurrency, len(plan))
     if workers <= 1:
         outputs = [run(q) for q in plan]
     else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fhir-fetch") as pool:
-            futures: list[Future[tuple[QueryTiming, list[JSONDict], list[str]]]] = [
-                pool.submit(run, q) for q in plan
-            ]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in futures:
-                if future in done and future.exception() is not None:
-                    for other in pending:
-                        other.cancel()  # queued queries never start; running ones finish
-                    future.result()  # raises the first failure, with its FhirError type
-            outputs = [f.result() for f in futures]
-    seconds = time.perf_counter() - started
+        # The threads are kept between fetches: starting one costs ~1 ms here (Thread.start()
+        # waits for it to run, and it then holds the GIL while it prepares its request), which
+        # staggered the queries of every fetch. The slowest kinds are submitted first.
+        pool = _shared_pool(workers)
+        futures: dict[PatientQuery, Future[tuple[QueryTiming, list[JSONDict], list[str]]]]
+        futures = {q: pool.submit(run, q) for q in sorted(plan, key=_expected_cost)}
+        done, pending = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        for future in futures.values():
+            if future in done and future.exception() is not None:
+                for other in pending:
+                    other.cancel()  # queued ones never start; running ones finish unread
+                future.result()  # raises the first failure, with its FhirError type
+        outputs = [futures[q].result() for q in plan]
+    seconds = time.perf_counter() - fetch_started
 
     resources: list[JSONDict] = []
     warnings: list[str] = []
@@ -238,8 +247,12 @@ def fetch_patient_resources(
             resources.append(resource)
         if timing.key == "patient" and found and found[0].get("id") != patient_id:
             raise FhirBadResponse(f"asked for Patient/{patient_id}, got another Patient")
-    log.debug("fetched %d resources for one patient with %d queries in %.1f ms",
-              len(resources), len(plan), seconds * 1000)
+    log.debug(
+        "fetched %d resources for one patient with %d queries in %.1f ms",
+        len(resources),
+        len(plan),
+        seconds * 1000,
+    )
     return FetchResult(
         patient_id=patient_id,
         resources=resources,
@@ -248,6 +261,32 @@ def fetch_patient_resources(
         seconds=seconds,
         concurrency=max(workers, 1),
     )
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _shared_pool(workers: int) -> ThreadPoolExecutor:
+    """One pool per size per process. Fetches that run at the same time share its threads, so
+    a process never has more than ``workers`` queries of that size in flight; keyed by pid
+    because threads do not survive a fork (gunicorn workers)."""
+    key = (os.getpid(), workers)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix=f"fhir-fetch-{workers}"
+            )
+        return pool
+
+
+def _expected_cost(query: PatientQuery) -> int:
+    """Rank for starting order: code-filtered Observation searches are the slowest (~55 ms on
+    a server with 47,000 resources, against 1-3 ms for plain patient-scoped searches)."""
+    order = ("Observation", "Condition", "Procedure", "MedicationRequest")
+    rank = order.index(query.resource_type) if query.resource_type in order else len(order)
+    return -len(query.template) if rank == 0 else rank * 10_000
 
 
 def _encoded_len(text: str) -> int:

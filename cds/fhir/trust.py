@@ -88,8 +88,7 @@ def check_within_base(url: str, base: str) -> None:
     if parts.username is not None or parts.password is not None:
         raise UntrustedFhirServer("refusing a URL with credentials in it", url=base)
     same_origin = (
-        parts.scheme.lower() == base_parts.scheme
-        and parts.netloc.lower() == base_parts.netloc
+        parts.scheme.lower() == base_parts.scheme and parts.netloc.lower() == base_parts.netloc
     )
     path = parts.path.rstrip("/")
     if not same_origin or not (path == base_parts.path or path.startswith(base_parts.path + "/")):

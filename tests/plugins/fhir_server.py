@@ -1,8 +1,8 @@
-"""pytest plugin: a real FHIR R4 server for integration tests (local sekmet-fhir, or FHIR_BASE_URL)."""
+"""pytest plugin: a real FHIR R4 server for integration tests (sekmet-fhir, or FHIR_BASE_URL)."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import signal
@@ -20,12 +20,19 @@ from pathlib import Path
 import pytest
 
 from cds.fhir.client import FhirClient, Timeouts
-from cds.fhir.loader import DEFAULT_TAG, DEFAULT_TAG_SYSTEM, FIXTURES_DIR, bundle_files, load_fixtures
+from cds.fhir.loader import (
+    DEFAULT_TAG,
+    DEFAULT_TAG_SYSTEM,
+    FIXTURES_DIR,
+    bundle_files,
+    load_fixtures,
+)
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-fhir-server"
+SERVE_SCRIPT = REPO_ROOT / "scripts" / "serve-fhir-server"
 SERVER_VENV = Path(os.environ.get("FHIR_SERVER_VENV", REPO_ROOT / ".fhir-server-venv"))
 #: uvicorn workers: sekmet answers one request at a time per worker (see the reference notes)
 WORKERS = 2
@@ -68,7 +75,7 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _ensure_installed() -> Path:
+def _ensure_installed() -> None:
     uvicorn = SERVER_VENV / "bin" / "uvicorn"
     result = subprocess.run(  # idempotent: returns at once when the pinned version is there
         [str(INSTALL_SCRIPT), str(SERVER_VENV)], capture_output=True, text=True, check=False
@@ -79,7 +86,6 @@ def _ensure_installed() -> Path:
             f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}",
             pytrace=False,
         )
-    return uvicorn
 
 
 def _wait_until_up(process: subprocess.Popen[bytes], metadata_url: str, log_path: Path) -> None:
@@ -120,10 +126,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:
         pass
     # Workers left behind by a parent that died first are in the same group.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="session")
@@ -140,33 +144,17 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirTestSe
         )
         return
 
-    uvicorn = _ensure_installed()
+    _ensure_installed()
     root = tmp_path_factory.mktemp("fhir-server")
-    data_dir = root / "data"
-    data_dir.mkdir()
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}/fhir"
-    config = {
-        "base_url": base_url,
-        "host": "127.0.0.1",  # the default is 0.0.0.0
-        "port": port,
-        "data_dir": str(data_dir),
-        # Keys sekmet generates go here, not into the working directory.
-        "own_private_key_path": str(root / "keys" / "sekmet_private.pem"),
-        # Off: it would invent MedicationDispense, ClaimResponse... seconds after our writes.
-        "simulator": {"enabled": False},
-        "validation": {"inbound": "warn"},
-        "log_inbound": False,
-    }
-    config_path = root / "sekmet.yaml"
-    config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     log_path = root / "server.log"
-    env = {**os.environ, "SEKMET_CONFIG": str(config_path)}
+    env = {**os.environ, "FHIR_SERVER_VENV": str(SERVER_VENV)}
     with open(log_path, "wb") as log_file:
+        # The script holds the server configuration (shared with scripts/demo and the bench)
+        # and execs uvicorn, so this process is uvicorn, leader of its own process group.
         process = subprocess.Popen(
-            [str(uvicorn), "sekmet.main:app_factory", "--factory", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", str(WORKERS)],
-            cwd=root,
+            [str(SERVE_SCRIPT), str(port), str(root / "state"), str(WORKERS)],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -188,7 +176,7 @@ def fhir_base_url(fhir_server: FhirTestServer) -> str:
 
 @pytest.fixture(scope="session")
 def loaded_fhir_base_url(fhir_server: FhirTestServer) -> str:
-    """Base URL of the server with fhir_fixtures/ loaded once per session (under fhir_server.tag)."""
+    """Base URL of the server with fhir_fixtures/ loaded once per session, under fhir_server.tag."""
     files = bundle_files(FIXTURES_DIR) if FIXTURES_DIR.is_dir() else []
     if not files:
         print(f"note: no fixture bundles in {FIXTURES_DIR}; nothing loaded", file=sys.stderr)
