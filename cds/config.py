@@ -118,7 +118,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}", source=str(p)) from exc
+        kind = p.suffix.lstrip(".") or "JSON"
+        raise InputError(f"not valid {kind}: {exc}", source=str(p)) from exc
     if not isinstance(data, dict):
         raise InputError("must hold an object of settings", source=str(p))
     return data
@@ -265,7 +266,8 @@ def _issuers(value: Any, source: str) -> dict[str, IssuerConfig]:
         if unknown:
             raise InputError(f"unknown keys {sorted(unknown)}", source=where)
         jwks = spec.get("jwks")
-        if jwks is not None and not (isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)):
+        is_jwks = isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)
+        if jwks is not None and not is_jwks:
             raise InputError("jwks must be a JWKS object with a 'keys' array", source=where)
         tenants = spec.get("tenants")
         issuers[iss] = IssuerConfig(

@@ -150,6 +150,10 @@ class TrialSet:
                 found.update(_valuesets_by_type(criterion, self.analytes).get(resource_type, ()))
         return frozenset(found)
 
+    def resource_types_read(self, criterion: Criterion) -> frozenset[str]:
+        """The FHIR resource types ``criterion``'s rule reads (besides the Patient)."""
+        return frozenset(_valuesets_by_type(criterion, self.analytes))
+
     def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
         """The explicit (system, code) pairs the criteria read from ``resource_type``.
 

@@ -224,6 +224,8 @@ class PatientRecord:
     _index: dict[CodingKey, list[Entry]] = field(default_factory=lambda: defaultdict(list))
     _validity: dict[str, str | None] = field(default_factory=dict)
     _match_cache: dict[tuple[tuple[str, ...], str], list[Entry]] = field(default_factory=dict)
+    #: the rules' as-of-filtered, newest-first selections (see rules.Context.entries)
+    selection_cache: dict[Any, list[Entry]] = field(default_factory=dict)
 
     @property
     def patient_id(self) -> str:

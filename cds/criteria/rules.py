@@ -60,8 +60,14 @@ class Context:
 
         Data dated after the as-of date is ignored so that an evaluation "as of" a past date
         sees what was known then; undated records are kept (their absence of a date is noted
-        where it matters).
+        where it matters). The selection is cached on the record: both trials ask for the same
+        analytes, and a large record would otherwise be sorted once per criterion.
         """
+        valueset_ids = tuple(valueset_ids)
+        cache_key = (tuple(types), valueset_ids, self.as_of)
+        cached = self.record.selection_cache.get(cache_key)
+        if cached is not None:
+            return cached
         seen: dict[str, Entry] = {}
         for vs_id in valueset_ids:
             valueset = self.trials.valueset(vs_id)
@@ -73,7 +79,9 @@ class Context:
                             (d for k in entry.keys if (d := valueset.displays.get(k))), None
                         )
                     seen[entry.ref] = entry
-        return sorted(seen.values(), key=_sort_key, reverse=True)
+        selected = sorted(seen.values(), key=_sort_key, reverse=True)
+        self.record.selection_cache[cache_key] = selected
+        return selected
 
     def readable(self, entries: Iterable[Entry]) -> tuple[list[Entry], list[Entry]]:
         """Split entries into (valid, malformed); malformed ones never count."""

@@ -95,6 +95,13 @@ class KeySource:
         }
 
 
+def _constant(document: Mapping[str, Any]) -> Callable[[], Mapping[str, Any]]:
+    def load() -> Mapping[str, Any]:
+        return document
+
+    return load
+
+
 def _file_loader(path: str) -> Callable[[], Mapping[str, Any]]:
     def load() -> Mapping[str, Any]:
         try:
@@ -133,8 +140,7 @@ class Authenticator:
         interval = settings.jwks_refetch_interval_s
         for iss, issuer in settings.trusted_issuers.items():
             if issuer.jwks is not None:
-                inline = dict(issuer.jwks)
-                self._static[iss] = KeySource("inline", lambda inline=inline: inline, interval)
+                self._static[iss] = KeySource("inline", _constant(dict(issuer.jwks)), interval)
             elif issuer.jwks_file is not None:
                 self._static[iss] = KeySource(
                     issuer.jwks_file, _file_loader(issuer.jwks_file), interval
@@ -168,9 +174,9 @@ class Authenticator:
         if not isinstance(kid, str) or not kid:
             raise ClientAuthError("JWT has no kid")
         iss = unverified.get("iss")
-        issuer = self._settings.trusted_issuers.get(iss) if isinstance(iss, str) else None
-        if issuer is None:
-            raise ClientAuthError(f"issuer {iss!r} is not trusted")
+        if not isinstance(iss, str) or iss not in self._settings.trusted_issuers:
+            raise ClientAuthError(f"issuer {str(iss)[:100]!r} is not trusted")
+        issuer = self._settings.trusted_issuers[iss]
         jwk = self._find_key(issuer, header, kid)
         if jwk is None:
             raise ClientAuthError(f"no key {kid!r} for issuer {iss!r}")

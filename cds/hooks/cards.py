@@ -139,10 +139,12 @@ def _screening_summary(evaluation: TrialEvaluation, trial: TrialInfo) -> str:
 
 
 def _evidence(criterion: CriterionResult) -> str:
-    refs = list(criterion.evidence[:_MAX_EVIDENCE])
+    """The evidence references the explanation does not already name."""
+    unnamed = [r for r in criterion.evidence if r not in criterion.explanation]
+    refs = unnamed[:_MAX_EVIDENCE]
     if not refs:
         return ""
-    more = len(criterion.evidence) - len(refs)
+    more = len(unnamed) - len(refs)
     shown = ", ".join(md(r) for r in refs)
     return f" ({shown}{f' and {more} more' if more > 0 else ''})"
 
@@ -224,7 +226,11 @@ def _source(trial: TrialInfo) -> dict[str, Any]:
 
 
 def _registry_link(trial: TrialInfo) -> dict[str, Any]:
-    return {"label": f"{trial.id} on ClinicalTrials.gov", "url": trial.registry_url, "type": "absolute"}
+    return {
+        "label": f"{trial.id} on ClinicalTrials.gov",
+        "url": trial.registry_url,
+        "type": "absolute",
+    }
 
 
 def screening_card(

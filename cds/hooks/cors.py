@@ -1,4 +1,4 @@
-"""CORS with an origin allowlist: browser CDS clients (the CDS Hooks sandbox) preflight every call."""
+"""CORS with an origin allowlist: browser CDS clients (the sandbox) preflight every call."""
 
 from __future__ import annotations
 

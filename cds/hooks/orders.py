@@ -9,7 +9,14 @@ from typing import Any, Protocol
 from cds.criteria.model import CriterionResult, Result, TrialEvaluation, TrialStatus
 from cds.criteria.record import codings_of, concept_display
 
-__all__ = ["AtRisk", "DraftOrder", "TrialDefinitions", "draft_orders", "orders_at_risk", "trials_at_stake"]
+__all__ = [
+    "AtRisk",
+    "DraftOrder",
+    "TrialDefinitions",
+    "draft_orders",
+    "orders_at_risk",
+    "trials_at_stake",
+]
 
 # Where each draft request type keeps the code of what is ordered (FHIR R4).
 _CODE_FIELDS = {

@@ -1,4 +1,4 @@
-"""Prefetch as CDS Hooks 2.0 says: absent keys fetched, null/empty kept, errors and pages handled."""
+"""Prefetch as CDS Hooks 2.0 says: absent keys fetched, null kept, OO and next links handled."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from cds.config import Settings
 from cds.errors import (
+    FhirAuthError,
     FhirBadResponse,
     FhirError,
     FhirNotFound,
@@ -228,8 +229,8 @@ def _run(
                 result.incomplete.append(key)
                 result.warnings.append(f"{key}: not fetched within the time budget")
                 continue
-            exc = future.exception()
-            if exc is None:
+            error = future.exception()
+            if error is None:
                 found, calls, seconds = future.result()
                 result.resources.extend(found)
                 result.fetched.append(key)
@@ -237,17 +238,21 @@ def _run(
                 result.slowest_query_s = max(result.slowest_query_s, seconds)
                 continue
             result.fhir_calls += 1
-            if isinstance(exc, FhirNotFound) and plan.query.is_read:
-                # The patient is not on that server: data that cannot be obtained.
-                failures.append(key)
-            elif isinstance(exc, FhirError) and plan.optional:
-                result.incomplete.append(key)
-            elif isinstance(exc, FhirError):
+            if not isinstance(error, FhirError):
+                raise error
+            # Required data: the Patient itself, or anything when our credentials are refused
+            # (every other query would fail alike). A search the server cannot answer leaves
+            # only the criteria it feeds unknown, so one unsupported query type (an EHR
+            # without MedicationAdministration, say) does not silence every call.
+            if isinstance(error, FhirAuthError) or (
+                plan.query.is_read and not (plan.optional and not isinstance(error, FhirNotFound))
+            ):
                 failures.append(key)
             else:
-                raise exc
-            log.warning("FHIR query %s failed: %s (HTTP %s)", key, type(exc).__name__,
-                        getattr(exc, "status", None))
+                result.incomplete.append(key)
+            # The error's message holds the URL with the patient id: log its type only.
+            log.warning("FHIR query %s failed: %s (HTTP %s)", key, type(error).__name__,
+                        error.status)
         if failures:
             raise PrefetchUnavailable(
                 f"prefetch {_keys(failures)} absent and the FHIR server did not provide it"

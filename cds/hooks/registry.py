@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -114,7 +114,7 @@ class ServiceRegistry:
                 lint_template(service.hook, prefetch_key, template)
             self._services[key] = service
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Service]:
         return iter(self._services.values())
 
     def ids(self) -> set[str]:

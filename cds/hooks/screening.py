@@ -73,15 +73,12 @@ class HookCall:
 
 def criteria_by_type(trials: TrialSet) -> dict[str, frozenset[tuple[str, str]]]:
     """Resource type -> the (trial, criterion) pairs whose rules read that type."""
-    # The engine's own map of rule keys to resource types (the same one codes_for uses).
-    from cds.criteria.definitions import _valuesets_by_type
-
     found: dict[str, set[tuple[str, str]]] = {}
     for trial in trials:
         for criterion in trial.criteria:
             if criterion.rule is None:
                 continue
-            for rtype in _valuesets_by_type(criterion, trials.analytes):
+            for rtype in trials.resource_types_read(criterion):
                 found.setdefault(rtype, set()).add((trial.id, criterion.id))
     return {rtype: frozenset(pairs) for rtype, pairs in found.items()}
 
@@ -95,7 +92,9 @@ def _degrade(
     for trial in evaluation.trials:
         criteria = []
         for c in trial.criteria:
-            if (trial.trial, c.id) in affected and c.result is Result.PASS:
+            # A pass or a fail read from data we did not get in full is not known: "none on
+            # record" may only mean the query failed.
+            if (trial.trial, c.id) in affected and c.result in (Result.PASS, Result.FAIL):
                 c = dataclasses.replace(c, result=Result.UNKNOWN, explanation=why, evidence=())
             criteria.append(c)
         trials.append(dataclasses.replace(trial, criteria=tuple(criteria)))
@@ -137,7 +136,9 @@ def screen(call: HookCall, trial_ids: Iterable[str] | None = None) -> PatientEva
     cl.fhir_calls, cl.timed_out = data.fhir_calls, data.timed_out
     resources = _dedupe(data.resources)
     patients = [
-        r for r in resources if r.get("resourceType") == "Patient" and r.get("id") == call.patient_id
+        r
+        for r in resources
+        if r.get("resourceType") == "Patient" and r.get("id") == call.patient_id
     ]
     if not patients:
         if "patient" in data.incomplete:

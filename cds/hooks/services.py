@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, request
-from werkzeug.exceptions import NotFound, UnsupportedMediaType
+import logging
 
-from cds.errors import HookRequestError
+from flask import Blueprint, Response, g, request
+from werkzeug.exceptions import HTTPException, NotFound, UnsupportedMediaType
+
+from cds.errors import CdsError, HookRequestError
 from cds.hooks.auth import ClientIdentity
 from cds.hooks.calllog import CallLog
 from cds.hooks.outcome import json_response
@@ -14,6 +16,8 @@ from cds.hooks.state import state
 from cds.hooks.validation import parse_json_body, validate_context, validate_request
 
 __all__ = ["blueprint", "read_json_body"]
+
+log = logging.getLogger("cds.hooks")
 
 blueprint = Blueprint("cds_services", __name__)
 
@@ -58,6 +62,16 @@ def invoke(service_id: str) -> Response:
         log=call_log,
         deadline=g.started_monotonic + st.settings.time_budget_s,
     )
-    cards = service.handler(call)
+    try:
+        cards = service.handler(call)
+    except (CdsError, HTTPException):
+        raise
+    except Exception:
+        # A bug (ours or the engine's) must not break the clinician's workflow: "never a 500".
+        # The traceback goes to the log; the EHR gets "no guidance", the call log says why.
+        log.exception("hook %s of service %s failed; answering without cards",
+                      service.hook, service.id)
+        call_log.note = "internal error: answered without cards"
+        cards = []
     # 2.0: "{"cards": []}" when there is no guidance: the one allowed empty array.
     return json_response({"cards": cards})

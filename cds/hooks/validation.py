@@ -56,10 +56,13 @@ def parse_json_body(data: bytes) -> Any:
         return json.loads(data)
     except UnicodeDecodeError as exc:
         raise HookRequestError("the request body is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        # position only, never the document text
+        raise HookRequestError(
+            f"the request body is not valid JSON (line {exc.lineno} column {exc.colno})"
+        ) from exc
     except ValueError as exc:
-        # json.JSONDecodeError: position only, never the document text
-        where = f" at line {exc.lineno} column {exc.colno}" if hasattr(exc, "lineno") else ""
-        raise HookRequestError(f"the request body is not valid JSON{where}") from exc
+        raise HookRequestError("the request body is not valid JSON") from exc
 
 
 def validate_request(body: Any) -> None:
@@ -117,7 +120,8 @@ def _describe(error: ValidationError) -> tuple[str, str]:
         return field, "required field is missing"
     if kind == "dependentRequired":
         # 3.0 cds-r-1: "fhirAuthorization present => fhirServer present"
-        owner, needed = next(iter(dict(error.validator_value).items()))
+        dependencies: dict[str, list[str]] = dict(error.validator_value)  # type: ignore[arg-type]
+        owner, needed = next(iter(dependencies.items()))
         if isinstance(error.instance, dict) and owner in error.instance:
             missing_dep = next((n for n in needed if n not in error.instance), needed[0])
             full = f"{field}.{missing_dep}" if field else missing_dep
@@ -126,9 +130,8 @@ def _describe(error: ValidationError) -> tuple[str, str]:
     if kind == "type":
         return field, f"must be of JSON type {_types(error.validator_value)}"
     if kind in ("const", "enum"):
-        allowed = (
-            [error.validator_value] if kind == "const" else list(error.validator_value or [])
-        )
+        value: Any = error.validator_value
+        allowed = [value] if kind == "const" else list(value or [])
         return field, "must be one of " + ", ".join(json.dumps(v) for v in allowed)
     if kind == "pattern":
         return field, "has an invalid format"
