@@ -18,7 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 GUNICORN_CMD = REPO / "scripts" / "gunicorn-cmd"
 DOCKERFILE = REPO / "Dockerfile"
-EXPECTED = "gunicorn --bind 0.0.0.0:8080 --workers 2 cds.hooks.app:create_app()"
+EXPECTED = (
+    "gunicorn --bind 0.0.0.0:8080 --workers 2 --worker-class gthread --threads 8 "
+    "--keep-alive 75 cds.hooks.app:create_app()"
+)
 
 
 def _dockerfile_instruction(name: str) -> str:
@@ -80,6 +83,10 @@ def test_the_service_starts_with_that_command_and_passes_the_health_check(tmp_pa
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"gunicorn did not serve /healthz:\n{log.read_text()[-3000:]}")
                 time.sleep(0.2)
+        # The image's command answers CDS Hooks discovery with the patient-view service.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/cds-services", timeout=5) as r:
+            services = json.loads(r.read())["services"]
+        assert {s["hook"] for s in services} >= {"patient-view", "order-select", "order-sign"}
         health = json.loads(_dockerfile_instruction("HEALTHCHECK").split(" CMD ", 1)[1])
         assert health[:2] == ["python", "-c"]
         check = subprocess.run([sys.executable, "-c", health[2]], env=env, timeout=10, check=False)

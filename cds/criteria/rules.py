@@ -273,6 +273,7 @@ class Measurement:
     raw: str  # as reported, for the explanation ("18.8 umol/L")
     comparator: str | None  # "<", "<=", ">", ">=" when the lab reported a bound
     preliminary: bool
+    converted: bool  # reported in another unit than the analyte's
 
 
 def _quantity(resource: dict[str, Any]) -> dict[str, Any] | None:
@@ -313,6 +314,7 @@ def measure(analyte: Analyte, entry: Entry) -> Measurement | str:
         raw,
         comparator if comparator in _OPS else None,
         entry.status == "preliminary",
+        unit not in (analyte.unit, None),
     )
 
 
@@ -322,11 +324,7 @@ def _fmt(value: float) -> str:
 
 def _show(m: Measurement, analyte: Analyte) -> str:
     converted = f"{_fmt(m.value)} {display_unit(analyte.unit)}".strip()
-    shown = (
-        m.raw
-        if m.raw.replace(" ", "") == converted.replace(" ", "")
-        else (f"{m.raw} (= {converted})")
-    )
+    shown = f"{m.raw} (= {converted})" if m.converted else m.raw
     prefix = _OP_TEXT[m.comparator] if m.comparator else ""
     return f"{analyte.label} {prefix}{shown}{_when(m.entry)} ({m.entry.ref})"
 
