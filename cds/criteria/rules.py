@@ -393,29 +393,39 @@ def _decide(m: Measurement, op: str, limit: float) -> bool | None:
     return False if m.value >= limit else None
 
 
-def latest_measurement(ctx: Context, analyte: Analyte, lookback_days: int) -> Measurement | Outcome:
-    """The latest usable result of ``analyte`` in the look-back window, or an UNKNOWN outcome
-    that says what is missing and what would resolve it."""
-    entries = _usable_observations(ctx, analyte.valueset)
-    start = ctx.window_start(lookback_days)
+def latest_in_window(
+    ctx: Context, valueset_id: str, label: str, lookback_days: int
+) -> Entry | Outcome:
+    """The latest usable, readable observation of a value set if it lies in the look-back
+    window; else an UNKNOWN outcome that says what is missing and what would resolve it."""
+    entries = _usable_observations(ctx, valueset_id)
     window_text = f"the {lookback_days} days before {ctx.as_of}"
     if not entries:
         return Outcome(
             Result.UNKNOWN,
             (ctx.record.patient_ref,),
-            f"No {analyte.label} result on record; a result from {window_text} would decide it.",
+            f"No {label} on record; one from {window_text} would decide it.",
         )
     latest = entries[0]
-    assert latest.when is not None  # noqa: S101 - filtered above
-    if latest.when.end < start:
+    assert latest.when is not None  # noqa: S101 - filtered by _usable_observations
+    if latest.when.end < ctx.window_start(lookback_days):
         return Outcome(
             Result.UNKNOWN,
             (latest.ref,),
-            f"Latest {analyte.label} is {latest.describe()}{_when(latest)}, older than "
-            f"{window_text}; a new result would decide it.",
+            f"Latest {label} is {latest.describe()}{_when(latest)}, older than "
+            f"{window_text}; a new one would decide it.",
         )
     if ctx.record.invalid_reason(latest):
-        return _malformed_unknown(ctx, [latest], f"The latest {analyte.label} result")
+        return _malformed_unknown(ctx, [latest], f"The latest {label}")
+    return latest
+
+
+def latest_measurement(ctx: Context, analyte: Analyte, lookback_days: int) -> Measurement | Outcome:
+    """The latest usable result of ``analyte`` in the look-back window, converted, or an
+    UNKNOWN outcome that says what would resolve it."""
+    latest = latest_in_window(ctx, analyte.valueset, f"{analyte.label} result", lookback_days)
+    if isinstance(latest, Outcome):
+        return latest
     measured = measure(analyte, latest)
     if isinstance(measured, str):
         return Outcome(
@@ -558,25 +568,9 @@ def _scale_value(resource: dict[str, Any], answers: dict[str, int]) -> int | Non
 def performance_status(rule: dict[str, Any], ctx: Context) -> Outcome:
     """ECOG performance status at most ``max``, from the latest score in the window."""
     lookback = rule.get("lookback_days", ctx.trial.performance_status_lookback_days)
-    entries = _usable_observations(ctx, "ecog")
-    window_text = f"the {lookback} days before {ctx.as_of}"
-    if not entries:
-        return Outcome(
-            Result.UNKNOWN,
-            (ctx.record.patient_ref,),
-            f"No ECOG performance status on record; a score from {window_text} would decide it.",
-        )
-    latest = entries[0]
-    assert latest.when is not None  # noqa: S101 - filtered by _usable_observations
-    if latest.when.end < ctx.window_start(lookback):
-        return Outcome(
-            Result.UNKNOWN,
-            (latest.ref,),
-            f"Latest ECOG score{_when(latest)} ({latest.ref}) is older than {window_text}; "
-            "a current score would decide it.",
-        )
-    if ctx.record.invalid_reason(latest):
-        return _malformed_unknown(ctx, [latest], "The latest ECOG score")
+    latest = latest_in_window(ctx, "ecog", "ECOG performance status", lookback)
+    if isinstance(latest, Outcome):
+        return latest
     score = _scale_value(latest.resource, ctx.trials.answers.get("ecog", {}))
     if score is None or not 0 <= score <= 5:
         return Outcome(
