@@ -394,7 +394,11 @@ def _decide(m: Measurement, op: str, limit: float) -> bool | None:
 
 
 def latest_in_window(
-    ctx: Context, valueset_id: str, label: str, lookback_days: int
+    ctx: Context,
+    valueset_id: str,
+    label: str,
+    lookback_days: int,
+    show: Callable[[Entry], str] | None = None,
 ) -> Entry | Outcome:
     """The latest usable, readable observation of a value set if it lies in the look-back
     window; else an UNKNOWN outcome that says what is missing and what would resolve it."""
@@ -412,8 +416,8 @@ def latest_in_window(
         return Outcome(
             Result.UNKNOWN,
             (latest.ref,),
-            f"Latest {label} is {latest.describe()}{_when(latest)}, older than "
-            f"{window_text}; a new one would decide it.",
+            f"Latest {label}: {show(latest) if show else latest.describe() + _when(latest)}, "
+            f"older than {window_text}; a new one would decide it.",
         )
     if ctx.record.invalid_reason(latest):
         return _malformed_unknown(ctx, [latest], f"The latest {label}")
@@ -423,7 +427,16 @@ def latest_in_window(
 def latest_measurement(ctx: Context, analyte: Analyte, lookback_days: int) -> Measurement | Outcome:
     """The latest usable result of ``analyte`` in the look-back window, converted, or an
     UNKNOWN outcome that says what would resolve it."""
-    latest = latest_in_window(ctx, analyte.valueset, f"{analyte.label} result", lookback_days)
+
+    def show(entry: Entry) -> str:
+        measured = measure(analyte, entry)
+        return (
+            _show(measured, analyte)
+            if isinstance(measured, Measurement)
+            else entry.describe() + _when(entry)
+        )
+
+    latest = latest_in_window(ctx, analyte.valueset, f"{analyte.label} result", lookback_days, show)
     if isinstance(latest, Outcome):
         return latest
     measured = measure(analyte, latest)
