@@ -83,24 +83,50 @@ def big_patient(n_obs: int = 2000, n_cond: int = 200, n_proc: int = 100) -> list
         resources.append(clone)
         i += 1
     for j in range(n_cond - len(conditions)):
-        resources.append({
-            "resourceType": "Condition", "id": f"{PID}-cond-x{j}",
-            "clinicalStatus": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                "code": "resolved"}]},
-            "code": {"coding": [{"system": "http://example.org/bench-condition",
-                                 "code": f"c{j}", "display": f"Bench condition {j}"}]},
-            "subject": {"reference": f"Patient/{PID}"},
-            "onsetDateTime": f"{2010 + j % 12}-01-15",
-        })
+        resources.append(
+            {
+                "resourceType": "Condition",
+                "id": f"{PID}-cond-x{j}",
+                "clinicalStatus": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                            "code": "resolved",
+                        }
+                    ]
+                },
+                "code": {
+                    "coding": [
+                        {
+                            "system": "http://example.org/bench-condition",
+                            "code": f"c{j}",
+                            "display": f"Bench condition {j}",
+                        }
+                    ]
+                },
+                "subject": {"reference": f"Patient/{PID}"},
+                "onsetDateTime": f"{2010 + j % 12}-01-15",
+            }
+        )
     for k in range(n_proc):
-        resources.append({
-            "resourceType": "Procedure", "id": f"{PID}-proc-x{k}", "status": "completed",
-            "code": {"coding": [{"system": "http://example.org/bench-procedure",
-                                 "code": f"p{k}", "display": f"Bench procedure {k}"}]},
-            "subject": {"reference": f"Patient/{PID}"},
-            "performedDateTime": f"{2012 + k % 12}-06-01",
-        })
+        resources.append(
+            {
+                "resourceType": "Procedure",
+                "id": f"{PID}-proc-x{k}",
+                "status": "completed",
+                "code": {
+                    "coding": [
+                        {
+                            "system": "http://example.org/bench-procedure",
+                            "code": f"p{k}",
+                            "display": f"Bench procedure {k}",
+                        }
+                    ]
+                },
+                "subject": {"reference": f"Patient/{PID}"},
+                "performedDateTime": f"{2012 + k % 12}-06-01",
+            }
+        )
     return resources
 
 
@@ -113,10 +139,16 @@ def full_prefetch(resources: list[dict[str, Any]]) -> dict[str, Any]:
         found = [r for r in resources if r["resourceType"] == query.resource_type]
         if query.resource_type == "Observation":
             wanted = set(parse_qs(urlsplit(query.template).query)["code"][0].split(","))
-            found = [r for r in found if any(f"{c['system']}|{c['code']}" in wanted
-                                             for c in r["code"]["coding"])]
-        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset",
-                                  "total": len(found)}
+            found = [
+                r
+                for r in found
+                if any(f"{c['system']}|{c['code']}" in wanted for c in r["code"]["coding"])
+            ]
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(found),
+        }
         if found:
             bundle["entry"] = [{"resource": r, "search": {"mode": "match"}} for r in found]
         prefetch[query.key] = bundle
@@ -125,7 +157,8 @@ def full_prefetch(resources: list[dict[str, Any]]) -> dict[str, Any]:
 
 def hook_body(prefetch: dict[str, Any] | None = None, fhir_server: str | None = None) -> bytes:
     body: dict[str, Any] = {
-        "hook": "patient-view", "hookInstance": str(uuid.uuid4()),
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
         "context": {"userId": "Practitioner/bench", "patientId": PID},
     }
     if prefetch is not None:
@@ -143,9 +176,18 @@ class Signer:
 
     def token(self, path: str) -> str:
         now = int(time.time())
-        return jwt.encode({"iss": ISS, "aud": PUBLIC + path, "iat": now, "exp": now + 300,
-                           "jti": str(uuid.uuid4())}, self.key, algorithm="ES384",
-                          headers={"kid": "bench", "typ": "JWT"})
+        return jwt.encode(
+            {
+                "iss": ISS,
+                "aud": PUBLIC + path,
+                "iat": now,
+                "exp": now + 300,
+                "jti": str(uuid.uuid4()),
+            },
+            self.key,
+            algorithm="ES384",
+            headers={"kid": "bench", "typ": "JWT"},
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -168,21 +210,26 @@ def timed(fn: Callable[[], Any], n: int) -> list[float]:
 
 def bench_in_process(iterations: int, db: str) -> dict[str, Any]:
     signer = Signer()
-    app = create_app({
-        "public_base_url": PUBLIC, "trusted_issuers": {ISS: {"jwks": signer.jwks}},
-        "feedback_db": db, "as_of": "2026-11-01",
-    })
+    app = create_app(
+        {
+            "public_base_url": PUBLIC,
+            "trusted_issuers": {ISS: {"jwks": signer.jwks}},
+            "feedback_db": db,
+            "as_of": "2026-11-01",
+        }
+    )
     client = app.test_client()
     resources = big_patient()
     body = hook_body(full_prefetch(resources))
-    counts = {t: sum(r["resourceType"] == t for r in resources)
-              for t in ("Observation", "Condition", "Procedure")}
+    counts = {
+        t: sum(r["resourceType"] == t for r in resources)
+        for t in ("Observation", "Condition", "Procedure")
+    }
 
     def request() -> None:
         headers = {"Authorization": f"Bearer {signer.token(SERVICE)}"}
         started = time.perf_counter()
-        response = client.post(SERVICE, data=body, headers=headers,
-                               content_type="application/json")
+        response = client.post(SERVICE, data=body, headers=headers, content_type="application/json")
         elapsed = time.perf_counter() - started
         if response.status_code != 200 or len(response.get_json()["cards"]) != 2:
             raise SystemExit(f"unexpected answer: {response.status_code} {response.data[:300]!r}")
@@ -201,12 +248,15 @@ def bench_in_process(iterations: int, db: str) -> dict[str, Any]:
         loads_times.append(time.perf_counter() - started)
     p95_req, p95_loads = percentile(request_times, 95), percentile(loads_times, 95)
     return {
-        "patient": counts, "body_bytes": len(body), "iterations": iterations,
+        "patient": counts,
+        "body_bytes": len(body),
+        "iterations": iterations,
         "request_p50_ms": round(statistics.median(request_times) * 1000, 1),
         "request_p95_ms": round(p95_req * 1000, 1),
         "json_loads_p50_ms": round(statistics.median(loads_times) * 1000, 1),
         "json_loads_p95_ms": round(p95_loads * 1000, 1),
-        "ratio": round(p95_req / p95_loads, 2), "target": 3.0,
+        "ratio": round(p95_req / p95_loads, 2),
+        "target": 3.0,
         "ok": p95_req / p95_loads <= 3.0,
     }
 
@@ -247,23 +297,42 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 @contextmanager
 def fhir_server(workdir: Path, workers: int) -> Iterator[str]:
     venv = REPO / ".fhir-server-venv"
-    subprocess.run([str(REPO / "scripts" / "install-fhir-server"), str(venv)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(REPO / "scripts" / "install-fhir-server"), str(venv)], check=True, capture_output=True
+    )
     port = _free_port()
     base = f"http://127.0.0.1:{port}/fhir"
     (workdir / "data").mkdir()
-    config = {"base_url": base, "host": "127.0.0.1", "port": port,
-              "data_dir": str(workdir / "data"),
-              "own_private_key_path": str(workdir / "keys" / "k.pem"),
-              "simulator": {"enabled": False}, "validation": {"inbound": "warn"},
-              "log_inbound": False}
+    config = {
+        "base_url": base,
+        "host": "127.0.0.1",
+        "port": port,
+        "data_dir": str(workdir / "data"),
+        "own_private_key_path": str(workdir / "keys" / "k.pem"),
+        "simulator": {"enabled": False},
+        "validation": {"inbound": "warn"},
+        "log_inbound": False,
+    }
     (workdir / "sekmet.yaml").write_text(json.dumps(config))
     log = open(workdir / "fhir.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [str(venv / "bin" / "uvicorn"), "sekmet.main:app_factory", "--factory", "--host",
-         "127.0.0.1", "--port", str(port), "--workers", str(workers)],
-        cwd=workdir, env={**os.environ, "SEKMET_CONFIG": str(workdir / "sekmet.yaml")},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(venv / "bin" / "uvicorn"),
+            "sekmet.main:app_factory",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        cwd=workdir,
+        env={**os.environ, "SEKMET_CONFIG": str(workdir / "sekmet.yaml")},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         _wait(f"{base}/metadata", process)
         yield base
@@ -277,18 +346,43 @@ def bench_fhir(iterations: int, workdir: Path, workers: int, db: str) -> dict[st
     trials = load_trials()
     queries = build_patient_queries(trials)
     with fhir_server(workdir, workers) as base:
-        client = FhirClient(base_url=base, trusted_base_urls=[base], allow_insecure_loopback=True,
-                            timeouts=Timeouts(connect=5, read=120), retry=RetryPolicy(attempts=2))
+        client = FhirClient(
+            base_url=base,
+            trusted_base_urls=[base],
+            allow_insecure_loopback=True,
+            timeouts=Timeouts(connect=5, read=120),
+            retry=RetryPolicy(attempts=2),
+        )
         with client:
             for start in range(0, len(resources), 500):
-                chunk = resources[start:start + 500]
-                client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
-                    {"resource": r, "request": {"method": "PUT",
-                                                "url": f"{r['resourceType']}/{r['id']}"}}
-                    for r in chunk]})
-        app = create_app({"dev": True, "auth_required": False, "feedback_db": db,
-                          "as_of": "2026-11-01", "fhir_trusted_servers": [base],
-                          "time_budget_s": 30, "fhir_concurrency": len(queries)})
+                chunk = resources[start : start + 500]
+                client.transaction(
+                    {
+                        "resourceType": "Bundle",
+                        "type": "transaction",
+                        "entry": [
+                            {
+                                "resource": r,
+                                "request": {
+                                    "method": "PUT",
+                                    "url": f"{r['resourceType']}/{r['id']}",
+                                },
+                            }
+                            for r in chunk
+                        ],
+                    }
+                )
+        app = create_app(
+            {
+                "dev": True,
+                "auth_required": False,
+                "feedback_db": db,
+                "as_of": "2026-11-01",
+                "fhir_trusted_servers": [base],
+                "time_budget_s": 30,
+                "fhir_concurrency": len(queries),
+            }
+        )
         test_client = app.test_client()
         body = hook_body(fhir_server=base)
 
@@ -299,12 +393,17 @@ def bench_fhir(iterations: int, workdir: Path, workers: int, db: str) -> dict[st
 
         def slowest_query() -> float:
             times = []
-            with FhirClient(base_url=base, trusted_base_urls=[base],
-                            allow_insecure_loopback=True, retry=RetryPolicy(attempts=1)) as fhir:
+            with FhirClient(
+                base_url=base,
+                trusted_base_urls=[base],
+                allow_insecure_loopback=True,
+                retry=RetryPolicy(attempts=1),
+            ) as fhir:
                 for query in queries:  # one at a time: each query's own time, uncontended
                     started = time.perf_counter()
-                    fetch_patient_resources(fhir, PID, trials, concurrency=1, page_size=500,
-                                            queries=[query])
+                    fetch_patient_resources(
+                        fhir, PID, trials, concurrency=1, page_size=500, queries=[query]
+                    )
                     times.append(time.perf_counter() - started)
             return max(times)
 
@@ -318,11 +417,14 @@ def bench_fhir(iterations: int, workdir: Path, workers: int, db: str) -> dict[st
             query_times.append(slowest_query())
     p95_hook, p95_query = percentile(hook_times, 95), percentile(query_times, 95)
     return {
-        "queries": len(queries), "server_workers": workers, "iterations": iterations,
+        "queries": len(queries),
+        "server_workers": workers,
+        "iterations": iterations,
         "hook_p50_ms": round(statistics.median(hook_times) * 1000, 1),
         "hook_p95_ms": round(p95_hook * 1000, 1),
         "slowest_query_p95_ms": round(p95_query * 1000, 1),
-        "ratio": round(p95_hook / p95_query, 2), "target": 1.25,
+        "ratio": round(p95_hook / p95_query, 2),
+        "target": 1.25,
         "ok": p95_hook / p95_query <= 1.25,
     }
 
@@ -330,8 +432,9 @@ def bench_fhir(iterations: int, workdir: Path, workers: int, db: str) -> dict[st
 # -- 3. load through gunicorn ----------------------------------------------------------------
 
 
-def bench_load(duration: float, clients: int, workdir: Path, workers: int,
-               big: bool) -> dict[str, Any]:
+def bench_load(
+    duration: float, clients: int, workdir: Path, workers: int, big: bool
+) -> dict[str, Any]:
     signer = Signer()
     port = _free_port()
     env = {
@@ -341,16 +444,40 @@ def bench_load(duration: float, clients: int, workdir: Path, workers: int,
         "CDS_FEEDBACK_DB": str(workdir / "load.sqlite3"),
         "CDS_AS_OF": "2026-11-01",
     }
-    command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
-               "--workers", str(workers), "--worker-class", "gthread", "--threads", "8",
-               "--backlog", "256", "--timeout", "60", "--keep-alive", "75",
-               "cds.hooks.app:create_app()"]
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "8",
+        "--backlog",
+        "256",
+        "--timeout",
+        "60",
+        "--keep-alive",
+        "75",
+        "cds.hooks.app:create_app()",
+    ]
     log = open(workdir / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    resources = big_patient() if big else [
-        e["resource"] for e in json.loads(json.dumps(json.loads(FIXTURE.read_text())).replace(
-            "both-candidate", PID))["entry"]]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    resources = (
+        big_patient()
+        if big
+        else [
+            e["resource"]
+            for e in json.loads(
+                json.dumps(json.loads(FIXTURE.read_text())).replace("both-candidate", PID)
+            )["entry"]
+        ]
+    )
     prefetch = full_prefetch(resources)
     latencies: list[float] = []
     errors: list[str] = []
@@ -363,8 +490,10 @@ def bench_load(duration: float, clients: int, workdir: Path, workers: int,
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             while time.monotonic() < stop_at:
                 body = hook_body(prefetch)
-                headers = {"Content-Type": "application/json",
-                           "Authorization": f"Bearer {signer.token(SERVICE)}"}
+                headers = {
+                    "Content-Type": "application/json",
+                    "Authorization": f"Bearer {signer.token(SERVICE)}",
+                }
                 started = time.perf_counter()
                 try:
                     connection.request("POST", SERVICE, body=body, headers=headers)
@@ -394,10 +523,13 @@ def bench_load(duration: float, clients: int, workdir: Path, workers: int,
         _stop(process)
         log.close()
     return {
-        "clients": clients, "duration_s": round(wall, 1), "gunicorn_workers": workers,
+        "clients": clients,
+        "duration_s": round(wall, 1),
+        "gunicorn_workers": workers,
         "patient": "2000/200/100" if big else "fixture (both-candidate)",
         "body_bytes": len(hook_body(prefetch)),
-        "requests": len(latencies), "errors": len(errors),
+        "requests": len(latencies),
+        "errors": len(errors),
         "first_errors": errors[:3],
         "throughput_rps": round(len(latencies) / wall, 1),
         "p50_ms": round(percentile(latencies, 50) * 1000, 1) if latencies else None,
@@ -415,8 +547,11 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--gunicorn-workers", type=int, default=2)
-    parser.add_argument("--load-big-patient", action="store_true",
-                        help="post the 2,000-Observation patient under load (default: fixture)")
+    parser.add_argument(
+        "--load-big-patient",
+        action="store_true",
+        help="post the 2,000-Observation patient under load (default: fixture)",
+    )
     parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--skip-fhir", action="store_true")
     parser.add_argument("--skip-load", action="store_true")
@@ -429,12 +564,14 @@ def main() -> int:
             print("in process:", results["in_process"], flush=True)
         if not args.skip_fhir:
             (work / "fhir").mkdir()
-            results["fhir_fallback"] = bench_fhir(args.fhir_iterations, work / "fhir",
-                                                  args.fhir_workers, str(work / "b.sqlite3"))
+            results["fhir_fallback"] = bench_fhir(
+                args.fhir_iterations, work / "fhir", args.fhir_workers, str(work / "b.sqlite3")
+            )
             print("FHIR fallback:", results["fhir_fallback"], flush=True)
         if not args.skip_load:
-            results["load"] = bench_load(args.duration, args.clients, work,
-                                         args.gunicorn_workers, args.load_big_patient)
+            results["load"] = bench_load(
+                args.duration, args.clients, work, args.gunicorn_workers, args.load_big_patient
+            )
             print("load:", results["load"], flush=True)
     print(json.dumps(results))
     return 0 if all(part["ok"] for part in results.values()) else 1

@@ -29,9 +29,7 @@ def test_fetched_patient_evaluates_like_its_bundle_file(
     fhir_server: FhirTestServer, loaded_fhir_base_url: str, fixture: str, patient_id: str
 ) -> None:
     trials = load_trials()
-    from_file = next(
-        r for r in read_bundle_file(FIXTURES / fixture) if r.patient_id == patient_id
-    )
+    from_file = next(r for r in read_bundle_file(FIXTURES / fixture) if r.patient_id == patient_id)
     with fhir_server.client() as client:
         fetched = fetch_patient_resources(client, patient_id, trials, tag=fhir_server.tag)
     patient = next(r for r in fetched.resources if r["resourceType"] == "Patient")

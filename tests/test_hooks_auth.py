@@ -80,9 +80,18 @@ def test_j1_every_endpoint_but_healthz_needs_a_jwt(client: FlaskClient) -> None:
 
 def test_j2_alg_none_is_rejected(client: FlaskClient) -> None:
     now = int(time.time())
-    token = jwt.encode({"iss": "https://ehr.example.org", "aud": PUBLIC + DISCOVERY, "iat": now,
-                        "exp": now + 60, "jti": "n1"}, None, algorithm="none",
-                       headers={"kid": "x", "typ": "JWT"})
+    token = jwt.encode(
+        {
+            "iss": "https://ehr.example.org",
+            "aud": PUBLIC + DISCOVERY,
+            "iat": now,
+            "exp": now + 60,
+            "jti": "n1",
+        },
+        None,
+        algorithm="none",
+        headers={"kid": "x", "typ": "JWT"},
+    )
     _assert_401(_get(client, DISCOVERY, token))
 
 
@@ -104,8 +113,9 @@ def test_j2_hmac_is_rejected_even_with_the_public_key_as_secret(
     payload = b64(json.dumps({**claims, "jti": "h1"}).encode())
     signature = b64(hmac.new(pem, header + b"." + payload, hashlib.sha256).digest())
     _assert_401(_get(client, DISCOVERY, (header + b"." + payload + b"." + signature).decode()))
-    token = jwt.encode({**claims, "jti": "h2"}, "s" * 64,
-                       algorithm="HS384", headers={"kid": signer.kid})
+    token = jwt.encode(
+        {**claims, "jti": "h2"}, "s" * 64, algorithm="HS384", headers={"kid": signer.kid}
+    )
     _assert_401(_get(client, DISCOVERY, token))
 
 
@@ -124,9 +134,12 @@ def test_j3_other_asymmetric_algorithms_are_rejected(client: FlaskClient, signer
 
     es256.private = ec.generate_private_key(ec.SECP256R1())
     now = int(time.time())
-    token = jwt.encode({"iss": signer.iss, "aud": PUBLIC + DISCOVERY, "iat": now,
-                        "exp": now + 60, "jti": "e1"}, es256.private, algorithm="ES256",
-                       headers={"kid": signer.kid})
+    token = jwt.encode(
+        {"iss": signer.iss, "aud": PUBLIC + DISCOVERY, "iat": now, "exp": now + 60, "jti": "e1"},
+        es256.private,
+        algorithm="ES256",
+        headers={"kid": signer.kid},
+    )
     _assert_401(_get(client, DISCOVERY, token))
 
 
@@ -135,8 +148,7 @@ def test_j4_audience(client: FlaskClient, signer: Signer) -> None:
     _assert_401(_get(client, DISCOVERY, signer.token("https://evil.example/cds-services")))
     listed = signer.token(["https://x.example", PUBLIC + DISCOVERY])
     assert _get(client, DISCOVERY, listed).status_code == 200
-    response = post(client, SERVICE, hook_body(prefetch=_prefetch()),
-                    signer.auth(SERVICE))
+    response = post(client, SERVICE, hook_body(prefetch=_prefetch()), signer.auth(SERVICE))
     assert response.status_code == 200
     _assert_401(post(client, SERVICE, hook_body(), signer.auth(DISCOVERY)))
 
@@ -196,12 +208,16 @@ def test_j8_unknown_kid_refetches_the_allowlisted_jku_once_then_rotates(signer: 
             jwks_refetch_interval_s=0,
         )
         client = app.test_client()
-        assert _get(client, DISCOVERY, old.token(PUBLIC + DISCOVERY,
-                                                 headers={"jku": jku})).status_code == 200
+        assert (
+            _get(client, DISCOVERY, old.token(PUBLIC + DISCOVERY, headers={"jku": jku})).status_code
+            == 200
+        )
         assert len(hits) == 1
         # cached: a second call with a known kid fetches nothing
-        assert _get(client, DISCOVERY, old.token(PUBLIC + DISCOVERY,
-                                                 headers={"jku": jku})).status_code == 200
+        assert (
+            _get(client, DISCOVERY, old.token(PUBLIC + DISCOVERY, headers={"jku": jku})).status_code
+            == 200
+        )
         assert len(hits) == 1
         rotated = new.token(PUBLIC + DISCOVERY, headers={"jku": jku})
         _assert_401(_get(client, DISCOVERY, rotated))
@@ -215,8 +231,12 @@ def test_j8_refetch_is_rate_limited(signer: Signer) -> None:
     documents: dict[str, Any] = {"/jwks.json": signer.jwks}
     for base, hits in serve_json(documents):
         jku = f"{base}/jwks.json"
-        app = secure_app(signer, dev=True, trusted_issuers={signer.iss: {"jku": [jku]}},
-                         jwks_refetch_interval_s=600)
+        app = secure_app(
+            signer,
+            dev=True,
+            trusted_issuers={signer.iss: {"jku": [jku]}},
+            jwks_refetch_interval_s=600,
+        )
         client = app.test_client()
         for _ in range(5):
             bogus = Signer(iss=signer.iss).token(PUBLIC + DISCOVERY, headers={"jku": jku})
@@ -234,8 +254,9 @@ def test_jku_in_production_must_be_https(signer: Signer) -> None:
 def test_jwks_file_is_reread_on_unknown_kid(signer: Signer, tmp_path: Any) -> None:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps(signer.jwks))
-    client = secure_app(signer, trusted_issuers={signer.iss: {"jwks_file": str(path)}},
-                        jwks_refetch_interval_s=0).test_client()
+    client = secure_app(
+        signer, trusted_issuers={signer.iss: {"jwks_file": str(path)}}, jwks_refetch_interval_s=0
+    ).test_client()
     assert _get(client, DISCOVERY, signer.token(PUBLIC + DISCOVERY)).status_code == 200
     newer = Signer(iss=signer.iss)
     _assert_401(_get(client, DISCOVERY, newer.token(PUBLIC + DISCOVERY)))
@@ -262,10 +283,17 @@ def test_j10_p9_logs_carry_iss_jti_tenant_but_never_the_token(
     caplog.set_level(logging.DEBUG)
     token = rsa_signer.token(PUBLIC + SERVICE, tenant="hospital-a", jti="jti-for-the-log")
     access_token = "fhir-access-token-SECRET"
-    body = hook_body(prefetch=_prefetch(), fhirServer="https://fhir.example.org/r4",
-                     fhirAuthorization={"access_token": access_token, "token_type": "Bearer",
-                                        "expires_in": 60, "scope": "patient/*.read",
-                                        "subject": "cds"})
+    body = hook_body(
+        prefetch=_prefetch(),
+        fhirServer="https://fhir.example.org/r4",
+        fhirAuthorization={
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": 60,
+            "scope": "patient/*.read",
+            "subject": "cds",
+        },
+    )
     response = post(client, SERVICE, body, {"Authorization": f"Bearer {token}"})
     assert response.status_code == 200
     _assert_401(post(client, SERVICE, body, {"Authorization": f"Bearer {token}"}))  # replay
@@ -290,8 +318,11 @@ def test_s10_fhir_server_not_allowlisted_for_the_issuer_is_never_contacted(
 
     stub = StubFhir(fixture_resources("both-candidate.json"))
     for running in serve_stub(stub):
-        for server in (running.base_url, "http://169.254.169.254/latest",
-                       "https://fhir.example.org/r4-other"):
+        for server in (
+            running.base_url,
+            "http://169.254.169.254/latest",
+            "https://fhir.example.org/r4-other",
+        ):
             body = hook_body(fhirServer=server)
             response = post(client, SERVICE, body, signer.auth(SERVICE))
             assert response.status_code == 412, server
@@ -310,7 +341,8 @@ def test_s9_plain_http_fhir_server_in_production_is_never_contacted(signer: Sign
     stub = StubFhir(fixture_resources("both-candidate.json"))
     for running in serve_stub(stub):
         client = secure_app(signer).test_client()
-        response = post(client, SERVICE, hook_body(fhirServer=running.base_url),
-                        signer.auth(SERVICE))
+        response = post(
+            client, SERVICE, hook_body(fhirServer=running.base_url), signer.auth(SERVICE)
+        )
         assert response.status_code == 412
         assert running.requests == []

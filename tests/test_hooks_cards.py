@@ -31,21 +31,45 @@ from tests.hooks_data.support import (
     without_uuids,
 )
 
-INFO = TrialInfo(id=A, title="CapTem and Y90 radioembolization for grade 2 NET liver metastases",
-                 short_title="CapTem + Y90", url="https://clinicaltrials.gov/study/NCT04339036")
-CTX = CardContext(patient_id="p1", user_id="Practitioner/doc", encounter_id="enc-1",
-                  as_of=date(2026, 11, 1))
+INFO = TrialInfo(
+    id=A,
+    title="CapTem and Y90 radioembolization for grade 2 NET liver metastases",
+    short_title="CapTem + Y90",
+    url="https://clinicaltrials.gov/study/NCT04339036",
+)
+CTX = CardContext(
+    patient_id="p1", user_id="Practitioner/doc", encounter_id="enc-1", as_of=date(2026, 11, 1)
+)
 
 
-def crit(cid: str, result: Result, label: str = "Label", kind: str = "inclusion",
-         explanation: str = "Explained.", evidence: tuple[str, ...] = ()) -> CriterionResult:
-    return CriterionResult(id=cid, kind=kind, text=f"Protocol text of {cid}.", label=label,
-                           result=result, evidence=evidence, explanation=explanation)
+def crit(
+    cid: str,
+    result: Result,
+    label: str = "Label",
+    kind: str = "inclusion",
+    explanation: str = "Explained.",
+    evidence: tuple[str, ...] = (),
+) -> CriterionResult:
+    return CriterionResult(
+        id=cid,
+        kind=kind,
+        text=f"Protocol text of {cid}.",
+        label=label,
+        result=result,
+        evidence=evidence,
+        explanation=explanation,
+    )
 
 
 def evaluation(*criteria: CriterionResult, trial: str = A) -> TrialEvaluation:
-    return TrialEvaluation(trial=trial, version="1.0.0", title=INFO.title, url=INFO.url,
-                           registry_status="RECRUITING", criteria=criteria)
+    return TrialEvaluation(
+        trial=trial,
+        version="1.0.0",
+        title=INFO.title,
+        url=INFO.url,
+        registry_status="RECRUITING",
+        criteria=criteria,
+    )
 
 
 def _as_response(*cards: dict[str, Any] | None) -> dict[str, Any]:
@@ -54,10 +78,20 @@ def _as_response(*cards: dict[str, Any] | None) -> dict[str, Any]:
 
 def test_candidate_card_says_what_to_confirm() -> None:
     te = evaluation(
-        crit("age", Result.PASS, "Age > 18 years", explanation="Age 58 on 2026-11-01.",
-             evidence=("Patient/p1",)),
-        crit("bili", Result.PASS, "Total bilirubin ≤ 2.0 mg/dL",
-             explanation="0.8 mg/dL on 2026-10-20.", evidence=("Observation/o1",)),
+        crit(
+            "age",
+            Result.PASS,
+            "Age > 18 years",
+            explanation="Age 58 on 2026-11-01.",
+            evidence=("Patient/p1",),
+        ),
+        crit(
+            "bili",
+            Result.PASS,
+            "Total bilirubin ≤ 2.0 mg/dL",
+            explanation="0.8 mg/dL on 2026-10-20.",
+            evidence=("Observation/o1",),
+        ),
         crit("consent", Result.MANUAL, "Informed consent"),
         crit("life", Result.MANUAL, "Life expectancy > 6 months"),
         crit("resect", Result.MANUAL, "Liver metastases unresectable"),
@@ -79,9 +113,13 @@ def test_candidate_card_says_what_to_confirm() -> None:
 def test_needs_review_card_lists_the_unknowns_and_their_remedy() -> None:
     te = evaluation(
         crit("age", Result.PASS),
-        crit("bili", Result.UNKNOWN, "Total bilirubin",
-             explanation="No total bilirubin within 30 days; a result on or after 2026-10-02 "
-                         "would resolve this."),
+        crit(
+            "bili",
+            Result.UNKNOWN,
+            "Total bilirubin",
+            explanation="No total bilirubin within 30 days; a result on or after 2026-10-02 "
+            "would resolve this.",
+        ),
         crit("consent", Result.MANUAL, "Informed consent"),
     )
     card = screening_card(te, INFO, CTX)
@@ -121,8 +159,11 @@ def test_override_reasons_and_link() -> None:
     assert set(reasons) == {"already-screened", "patient-declined", "not-eligible", "not-now"}
     assert all(r["display"] and r["system"] == OVERRIDE_SYSTEM for r in reasons.values())
     (link,) = card["links"]
-    assert link == {"label": "NCT04339036 on ClinicalTrials.gov", "type": "absolute",
-                    "url": "https://clinicaltrials.gov/study/NCT04339036"}
+    assert link == {
+        "label": "NCT04339036 on ClinicalTrials.gov",
+        "type": "absolute",
+        "url": "https://clinicaltrials.gov/study/NCT04339036",
+    }
 
 
 def test_non_https_registry_url_falls_back_to_clinicaltrials_gov() -> None:
@@ -133,10 +174,13 @@ def test_non_https_registry_url_falls_back_to_clinicaltrials_gov() -> None:
 
 
 def test_r4_long_titles_keep_the_summary_under_140() -> None:
-    info = TrialInfo(id=A, title="x" * 300, short_title="A very long short title " * 10,
-                     url=INFO.url)
-    te = evaluation(*(crit(f"u{i}", Result.UNKNOWN) for i in range(12)),
-                    *(crit(f"m{i}", Result.MANUAL) for i in range(15)))
+    info = TrialInfo(
+        id=A, title="x" * 300, short_title="A very long short title " * 10, url=INFO.url
+    )
+    te = evaluation(
+        *(crit(f"u{i}", Result.UNKNOWN) for i in range(12)),
+        *(crit(f"m{i}", Result.MANUAL) for i in range(15)),
+    )
     card = screening_card(te, info, CTX)
     assert card is not None
     assert len(card["summary"]) < 140
@@ -145,8 +189,14 @@ def test_r4_long_titles_keep_the_summary_under_140() -> None:
 
 
 def test_r9_markdown_from_data_cannot_inject_html_or_links() -> None:
-    te = evaluation(crit("x", Result.PASS, label="<script>alert(1)</script>",
-                         explanation="[click](javascript:alert(1)) *bold* | pipe"))
+    te = evaluation(
+        crit(
+            "x",
+            Result.PASS,
+            label="<script>alert(1)</script>",
+            explanation="[click](javascript:alert(1)) *bold* | pipe",
+        )
+    )
     card = screening_card(te, INFO, CTX)
     assert card is not None
     assert "<script" not in card["detail"]
@@ -167,8 +217,8 @@ def test_order_warning_card_names_trial_criterion_and_status() -> None:
     tace = crit("exc-tace", Result.PASS, "Prior TACE/TAE or Y90", kind="exclusion")
     te = evaluation(crit("age", Result.PASS), tace, crit("bili", Result.UNKNOWN))
     card = order_warning_card(
-        te, INFO, [BrokenCriterion(tace, "Yttrium-90 radioembolization", "ServiceRequest/s1")],
-        CTX)
+        te, INFO, [BrokenCriterion(tace, "Yttrium-90 radioembolization", "ServiceRequest/s1")], CTX
+    )
     assert card is not None
     check_cards(_as_response(card))
     assert card["indicator"] == "warning"

@@ -23,8 +23,11 @@ def _jwks() -> dict[str, Any]:
 
 
 def _secure(**extra: Any) -> dict[str, Any]:
-    return {"public_base_url": "https://cds.example.org",
-            "trusted_issuers": {"https://ehr.example.org": {"jwks": _jwks()}}, **extra}
+    return {
+        "public_base_url": "https://cds.example.org",
+        "trusted_issuers": {"https://ehr.example.org": {"jwks": _jwks()}},
+        **extra,
+    }
 
 
 def test_defaults_are_secure_and_need_an_issuer_and_public_url() -> None:
@@ -51,9 +54,15 @@ def test_environment_variables() -> None:
         "CDS_DEV": "1",
         "CDS_AUTH_REQUIRED": "false",
         "CDS_TRIALS": "NCT04339036",
-        "CDS_TRUSTED_ISSUERS": json.dumps({"https://sandbox.cds-hooks.org": {
-            "jwks": _jwks(), "jku": ["https://sandbox.cds-hooks.org/.well-known/jwks.json"],
-            "fhir_servers": ["http://127.0.0.1:8080/fhir/"]}}),
+        "CDS_TRUSTED_ISSUERS": json.dumps(
+            {
+                "https://sandbox.cds-hooks.org": {
+                    "jwks": _jwks(),
+                    "jku": ["https://sandbox.cds-hooks.org/.well-known/jwks.json"],
+                    "fhir_servers": ["http://127.0.0.1:8080/fhir/"],
+                }
+            }
+        ),
         "CDS_FHIR_TRUSTED_SERVERS": '["https://fhir.example.org/r4/"]',
         "CDS_CORS_ORIGINS": "http://localhost:8080, https://sandbox.cds-hooks.org",
         "CDS_FEEDBACK_DB": "/tmp/x.sqlite3",
@@ -70,14 +79,17 @@ def test_environment_variables() -> None:
     assert (s.feedback_db, s.suppress_days, s.time_budget_s) == ("/tmp/x.sqlite3", 14, 0.8)
     assert s.as_of == date(2026, 11, 1)
     assert s.trusted_fhir_servers("https://sandbox.cds-hooks.org") == (
-        "https://fhir.example.org/r4", "http://127.0.0.1:8080/fhir")
+        "https://fhir.example.org/r4",
+        "http://127.0.0.1:8080/fhir",
+    )
     assert s.trusted_fhir_servers("https://other") == ("https://fhir.example.org/r4",)
     assert s.trusted_fhir_servers(None) == ("https://fhir.example.org/r4",)
 
 
 def test_mapping_overrides_environment() -> None:
-    s = load_config({"dev": True, "auth_required": False, "time_budget_s": 2},
-                    env={"CDS_TIME_BUDGET_S": "0.5"})
+    s = load_config(
+        {"dev": True, "auth_required": False, "time_budget_s": 2}, env={"CDS_TIME_BUDGET_S": "0.5"}
+    )
     assert s.time_budget_s == 2.0
 
 
@@ -149,7 +161,8 @@ def test_unknown_trial_is_refused_at_start() -> None:
 
 def test_cds_serve_arguments(tmp_path: Path) -> None:
     args = build_parser().parse_args(
-        ["serve", "--host", "127.0.0.1", "--port", "9999", "--config", "x.toml", "--dev"])
+        ["serve", "--host", "127.0.0.1", "--port", "9999", "--config", "x.toml", "--dev"]
+    )
     assert args.func.__module__ == "cds.hooks.serve"
     assert (args.host, args.port) == ("127.0.0.1", 9999)
     assert serve_config(args) == {"config_file": "x.toml", "dev": True, "auth_required": False}

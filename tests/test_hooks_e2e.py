@@ -46,8 +46,12 @@ def client(loaded_fhir_base_url: str) -> FlaskClient:
 def _prefetch_from_server(base_url: str, patient_id: str) -> dict[str, Any]:
     """What a client honouring every template sends: each query run, all pages merged."""
     prefetch: dict[str, Any] = {}
-    with FhirClient(base_url=base_url, trusted_base_urls=[base_url],
-                    allow_insecure_loopback=True, timeouts=Timeouts(connect=5, read=30)) as fhir:
+    with FhirClient(
+        base_url=base_url,
+        trusted_base_urls=[base_url],
+        allow_insecure_loopback=True,
+        timeouts=Timeouts(connect=5, read=30),
+    ) as fhir:
         for query in build_patient_queries(load_trials()):
             url = query.for_patient(patient_id)
             if query.is_read:
@@ -55,8 +59,11 @@ def _prefetch_from_server(base_url: str, patient_id: str) -> dict[str, Any]:
                 continue
             rtype, _, params = url.partition("?")
             found = fhir.search(rtype, params).resources
-            bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset",
-                                      "total": len(found)}
+            bundle: dict[str, Any] = {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": len(found),
+            }
             if found:
                 bundle["entry"] = [{"resource": r} for r in found]
             prefetch[query.key] = bundle
@@ -69,18 +76,25 @@ def _trials(cards: list[dict[str, Any]]) -> list[str]:
 
 @pytest.mark.parametrize("patient", sorted(PATIENTS))
 def test_fetched_and_prefetched_give_the_same_cards(
-    client: FlaskClient, loaded_fhir_base_url: str, patient: str,
+    client: FlaskClient,
+    loaded_fhir_base_url: str,
+    patient: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="cds.hooks.calls")
-    fetched = post(client, f"/cds-services/{PV}",
-                   hook_body(patient_id=patient, fhirServer=loaded_fhir_base_url))
+    fetched = post(
+        client,
+        f"/cds-services/{PV}",
+        hook_body(patient_id=patient, fhirServer=loaded_fhir_base_url),
+    )
     assert fetched.status_code == 200, fetched.get_json()
     prefetch = _prefetch_from_server(loaded_fhir_base_url, patient)
     caplog.clear()
-    prefetched = post(client, f"/cds-services/{PV}",
-                      hook_body(patient_id=patient, prefetch=prefetch,
-                                fhirServer=loaded_fhir_base_url))
+    prefetched = post(
+        client,
+        f"/cds-services/{PV}",
+        hook_body(patient_id=patient, prefetch=prefetch, fhirServer=loaded_fhir_base_url),
+    )
     assert prefetched.status_code == 200
     line = json.loads(caplog.records[-1].getMessage())
     assert "fhir_calls" not in line and "prefetch_fetched" not in line  # S1: no FHIR call
@@ -91,16 +105,19 @@ def test_fetched_and_prefetched_give_the_same_cards(
 def test_unknown_patient_on_the_server_is_412(
     client: FlaskClient, loaded_fhir_base_url: str
 ) -> None:
-    response = post(client, f"/cds-services/{PV}",
-                    hook_body(patient_id="no-such-patient", fhirServer=loaded_fhir_base_url))
+    response = post(
+        client,
+        f"/cds-services/{PV}",
+        hook_body(patient_id="no-such-patient", fhirServer=loaded_fhir_base_url),
+    )
     assert response.status_code == 412
 
 
 def test_order_sign_against_the_server(client: FlaskClient, loaded_fhir_base_url: str) -> None:
-    body = hook_body("order-sign", patient_id="ileal-net-a-only",
-                     fhirServer=loaded_fhir_base_url)
+    body = hook_body("order-sign", patient_id="ileal-net-a-only", fhirServer=loaded_fhir_base_url)
     body["context"]["draftOrders"] = draft_bundle(
-        med_order("d1", "200328", "capecitabine 500 MG Oral Tablet", pid="ileal-net-a-only"))
+        med_order("d1", "200328", "capecitabine 500 MG Oral Tablet", pid="ileal-net-a-only")
+    )
     response = post(client, f"/cds-services/{ORD}", body)
     assert response.status_code == 200
     assert _trials(response.get_json()["cards"]) == ["NCT04339036"]

@@ -104,9 +104,16 @@ def test_f3_overridden_with_reason_and_comment_is_persisted(
 
 def test_comment_only_override_is_accepted(client: FlaskClient) -> None:
     card = _card_for(_screen(client), A)
-    body = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
-                          "overrideReason": {"userComment": "later"},
-                          "outcomeTimestamp": "2026-11-01T10:00:00+01:00"}]}
+    body = {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {"userComment": "later"},
+                "outcomeTimestamp": "2026-11-01T10:00:00+01:00",
+            }
+        ]
+    }
     assert post(client, FEEDBACK, body).status_code == 200
 
 
@@ -116,19 +123,24 @@ def test_comment_only_override_is_accepted(client: FlaskClient) -> None:
         ({"outcome": "rejected"}, "feedback[0].outcome"),
         ({"outcome": "accepted"}, "feedback[0].acceptedSuggestions"),
         ({"outcome": "overridden", "overrideReason": {}}, "feedback[0].overrideReason"),
-        ({"outcome": "overridden", "overrideReason": {"reason": {"code": "x"}}},
-         "feedback[0].overrideReason.reason.system"),
+        (
+            {"outcome": "overridden", "overrideReason": {"reason": {"code": "x"}}},
+            "feedback[0].overrideReason.reason.system",
+        ),
         ({"outcomeTimestamp": "yesterday"}, "feedback[0].outcomeTimestamp"),
         ({"card": ""}, "feedback[0].card"),
-        ({"outcome": "accepted", "acceptedSuggestions": []},
-         "feedback[0].acceptedSuggestions"),
+        ({"outcome": "accepted", "acceptedSuggestions": []}, "feedback[0].acceptedSuggestions"),
     ],
 )
 def test_f4_bad_items_are_400_naming_the_field(
     client: FlaskClient, item: dict[str, Any], expression: str
 ) -> None:
-    entry = {"card": "4f0a6c5e-8a9b-4c3d-9e2f-1a2b3c4d5e6f", "outcome": "overridden",
-             "outcomeTimestamp": "2026-11-01T10:00:00Z", **item}
+    entry = {
+        "card": "4f0a6c5e-8a9b-4c3d-9e2f-1a2b3c4d5e6f",
+        "outcome": "overridden",
+        "outcomeTimestamp": "2026-11-01T10:00:00Z",
+        **item,
+    }
     response = post(client, FEEDBACK, {"feedback": [entry]})
     assert response.status_code == 400
     assert response.get_json()["issue"][0]["expression"] == [expression]
@@ -152,8 +164,11 @@ def test_f5_same_feedback_twice_is_one_record(app: Flask, client: FlaskClient) -
 
 def test_f6_unknown_card_is_accepted_and_logged(app: Flask, client: FlaskClient) -> None:
     unknown = "0b7c0a1e-2f4d-4a8b-9c6d-5e4f3a2b1c0d"
-    body = {"feedback": [{"card": unknown, "outcome": "overridden",
-                          "outcomeTimestamp": "2026-11-01T10:00:00Z"}]}
+    body = {
+        "feedback": [
+            {"card": unknown, "outcome": "overridden", "outcomeTimestamp": "2026-11-01T10:00:00Z"}
+        ]
+    }
     assert post(client, FEEDBACK, body).status_code == 200
     (record,) = _stored(app, unknown)
     assert record.trial is None
@@ -168,10 +183,16 @@ def test_f8_suppressing_override_hides_the_trial_for_that_patient(
     client: FlaskClient, reason: str
 ) -> None:
     card = _card_for(_screen(client), A)
-    body = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
-                          "overrideReason": {"reason": {"system": OVERRIDE_SYSTEM,
-                                                        "code": reason}},
-                          "outcomeTimestamp": "2026-11-01T10:00:00Z"}]}
+    body = {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {"reason": {"system": OVERRIDE_SYSTEM, "code": reason}},
+                "outcomeTimestamp": "2026-11-01T10:00:00Z",
+            }
+        ]
+    }
     assert post(client, FEEDBACK, body).status_code == 200
     after = _screen(client)
     assert [c for c in after if A in c["summary"]] == []
@@ -182,15 +203,23 @@ def test_f8_suppressing_override_hides_the_trial_for_that_patient(
 
 def test_f8_non_suppressing_reason_keeps_the_card(client: FlaskClient) -> None:
     card = _card_for(_screen(client), A)
-    body = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
-                          "overrideReason": {"reason": {"system": OVERRIDE_SYSTEM,
-                                                        "code": "not-now"}},
-                          "outcomeTimestamp": "2026-11-01T10:00:00Z"}]}
+    body = {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {"reason": {"system": OVERRIDE_SYSTEM, "code": "not-now"}},
+                "outcomeTimestamp": "2026-11-01T10:00:00Z",
+            }
+        ]
+    }
     post(client, FEEDBACK, body)
     assert len(_screen(client)) == 2
     # a suppressing code from another code system does not count
-    body["feedback"][0]["overrideReason"]["reason"] = {"system": "urn:other",
-                                                        "code": "already-screened"}
+    body["feedback"][0]["overrideReason"]["reason"] = {
+        "system": "urn:other",
+        "code": "already-screened",
+    }
     post(client, FEEDBACK, body)
     assert len(_screen(client)) == 2
 
@@ -198,10 +227,18 @@ def test_f8_non_suppressing_reason_keeps_the_card(client: FlaskClient) -> None:
 def test_f8_suppression_expires(tmp_path: Path) -> None:
     client = dev_app(feedback_db=str(tmp_path / "f.sqlite3"), suppress_days=0).test_client()
     card = _card_for(_screen(client), A)
-    body = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
-                          "overrideReason": {"reason": {"system": OVERRIDE_SYSTEM,
-                                                        "code": "already-screened"}},
-                          "outcomeTimestamp": "2026-11-01T10:00:00Z"}]}
+    body = {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {
+                    "reason": {"system": OVERRIDE_SYSTEM, "code": "already-screened"}
+                },
+                "outcomeTimestamp": "2026-11-01T10:00:00Z",
+            }
+        ]
+    }
     post(client, FEEDBACK, body)
     assert len(_screen(client)) == 2
 
@@ -210,10 +247,18 @@ def test_feedback_survives_a_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "persist.sqlite3")
     client = dev_app(feedback_db=path).test_client()
     card = _card_for(_screen(client), A)
-    body = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
-                          "overrideReason": {"reason": {"system": OVERRIDE_SYSTEM,
-                                                        "code": "patient-declined"}},
-                          "outcomeTimestamp": "2026-11-01T10:00:00Z"}]}
+    body = {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {
+                    "reason": {"system": OVERRIDE_SYSTEM, "code": "patient-declined"}
+                },
+                "outcomeTimestamp": "2026-11-01T10:00:00Z",
+            }
+        ]
+    }
     post(client, FEEDBACK, body)
     restarted = dev_app(feedback_db=path).test_client()
     assert len(_screen(restarted)) == 1
@@ -222,8 +267,15 @@ def test_feedback_survives_a_restart(tmp_path: Path) -> None:
 def test_f7_feedback_audience_is_the_feedback_url() -> None:
     signer = Signer()
     client = secure_app(signer).test_client()
-    body = {"feedback": [{"card": "0b7c0a1e-2f4d-4a8b-9c6d-5e4f3a2b1c0d",
-                          "outcome": "overridden", "outcomeTimestamp": "2026-11-01T10:00:00Z"}]}
+    body = {
+        "feedback": [
+            {
+                "card": "0b7c0a1e-2f4d-4a8b-9c6d-5e4f3a2b1c0d",
+                "outcome": "overridden",
+                "outcomeTimestamp": "2026-11-01T10:00:00Z",
+            }
+        ]
+    }
     ok = {"Authorization": f"Bearer {signer.token(PUBLIC + FEEDBACK)}"}
     assert post(client, FEEDBACK, body, ok).status_code == 200
     wrong = {"Authorization": f"Bearer {signer.token(PUBLIC + SERVICE)}"}

@@ -37,14 +37,23 @@ def client() -> FlaskClient:
     return dev_app().test_client()
 
 
-def _sign(client: FlaskClient, patient: str, *orders: dict[str, Any],
-          hook: str = "order-sign", selections: list[str] | None = None) -> list[dict[str, Any]]:
-    body = hook_body(hook, patient_id=patient,
-                     prefetch=full_prefetch(fixture_resources(f"{patient}.json"), patient))
+def _sign(
+    client: FlaskClient,
+    patient: str,
+    *orders: dict[str, Any],
+    hook: str = "order-sign",
+    selections: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    body = hook_body(
+        hook,
+        patient_id=patient,
+        prefetch=full_prefetch(fixture_resources(f"{patient}.json"), patient),
+    )
     body["context"]["draftOrders"] = draft_bundle(*orders)
     if hook == "order-select":
         body["context"]["selections"] = selections or [
-            f"{o['resourceType']}/{o['id']}" for o in orders]
+            f"{o['resourceType']}/{o['id']}" for o in orders
+        ]
     response = post(client, SERVICE, body)
     assert response.status_code == 200, response.get_json()
     cards: list[dict[str, Any]] = response.get_json()["cards"]
@@ -54,7 +63,9 @@ def _sign(client: FlaskClient, patient: str, *orders: dict[str, Any],
 def test_capecitabine_order_warns_for_both_trials_of_a_candidate(client: FlaskClient) -> None:
     cards = _sign(client, "both-candidate", med_order("m1", *CAPECITABINE, pid="both-candidate"))
     assert {c["summary"].split(": ", 1)[1].split(" ", 1)[0] for c in cards} == {
-        "NCT04339036", "NCT05610826"}
+        "NCT04339036",
+        "NCT05610826",
+    }
     for card in cards:
         assert card["indicator"] == "warning"
         assert "capecitabine 500 MG Oral Tablet" in card["detail"]
@@ -70,15 +81,23 @@ def test_y90_order_names_the_embolization_criterion(client: FlaskClient) -> None
 
 
 def test_order_select_checks_only_the_selected_orders(client: FlaskClient) -> None:
-    cards = _sign(client, "both-candidate",
-                  med_order("m1", *CAPECITABINE, pid="both-candidate"),
-                  med_order("m2", *OCTREOTIDE, pid="both-candidate"),
-                  hook="order-select", selections=["MedicationRequest/m2"])
+    cards = _sign(
+        client,
+        "both-candidate",
+        med_order("m1", *CAPECITABINE, pid="both-candidate"),
+        med_order("m2", *OCTREOTIDE, pid="both-candidate"),
+        hook="order-select",
+        selections=["MedicationRequest/m2"],
+    )
     assert cards == []
-    cards = _sign(client, "both-candidate",
-                  med_order("m1", *CAPECITABINE, pid="both-candidate"),
-                  med_order("m2", *OCTREOTIDE, pid="both-candidate"),
-                  hook="order-select", selections=["MedicationRequest/m1"])
+    cards = _sign(
+        client,
+        "both-candidate",
+        med_order("m1", *CAPECITABINE, pid="both-candidate"),
+        med_order("m2", *OCTREOTIDE, pid="both-candidate"),
+        hook="order-select",
+        selections=["MedicationRequest/m1"],
+    )
     assert len(cards) == 2
 
 
@@ -106,16 +125,42 @@ def test_irrelevant_orders_need_no_patient_data_at_all() -> None:
 
 def test_draft_orders_reads_medication_references() -> None:
     contained = {
-        "resourceType": "MedicationRequest", "id": "m3", "status": "draft", "intent": "order",
-        "contained": [{"resourceType": "Medication", "id": "med",
-                       "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
-                                            "code": CAPECITABINE[0]}]}}],
+        "resourceType": "MedicationRequest",
+        "id": "m3",
+        "status": "draft",
+        "intent": "order",
+        "contained": [
+            {
+                "resourceType": "Medication",
+                "id": "med",
+                "code": {
+                    "coding": [
+                        {
+                            "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                            "code": CAPECITABINE[0],
+                        }
+                    ]
+                },
+            }
+        ],
         "medicationReference": {"reference": "#med"},
     }
-    bundled = {"resourceType": "MedicationRequest", "id": "m4", "status": "draft",
-               "intent": "order", "medicationReference": {"reference": "Medication/tmz"}}
-    medication = {"resourceType": "Medication", "id": "tmz", "code": {"coding": [
-        {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": TEMOZOLOMIDE[0]}]}}
+    bundled = {
+        "resourceType": "MedicationRequest",
+        "id": "m4",
+        "status": "draft",
+        "intent": "order",
+        "medicationReference": {"reference": "Medication/tmz"},
+    }
+    medication = {
+        "resourceType": "Medication",
+        "id": "tmz",
+        "code": {
+            "coding": [
+                {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": TEMOZOLOMIDE[0]}
+            ]
+        },
+    }
     orders = draft_orders(draft_bundle(contained, bundled, medication))
     assert [o.reference for o in orders] == ["MedicationRequest/m3", "MedicationRequest/m4"]
     trials = load_trials()

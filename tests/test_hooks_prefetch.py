@@ -43,8 +43,14 @@ def _observation_key(prefetch: dict[str, Any]) -> str:
 
 
 def _auth() -> dict[str, Any]:
-    return {"access_token": TOKEN, "token_type": "Bearer", "expires_in": 60,
-            "scope": "patient/*.read", "subject": "cds-service", "patient": PID}
+    return {
+        "access_token": TOKEN,
+        "token_type": "Bearer",
+        "expires_in": 60,
+        "scope": "patient/*.read",
+        "subject": "cds-service",
+        "patient": PID,
+    }
 
 
 def _call(stub: StubFhir, body: dict[str, Any], **settings: Any) -> Any:
@@ -58,14 +64,16 @@ def test_p1_absent_keys_are_fetched_with_the_bearer_token_and_give_the_same_card
     with_prefetch = _call(stub, hook_body(prefetch=prefetch))
     assert stub.requests == []
     partial = {k: v for k, v in prefetch.items() if k not in ("conditions", "patient")}
-    fetched = _call(stub, hook_body(prefetch=partial, fhirServer=stub.base_url,
-                                    fhirAuthorization=_auth()))
+    fetched = _call(
+        stub, hook_body(prefetch=partial, fhirServer=stub.base_url, fhirAuthorization=_auth())
+    )
     assert fetched.status_code == 200
     paths = sorted(r["path"] for r in stub.requests)
     assert paths == ["/fhir/Condition", f"/fhir/Patient/{PID}"]
     assert all(r["authorization"] == f"Bearer {TOKEN}" for r in stub.requests)
-    assert f"patient={PID}" in next(r["query"] for r in stub.requests
-                                    if r["path"] == "/fhir/Condition")
+    assert f"patient={PID}" in next(
+        r["query"] for r in stub.requests if r["path"] == "/fhir/Condition"
+    )
     assert without_uuids(fetched.get_json()) == without_uuids(with_prefetch.get_json())
     assert len(with_prefetch.get_json()["cards"]) == 2
 
@@ -73,12 +81,20 @@ def test_p1_absent_keys_are_fetched_with_the_bearer_token_and_give_the_same_card
 def test_p1_no_prefetch_at_all_fetches_every_key_concurrently(
     stub: StubFhir, prefetch: dict[str, Any]
 ) -> None:
-    for rtype in ("Patient", "Condition", "Observation", "Procedure", "MedicationRequest",
-                  "MedicationStatement", "MedicationAdministration"):
+    for rtype in (
+        "Patient",
+        "Condition",
+        "Observation",
+        "Procedure",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+    ):
         stub.delay[rtype] = 0.2
     started = time.monotonic()
-    response = _call(stub, hook_body(fhirServer=stub.base_url, fhirAuthorization=_auth()),
-                     fhir_concurrency=8)
+    response = _call(
+        stub, hook_body(fhirServer=stub.base_url, fhirAuthorization=_auth()), fhir_concurrency=8
+    )
     elapsed = time.monotonic() - started
     assert response.status_code == 200
     assert len(stub.requests) == len(prefetch_keys())
@@ -94,9 +110,7 @@ def test_p2_open_server_without_fhir_authorization(stub: StubFhir) -> None:
     assert len(response.get_json()["cards"]) == 2
 
 
-def test_p3_absent_key_and_no_fhir_server_is_412_naming_the_key(
-    prefetch: dict[str, Any]
-) -> None:
+def test_p3_absent_key_and_no_fhir_server_is_412_naming_the_key(prefetch: dict[str, Any]) -> None:
     partial = {k: v for k, v in prefetch.items() if k != "procedures"}
     response = post(dev_app().test_client(), SERVICE, hook_body(prefetch=partial))
     assert response.status_code == 412
@@ -107,9 +121,10 @@ def test_p3_absent_key_and_no_fhir_server_is_412_naming_the_key(
 def test_p4_p5_null_and_empty_bundle_mean_no_data_and_no_fetch(
     stub: StubFhir, prefetch: dict[str, Any]
 ) -> None:
-    body = hook_body(prefetch={**prefetch, "procedures": None,
-                               "medication-requests": searchset([])},
-                     fhirServer=stub.base_url)
+    body = hook_body(
+        prefetch={**prefetch, "procedures": None, "medication-requests": searchset([])},
+        fhirServer=stub.base_url,
+    )
     response = _call(stub, body)
     assert response.status_code == 200
     assert stub.requests == []
@@ -121,8 +136,10 @@ def test_p4_p5_null_and_empty_bundle_mean_no_data_and_no_fetch(
 
 
 def _outcome() -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "timeout", "diagnostics": "EHR timeout"}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "timeout", "diagnostics": "EHR timeout"}],
+    }
 
 
 def test_p6_operation_outcome_is_refetched_by_default(
@@ -130,8 +147,10 @@ def test_p6_operation_outcome_is_refetched_by_default(
 ) -> None:
     bundle_with_error = searchset([])
     bundle_with_error["entry"] = [{"resource": _outcome(), "search": {"mode": "outcome"}}]
-    body = hook_body(prefetch={**prefetch, "conditions": _outcome(),
-                               "procedures": bundle_with_error}, fhirServer=stub.base_url)
+    body = hook_body(
+        prefetch={**prefetch, "conditions": _outcome(), "procedures": bundle_with_error},
+        fhirServer=stub.base_url,
+    )
     response = _call(stub, body)
     assert response.status_code == 200
     assert sorted(r["path"] for r in stub.requests) == ["/fhir/Condition", "/fhir/Procedure"]
@@ -139,7 +158,7 @@ def test_p6_operation_outcome_is_refetched_by_default(
 
 
 def test_p6_operation_outcome_without_fhir_server_leaves_criteria_unknown(
-    prefetch: dict[str, Any]
+    prefetch: dict[str, Any],
 ) -> None:
     body = hook_body(prefetch={**prefetch, "procedures": _outcome()})
     response = post(dev_app().test_client(), SERVICE, body)
@@ -160,10 +179,16 @@ def test_p6_informational_outcomes_in_a_bundle_are_not_errors(
     stub: StubFhir, prefetch: dict[str, Any]
 ) -> None:
     conditions = dict(prefetch["conditions"])
-    conditions["entry"] = [*conditions["entry"], {"resource": {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "information", "code": "informational"}]},
-        "search": {"mode": "outcome"}}]
+    conditions["entry"] = [
+        *conditions["entry"],
+        {
+            "resource": {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "information", "code": "informational"}],
+            },
+            "search": {"mode": "outcome"},
+        },
+    ]
     body = hook_body(prefetch={**prefetch, "conditions": conditions}, fhirServer=stub.base_url)
     assert _call(stub, body).status_code == 200
     assert stub.requests == []
@@ -176,8 +201,9 @@ def test_p7_refused_credentials_are_412_within_the_budget(
     stub.status["Procedure"] = status
     partial = {k: v for k, v in prefetch.items() if k != "procedures"}
     started = time.monotonic()
-    response = _call(stub, hook_body(prefetch=partial, fhirServer=stub.base_url,
-                                     fhirAuthorization=_auth()))
+    response = _call(
+        stub, hook_body(prefetch=partial, fhirServer=stub.base_url, fhirAuthorization=_auth())
+    )
     assert time.monotonic() - started < 1.5 + 0.2
     assert response.status_code == 412
     assert "'procedures'" in response.get_json()["issue"][0]["diagnostics"]
@@ -189,8 +215,9 @@ def test_p7_a_search_the_server_cannot_answer_leaves_its_criteria_unknown(
 ) -> None:
     stub.status["Procedure"] = status
     partial = {k: v for k, v in prefetch.items() if k != "procedures"}
-    response = _call(stub, hook_body(prefetch=partial, fhirServer=stub.base_url,
-                                     fhirAuthorization=_auth()))
+    response = _call(
+        stub, hook_body(prefetch=partial, fhirServer=stub.base_url, fhirAuthorization=_auth())
+    )
     assert response.status_code == 200
     cards = response.get_json()["cards"]
     # the procedure-based exclusions are not passed on missing data: every card needs review
@@ -198,9 +225,7 @@ def test_p7_a_search_the_server_cannot_answer_leaves_its_criteria_unknown(
     assert all("could not" in c["detail"] or "not available" in c["detail"] for c in cards)
 
 
-def test_p7_the_patient_itself_unavailable_is_412(
-    stub: StubFhir, prefetch: dict[str, Any]
-) -> None:
+def test_p7_the_patient_itself_unavailable_is_412(stub: StubFhir, prefetch: dict[str, Any]) -> None:
     stub.status["Patient"] = 500
     partial = {k: v for k, v in prefetch.items() if k != "patient"}
     response = _call(stub, hook_body(prefetch=partial, fhirServer=stub.base_url))
@@ -214,8 +239,7 @@ def test_p7_a_hanging_server_is_abandoned_at_the_budget(
     stub.delay["Procedure"] = 3.0
     partial = {k: v for k, v in prefetch.items() if k != "procedures"}
     started = time.monotonic()
-    response = _call(stub, hook_body(prefetch=partial, fhirServer=stub.base_url),
-                     time_budget_s=0.5)
+    response = _call(stub, hook_body(prefetch=partial, fhirServer=stub.base_url), time_budget_s=0.5)
     elapsed = time.monotonic() - started
     assert elapsed < 0.5 + 0.2
     assert response.status_code == 200
@@ -241,12 +265,18 @@ def test_p8_prefetch_next_links_are_followed_with_the_token(
     observations = prefetch[key]["entry"]
     first, second, third = observations[:4], observations[4:8], observations[8:]
     stub.pages["Observation?page=2"] = searchset(
-        [e["resource"] for e in second], next_url=f"{stub.base_url}/Observation?page=3")
+        [e["resource"] for e in second], next_url=f"{stub.base_url}/Observation?page=3"
+    )
     stub.pages["Observation?page=3"] = searchset([e["resource"] for e in third])
-    paged = {**prefetch, key: searchset(
-        [e["resource"] for e in first], next_url=f"{stub.base_url}/Observation?page=2")}
-    response = _call(stub, hook_body(prefetch=paged, fhirServer=stub.base_url,
-                                     fhirAuthorization=_auth()))
+    paged = {
+        **prefetch,
+        key: searchset(
+            [e["resource"] for e in first], next_url=f"{stub.base_url}/Observation?page=2"
+        ),
+    }
+    response = _call(
+        stub, hook_body(prefetch=paged, fhirServer=stub.base_url, fhirAuthorization=_auth())
+    )
     assert response.status_code == 200
     assert [r["query"] for r in stub.requests] == ["page=2", "page=3"]
     assert all(r["authorization"] == f"Bearer {TOKEN}" for r in stub.requests)
@@ -258,8 +288,10 @@ def test_p8_next_link_outside_the_fhir_server_is_not_followed(
 ) -> None:
     key = _observation_key(prefetch)
     observations = [e["resource"] for e in prefetch[key]["entry"]]
-    paged = {**prefetch, key: searchset(
-        observations[:3], next_url="http://169.254.169.254/latest/meta-data")}
+    paged = {
+        **prefetch,
+        key: searchset(observations[:3], next_url="http://169.254.169.254/latest/meta-data"),
+    }
     response = _call(stub, hook_body(prefetch=paged, fhirServer=stub.base_url))
     assert response.status_code == 200
     assert stub.requests == []

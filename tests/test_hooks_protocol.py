@@ -68,8 +68,9 @@ def test_d2_d2b_d5_services_are_complete_and_unique(client: FlaskClient) -> None
     for service in body["services"]:
         assert re.fullmatch(r"[A-Za-z0-9._-]+", service["id"])
         assert service["description"] and service["title"] and service["usageRequirements"]
-        assert all(isinstance(k, str) and isinstance(v, str)
-                   for k, v in service["prefetch"].items())
+        assert all(
+            isinstance(k, str) and isinstance(v, str) for k, v in service["prefetch"].items()
+        )
 
 
 def test_d3_d4_prefetch_templates_use_only_2_0_tokens_and_the_query_subset(
@@ -170,8 +171,9 @@ def test_s4_one_id_two_hooks_dispatches_on_body_hook(
     sign = hook_body("order-sign", prefetch=candidate_prefetch)
     sign["context"]["draftOrders"] = draft_bundle(order)
     select = hook_body("order-select", prefetch=candidate_prefetch)
-    select["context"].update(draftOrders=draft_bundle(order),
-                             selections=["MedicationRequest/draft-1"])
+    select["context"].update(
+        draftOrders=draft_bundle(order), selections=["MedicationRequest/draft-1"]
+    )
     for body in (sign, select):
         response = post(client, f"/cds-services/{ORD}", body)
         assert response.status_code == 200, response.get_json()
@@ -186,9 +188,12 @@ def test_s4_one_id_two_hooks_dispatches_on_body_hook(
 def test_s5_unknown_service_is_404_and_wrong_method_405(client: FlaskClient) -> None:
     response = post(client, "/cds-services/does-not-exist", hook_body())
     assert response.status_code == 404
-    for response in (client.get(f"/cds-services/{PV}"), client.post("/cds-services"),
-                     client.put(f"/cds-services/{PV}"),
-                     client.get(f"/cds-services/{PV}/feedback")):
+    for response in (
+        client.get(f"/cds-services/{PV}"),
+        client.post("/cds-services"),
+        client.put(f"/cds-services/{PV}"),
+        client.get(f"/cds-services/{PV}/feedback"),
+    ):
         check_any(response)
         assert response.status_code == 405
         assert "POST" in response.headers["Allow"] or "GET" in response.headers["Allow"]
@@ -199,8 +204,9 @@ def test_s6_charset_parameter_is_accepted(
     client: FlaskClient, candidate_prefetch: dict[str, Any]
 ) -> None:
     body = hook_body(prefetch=candidate_prefetch)
-    response = post(client, f"/cds-services/{PV}", body,
-                    content_type="application/json; charset=utf-8")
+    response = post(
+        client, f"/cds-services/{PV}", body, content_type="application/json; charset=utf-8"
+    )
     assert response.status_code == 200
     response = post(client, f"/cds-services/{PV}", body, content_type="text/html")
     assert response.status_code == 415
@@ -210,8 +216,9 @@ def test_s7_unknown_fields_and_extension_are_ignored(
     client: FlaskClient, candidate_prefetch: dict[str, Any]
 ) -> None:
     plain = post(client, f"/cds-services/{PV}", hook_body(prefetch=candidate_prefetch))
-    body = hook_body(prefetch=candidate_prefetch, extension={"com.example.x": 1},
-                     somethingNew={"a": [1]})
+    body = hook_body(
+        prefetch=candidate_prefetch, extension={"com.example.x": 1}, somethingNew={"a": [1]}
+    )
     body["context"]["com.example.extra"] = "ignored"
     body["prefetch"]["unrequested"] = {"resourceType": "Bundle", "type": "searchset"}
     extended = post(client, f"/cds-services/{PV}", body)
@@ -220,9 +227,15 @@ def test_s7_unknown_fields_and_extension_are_ignored(
 
 
 def test_s8_fhir_authorization_without_fhir_server_is_400(client: FlaskClient) -> None:
-    body = hook_body(fhirAuthorization={"access_token": "abc", "token_type": "Bearer",
-                                        "expires_in": 300, "scope": "patient/*.read",
-                                        "subject": "cds-service"})
+    body = hook_body(
+        fhirAuthorization={
+            "access_token": "abc",
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cds-service",
+        }
+    )
     response = post(client, f"/cds-services/{PV}", body)
     assert response.status_code == 400
     issue = response.get_json()["issue"][0]
@@ -231,9 +244,16 @@ def test_s8_fhir_authorization_without_fhir_server_is_400(client: FlaskClient) -
 
 
 def test_fhir_authorization_fields_are_checked(client: FlaskClient) -> None:
-    body = hook_body(fhirServer="https://fhir.example.org",
-                     fhirAuthorization={"access_token": "abc", "token_type": "MAC",
-                                        "expires_in": 300, "scope": "x", "subject": "y"})
+    body = hook_body(
+        fhirServer="https://fhir.example.org",
+        fhirAuthorization={
+            "access_token": "abc",
+            "token_type": "MAC",
+            "expires_in": 300,
+            "scope": "x",
+            "subject": "y",
+        },
+    )
     response = post(client, f"/cds-services/{PV}", body)
     assert response.status_code == 400
     assert response.get_json()["issue"][0]["expression"] == ["fhirAuthorization.token_type"]
@@ -248,14 +268,18 @@ def test_oversized_body_is_413_outcome() -> None:
 # -- CORS and operations ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/cds-services", f"/cds-services/{PV}",
-                                  f"/cds-services/{PV}/feedback"])
+@pytest.mark.parametrize(
+    "path", ["/cds-services", f"/cds-services/{PV}", f"/cds-services/{PV}/feedback"]
+)
 def test_c1_preflight_from_an_allowed_origin(client: FlaskClient, path: str) -> None:
-    response = client.options(path, headers={
-        "Origin": "http://localhost:8080",
-        "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type",
-    })
+    response = client.options(
+        path,
+        headers={
+            "Origin": "http://localhost:8080",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert 200 <= response.status_code < 300
     assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:8080"
     methods = response.headers["Access-Control-Allow-Methods"]
@@ -272,8 +296,10 @@ def test_c1_actual_responses_carry_the_origin(client: FlaskClient) -> None:
 
 
 def test_c2_disallowed_origin_gets_no_cors_headers(client: FlaskClient) -> None:
-    response = client.options("/cds-services", headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+    response = client.options(
+        "/cds-services",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
     assert "Access-Control-Allow-Origin" not in response.headers
     response = client.get("/cds-services", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in response.headers
@@ -296,7 +322,8 @@ def test_o2_healthz(client: FlaskClient) -> None:
 
 
 def test_an_engine_failure_is_logged_and_answered_without_cards(
-    monkeypatch: pytest.MonkeyPatch, candidate_prefetch: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    candidate_prefetch: dict[str, Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import cds.hooks.screening as screening

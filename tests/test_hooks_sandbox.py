@@ -43,10 +43,12 @@ def sandbox() -> Signer:
 
 @pytest.fixture()
 def client(sandbox: Signer, stub: StubFhir) -> FlaskClient:
-    issuers = {SANDBOX_ISS: {"jwks": sandbox.jwks, "jku": [SANDBOX_JKU],
-                             "fhir_servers": [stub.base_url]}}
-    return secure_app(sandbox, dev=True, public_base_url=BASE, trusted_issuers=issuers,
-                      cors_origins=[ORIGIN]).test_client()
+    issuers = {
+        SANDBOX_ISS: {"jwks": sandbox.jwks, "jku": [SANDBOX_JKU], "fhir_servers": [stub.base_url]}
+    }
+    return secure_app(
+        sandbox, dev=True, public_base_url=BASE, trusted_issuers=issuers, cors_origins=[ORIGIN]
+    ).test_client()
 
 
 def _jwt(sandbox: Signer, path: str) -> dict[str, str]:
@@ -57,9 +59,14 @@ def _jwt(sandbox: Signer, path: str) -> dict[str, str]:
 
 
 def _preflight(client: FlaskClient, path: str, method: str) -> None:
-    response = client.options(path, headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": method,
-        "Access-Control-Request-Headers": "authorization,content-type"})
+    response = client.options(
+        path,
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert 200 <= response.status_code < 300
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert "authorization" in response.headers["Access-Control-Allow-Headers"].lower()
@@ -82,10 +89,13 @@ def test_the_sandbox_call_sequence(client: FlaskClient, sandbox: Signer, stub: S
     stub.pages["Observation?page=2"] = searchset(observations[5:])
     prefetch[key] = searchset(observations[:5], next_url=f"{stub.base_url}/Observation?page=2")
     del prefetch["procedures"]  # a key whose fetch failed is left out
-    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
-            "fhirServer": stub.base_url,
-            "context": {"userId": "Practitioner/COREPRACTITIONER1", "patientId": PID},
-            "prefetch": prefetch}
+    body = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "fhirServer": stub.base_url,
+        "context": {"userId": "Practitioner/COREPRACTITIONER1", "patientId": PID},
+        "prefetch": prefetch,
+    }
     response = post(client, path, body, _jwt(sandbox, path))
     assert response.status_code == 200, response.get_json()
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
@@ -100,10 +110,16 @@ def test_the_sandbox_call_sequence(client: FlaskClient, sandbox: Signer, stub: S
     feedback_path = f"{path}/feedback"
     _preflight(client, feedback_path, "POST")
     reason = cards[0]["overrideReasons"][0]
-    feedback = {"feedback": [{"card": cards[0]["uuid"], "outcome": "overridden",
-                              "overrideReason": {"reason": {"code": reason["code"],
-                                                            "system": reason["system"]}},
-                              "outcomeTimestamp": "2026-11-01T09:00:00.000Z"}]}
+    feedback = {
+        "feedback": [
+            {
+                "card": cards[0]["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {"reason": {"code": reason["code"], "system": reason["system"]}},
+                "outcomeTimestamp": "2026-11-01T09:00:00.000Z",
+            }
+        ]
+    }
     response = post(client, feedback_path, feedback, _jwt(sandbox, feedback_path))
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN

@@ -106,8 +106,13 @@ def group_member_ids(client: FhirClient, group_id: str) -> list[str]:
 class RateLimiter:
     """At most ``rate`` acquisitions per second across threads (evenly spaced, no bursts)."""
 
-    def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self._interval = 1.0 / rate
@@ -130,8 +135,13 @@ class _RateLimitedSession(requests.Session):
         super().__init__()
         self._limiter = limiter
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any,  # type: ignore[override]
-                **kwargs: Any) -> requests.Response:
+    def request(
+        self,
+        method: str | bytes,
+        url: str | bytes,
+        *args: Any,
+        **kwargs: Any,
+    ) -> requests.Response:
         self._limiter.acquire()
         return super().request(method, url, *args, **kwargs)
 
@@ -159,8 +169,10 @@ def export_supported(capability: Mapping[str, Any], *, group: bool = False) -> b
             continue
         if group:
             for resource in rest.get("resource") or []:
-                if isinstance(resource, dict) and resource.get("type") == "Group" and _has_export(
-                    resource.get("operation")
+                if (
+                    isinstance(resource, dict)
+                    and resource.get("type") == "Group"
+                    and _has_export(resource.get("operation"))
                 ):
                     return True
         elif _has_export(rest.get("operation")):
@@ -306,8 +318,9 @@ class BulkExporter:
                         "$export status: the manifest is not JSON", url=status_url
                     ) from exc
                 if not isinstance(manifest, dict):
-                    raise FhirBadResponse("$export status: the manifest is not an object",
-                                          url=status_url)
+                    raise FhirBadResponse(
+                        "$export status: the manifest is not an object", url=status_url
+                    )
                 return manifest
             if time.monotonic() > deadline:
                 raise FhirTemporaryError(
@@ -322,8 +335,9 @@ class BulkExporter:
             self._sleep(min(delay if delay is not None else 2.0, self._max_poll_interval))
 
     def _download(self, url: str, path: Path, needs_token: bool) -> int:
-        response = self._send("GET", url, {"Accept": NDJSON}, expect=(200,), stream=True,
-                              token=needs_token)
+        response = self._send(
+            "GET", url, {"Accept": NDJSON}, expect=(200,), stream=True, token=needs_token
+        )
         size = 0
         tmp = path.with_name(path.name + ".part")
         try:
@@ -331,10 +345,14 @@ class BulkExporter:
                 for chunk in response.iter_content(1 << 20):
                     f.write(chunk)
                     size += len(chunk)
-        except (requests.ConnectionError, requests.Timeout,
-                requests.exceptions.ChunkedEncodingError) as exc:
-            raise FhirTemporaryError(f"download of {url} broke off: {type(exc).__name__}",
-                                     url=url) from exc
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+        ) as exc:
+            raise FhirTemporaryError(
+                f"download of {url} broke off: {type(exc).__name__}", url=url
+            ) from exc
         finally:
             response.close()
         tmp.replace(path)
@@ -362,7 +380,11 @@ class BulkExporter:
                 sent["Authorization"] = f"Bearer {self._auth.token(self._session)}"
             try:
                 response = self._session.request(
-                    method, url, headers=sent, stream=stream, allow_redirects=False,
+                    method,
+                    url,
+                    headers=sent,
+                    stream=stream,
+                    allow_redirects=False,
                     timeout=(self._timeouts.connect, self._timeouts.read),
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -400,7 +422,9 @@ def _outcome(response: requests.Response) -> JSONDict | None:
         body = response.json()
     except ValueError:
         return None
-    return body if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome" else None
+    return (
+        body if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome" else None
+    )
 
 
 def _error(status: int, message: str, url: str, outcome: JSONDict | None) -> FhirError:

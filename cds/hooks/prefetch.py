@@ -129,9 +129,7 @@ def gather(
             result.empty.append(query.key)
             continue
         rtype = value.get("resourceType")
-        if rtype == "OperationOutcome" or (
-            rtype == "Bundle" and _bundle_resources(value)[1]
-        ):
+        if rtype == "OperationOutcome" or (rtype == "Bundle" and _bundle_resources(value)[1]):
             # 2.0: the service "SHOULD check prefetch for OperationOutcomes".
             if settings.prefetch_oo_policy == "refetch":
                 plans.append(_Plan(query, "fetch", optional=True))
@@ -162,8 +160,17 @@ def gather(
         else:
             result.empty.append(query.key)
     if plans:
-        _run(plans, result, trials, patient_id, fhir_server, access_token, trusted, settings,
-             deadline)
+        _run(
+            plans,
+            result,
+            trials,
+            patient_id,
+            fhir_server,
+            access_token,
+            trusted,
+            settings,
+            deadline,
+        )
     return result
 
 
@@ -251,8 +258,9 @@ def _run(
             else:
                 result.incomplete.append(key)
             # The error's message holds the URL with the patient id: log its type only.
-            log.warning("FHIR query %s failed: %s (HTTP %s)", key, type(error).__name__,
-                        error.status)
+            log.warning(
+                "FHIR query %s failed: %s (HTTP %s)", key, type(error).__name__, error.status
+            )
         if failures:
             raise PrefetchUnavailable(
                 f"prefetch {_keys(failures)} absent and the FHIR server did not provide it"

@@ -90,8 +90,8 @@ def lint_template(hook: str, key: str, template: str) -> None:
             raise bad(f"query parameter {name!r} is outside the 2.0 recommended subset")
         elif not value:
             raise bad(f"query parameter {name!r} has no value")
-        elif name.endswith("date") and not _TOKEN.fullmatch(value) and not _DATE_PREFIX.match(
-            value
+        elif (
+            name.endswith("date") and not _TOKEN.fullmatch(value) and not _DATE_PREFIX.match(value)
         ):
             raise bad(f"date parameter {name!r} uses a prefix outside eq|lt|gt|ge|le")
 

@@ -69,8 +69,9 @@ def invoke(service_id: str) -> Response:
     except Exception:
         # A bug (ours or the engine's) must not break the clinician's workflow: "never a 500".
         # The traceback goes to the log; the EHR gets "no guidance", the call log says why.
-        log.exception("hook %s of service %s failed; answering without cards",
-                      service.hook, service.id)
+        log.exception(
+            "hook %s of service %s failed; answering without cards", service.hook, service.id
+        )
         call_log.note = "internal error: answered without cards"
         cards = []
     # 2.0: "{"cards": []}" when there is no guidance: the one allowed empty array.

@@ -1,1 +1,1 @@
-"""Registry-wide sweeps: every patient of a FHIR server, Bulk export or NDJSON directory."""
+"""Registry-wide sweeps: every patient of a FHIR server or NDJSON export, screened in partitions."""

@@ -54,18 +54,32 @@ class Signer:
             algo = jwt.algorithms.RSAAlgorithm
         self.public = self.private.public_key()
         self.jwk: dict[str, Any] = {
-            **algo.to_jwk(self.public, as_dict=True), "kid": self.kid, "alg": alg, "use": "sig"
+            **algo.to_jwk(self.public, as_dict=True),
+            "kid": self.kid,
+            "alg": alg,
+            "use": "sig",
         }
 
     @property
     def jwks(self) -> dict[str, Any]:
         return {"keys": [self.jwk]}
 
-    def token(self, aud: str | list[str], *, headers: Mapping[str, Any] | None = None,
-              drop: tuple[str, ...] = (), **claims: Any) -> str:
+    def token(
+        self,
+        aud: str | list[str],
+        *,
+        headers: Mapping[str, Any] | None = None,
+        drop: tuple[str, ...] = (),
+        **claims: Any,
+    ) -> str:
         now = int(time.time())
-        payload: dict[str, Any] = {"iss": self.iss, "aud": aud, "iat": now, "exp": now + 300,
-                                   "jti": str(uuid.uuid4())}
+        payload: dict[str, Any] = {
+            "iss": self.iss,
+            "aud": aud,
+            "iat": now,
+            "exp": now + 300,
+            "jti": str(uuid.uuid4()),
+        }
         payload.update(claims)
         for name in drop:
             payload.pop(name, None)
@@ -119,9 +133,11 @@ def fixture_resources(name: str) -> list[dict[str, Any]]:
 
 
 def searchset(resources: list[dict[str, Any]], *, next_url: str | None = None) -> dict[str, Any]:
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset",
-                              "entry": [{"resource": r, "search": {"mode": "match"}}
-                                        for r in resources]}
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources],
+    }
     if not resources:
         del bundle["entry"]
     bundle["total"] = len(resources)
@@ -136,16 +152,24 @@ def full_prefetch(resources: list[dict[str, Any]], patient_id: str) -> dict[str,
     prefetch: dict[str, Any] = {}
     for q in queries:
         if q.is_read:
-            found = [r for r in resources if r["resourceType"] == q.resource_type
-                     and r.get("id") == patient_id]
+            found = [
+                r
+                for r in resources
+                if r["resourceType"] == q.resource_type and r.get("id") == patient_id
+            ]
             prefetch[q.key] = found[0] if found else None
             continue
         matching = [r for r in resources if r["resourceType"] == q.resource_type]
         if q.resource_type == "Observation":
             wanted = set(parse_qs(urlsplit(q.template).query)["code"][0].split(","))
-            matching = [r for r in matching if any(
-                f"{c.get('system')}|{c.get('code')}" in wanted
-                for c in r.get("code", {}).get("coding", []))]
+            matching = [
+                r
+                for r in matching
+                if any(
+                    f"{c.get('system')}|{c.get('code')}" in wanted
+                    for c in r.get("code", {}).get("coding", [])
+                )
+            ]
         prefetch[q.key] = searchset(matching)
     return prefetch
 
@@ -154,8 +178,13 @@ def prefetch_keys() -> list[str]:
     return [q.key for q in build_patient_queries(load_trials())]
 
 
-def hook_body(hook: str = "patient-view", patient_id: str = "both-candidate", *,
-              prefetch: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+def hook_body(
+    hook: str = "patient-view",
+    patient_id: str = "both-candidate",
+    *,
+    prefetch: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     context: dict[str, Any] = {"userId": "Practitioner/doc-1", "patientId": patient_id}
     body: dict[str, Any] = {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": context}
     if prefetch is not None:
@@ -165,38 +194,63 @@ def hook_body(hook: str = "patient-view", patient_id: str = "both-candidate", *,
 
 
 def draft_bundle(*resources: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "collection",
-            "entry": [{"resource": r} for r in resources]}
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": r} for r in resources],
+    }
 
 
 def med_order(oid: str, code: str, display: str, pid: str = "both-candidate") -> dict[str, Any]:
     return {
-        "resourceType": "MedicationRequest", "id": oid, "status": "draft", "intent": "order",
+        "resourceType": "MedicationRequest",
+        "id": oid,
+        "status": "draft",
+        "intent": "order",
         "subject": {"reference": f"Patient/{pid}"},
-        "medicationCodeableConcept": {"coding": [{
-            "system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": code,
-            "display": display}], "text": display},
+        "medicationCodeableConcept": {
+            "coding": [
+                {
+                    "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                    "code": code,
+                    "display": display,
+                }
+            ],
+            "text": display,
+        },
     }
 
 
-def service_order(oid: str, system: str, code: str, display: str,
-                  pid: str = "both-candidate") -> dict[str, Any]:
+def service_order(
+    oid: str, system: str, code: str, display: str, pid: str = "both-candidate"
+) -> dict[str, Any]:
     return {
-        "resourceType": "ServiceRequest", "id": oid, "status": "draft", "intent": "order",
+        "resourceType": "ServiceRequest",
+        "id": oid,
+        "status": "draft",
+        "intent": "order",
         "subject": {"reference": f"Patient/{pid}"},
-        "code": {"coding": [{"system": system, "code": code, "display": display}],
-                 "text": display},
+        "code": {"coding": [{"system": system, "code": code, "display": display}], "text": display},
     }
 
 
-def post(client: FlaskClient, path: str, body: Any, headers: Mapping[str, str] | None = None,
-         *, raw: bytes | None = None, content_type: str = "application/json") -> Any:
+def post(
+    client: FlaskClient,
+    path: str,
+    body: Any,
+    headers: Mapping[str, str] | None = None,
+    *,
+    raw: bytes | None = None,
+    content_type: str = "application/json",
+) -> Any:
     data = raw if raw is not None else json.dumps(body).encode()
-    response = client.post(path, data=data, headers=dict(headers or {}),
-                           content_type=content_type)
+    response = client.post(path, data=data, headers=dict(headers or {}), content_type=content_type)
     check_any(response)
-    if response.status_code == 200 and path.startswith("/cds-services/") and not path.endswith(
-            "/feedback"):
+    if (
+        response.status_code == 200
+        and path.startswith("/cds-services/")
+        and not path.endswith("/feedback")
+    ):
         check_cards(response.get_json())
     return response
 
@@ -277,8 +331,9 @@ class StubFhir:
     base_url: str = ""
 
     def handle(self, path: str, query: str, headers: Mapping[str, str]) -> tuple[int, Any]:
-        self.requests.append({"path": path, "query": query,
-                              "authorization": headers.get("Authorization")})
+        self.requests.append(
+            {"path": path, "query": query, "authorization": headers.get("Authorization")}
+        )
         rel = path.split("/fhir/", 1)[-1]
         key = rel + ("?" + query if query else "")
         if key in self.pages:
@@ -287,14 +342,20 @@ class StubFhir:
         time.sleep(self.delay.get(rtype, 0))
         if rtype in self.status:
             code = self.status[rtype]
-            return code, {"resourceType": "OperationOutcome", "issue": [
-                {"severity": "error", "code": "processing", "diagnostics": f"stub {code}"}]}
+            return code, {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {"severity": "error", "code": "processing", "diagnostics": f"stub {code}"}
+                ],
+            }
         if "/" in rel:
             rid = rel.split("/", 1)[1]
             found = [r for r in self.resources if r["resourceType"] == rtype and r["id"] == rid]
             if not found:
-                return 404, {"resourceType": "OperationOutcome", "issue": [
-                    {"severity": "error", "code": "not-found"}]}
+                return 404, {
+                    "resourceType": "OperationOutcome",
+                    "issue": [{"severity": "error", "code": "not-found"}],
+                }
             return 200, found[0]
         return 200, searchset([r for r in self.resources if r["resourceType"] == rtype])
 

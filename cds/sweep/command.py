@@ -1,0 +1,257 @@
+"""`cds sweep`: screen a whole registry (FHIR REST, Bulk $export or NDJSON) into a report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cds.criteria import load_trials
+from cds.errors import InputError
+from cds.evaluate_command import parse_as_of
+from cds.fhir.auth import SmartBackendAuth, TokenSource
+from cds.fhir.bulk import BulkExporter, export_supported, rate_limited_sessions
+from cds.fhir.client import FhirClient, Timeouts
+from cds.fhir.loader import parse_tag
+from cds.sweep.runner import (
+    RestOptions,
+    SweepOptions,
+    print_summary,
+    sweep_export,
+    sweep_ndjson,
+    sweep_rest,
+)
+from cds.sweep.writeback import write_back
+
+log = logging.getLogger(__name__)
+
+#: the local FHIR server `make run` starts (scripts/serve-fhir-server on port 8080)
+DEFAULT_FHIR_BASE = "http://127.0.0.1:8080/fhir"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _auth(args: argparse.Namespace) -> TokenSource | None:
+    given = [args.smart_client_id, args.smart_key, args.smart_token_url]
+    if not any(given):
+        return None
+    if not all(given):
+        raise InputError(
+            "SMART Backend Services needs --smart-client-id, --smart-key and "
+            "--smart-token-url together",
+            source="--smart-client-id",
+        )
+    try:
+        key = Path(args.smart_key).read_bytes()
+    except OSError as exc:
+        raise InputError(
+            f"cannot read the private key ({exc.strerror})", source=str(args.smart_key)
+        ) from exc
+    return SmartBackendAuth(
+        token_url=args.smart_token_url,
+        client_id=args.smart_client_id,
+        private_key=key,
+        key_id=args.smart_kid or args.smart_client_id,
+        algorithm=args.smart_alg,
+        allow_insecure_loopback=True,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    as_of = parse_as_of(args.as_of) if args.as_of else None
+    trials = load_trials(args.trial) if args.trial else load_trials()
+    workers = args.workers or max(1, os.cpu_count() or 1)
+    opts = SweepOptions(
+        out=args.out,
+        trials=trials,
+        as_of=as_of,
+        resume=args.resume,
+        workers=workers,
+        stream=sys.stderr,
+    )
+    if args.ndjson is not None:
+        if args.write_back and args.fhir_base is None:
+            raise InputError(
+                "--write-back needs --fhir-base (where to write)", source="--write-back"
+            )
+        if args.source not in (None, "ndjson"):
+            raise InputError(
+                "--ndjson reads files; --source applies to --fhir-base", source="--source"
+            )
+        summary = sweep_ndjson(args.ndjson, opts)
+        client = _client(args) if args.write_back else None
+    else:
+        base = args.fhir_base or DEFAULT_FHIR_BASE
+        auth = _auth(args)
+        client = _client(args, base, auth)
+        source = args.source or "auto"
+        if source in ("auto", "export"):
+            offered = export_supported(client.capabilities(), group=bool(args.group))
+            if not offered and source == "export":
+                raise InputError(
+                    f"{base} does not offer $export (its CapabilityStatement "
+                    "lists no export operation)",
+                    source="--source",
+                )
+            source = "export" if offered and not args.patient and not args.tag else "rest"
+            if source == "rest" and args.source == "auto":
+                sys.stderr.write("cds sweep: using FHIR REST paging\n")
+        if source == "export":
+            with BulkExporter(
+                base_url=base,
+                trusted_base_urls=[base],
+                auth=auth,
+                allow_insecure_loopback=True,
+                timeouts=Timeouts(read=args.timeout),
+            ) as exporter:
+                summary = sweep_export(exporter, base, opts, group=args.group)
+        else:
+            rest = RestOptions(
+                concurrency=args.concurrency,
+                page_size=args.page_size,
+                tag=args.tag,
+                group=args.group,
+                patient_ids=args.patient or (),
+            )
+            summary = sweep_rest(client, opts, rest)
+    print_summary(summary, sys.stdout)
+    if args.write_back and client is not None:
+        report = write_back(client, trials, args.out / "candidates.csv", client.capabilities())
+        sys.stdout.write(
+            f"write-back: ResearchStudy {report.studies_created} created, "
+            f"{report.studies_existing} already there; ResearchSubject "
+            f"{report.subjects_created} created, {report.subjects_existing} already there\n"
+        )
+    if client is not None:
+        client.close()
+    sys.stdout.write(
+        f"wrote {args.out}/results.ndjson, candidates.csv, summary.json, report.html\n"
+    )
+    return 0
+
+
+def _client(
+    args: argparse.Namespace, base: str | None = None, auth: TokenSource | None = None
+) -> FhirClient:
+    base = base or args.fhir_base
+    # The operator named this server on the command line: that is the allowlist. Plain http
+    # is still refused unless it goes to loopback (a local server).
+    return FhirClient(
+        base_url=base,
+        trusted_base_urls=[base],
+        allow_insecure_loopback=True,
+        auth=auth,
+        timeouts=Timeouts(read=args.timeout),
+        max_pages=10_000,
+        session_factory=rate_limited_sessions(args.max_rps),
+    )
+
+
+def register(subparsers: Any, fixtures_subparsers: Any) -> None:
+    """Add ``cds sweep``."""
+    parser = subparsers.add_parser(
+        "sweep",
+        help="screen every patient of a FHIR server or an NDJSON export",
+        description="Evaluate every patient of a FHIR server (REST paging or Bulk $export) or "
+        "of a directory of NDJSON files against the trials, and write results.ndjson, "
+        "candidates.csv, summary.json and report.html into --out.",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--fhir-base", metavar="URL", help=f"FHIR server to sweep (default {DEFAULT_FHIR_BASE})"
+    )
+    where.add_argument("--ndjson", type=Path, metavar="DIR", help="a directory of NDJSON files")
+    parser.add_argument(
+        "--trial", action="append", metavar="NCT", help="only this trial (repeatable)"
+    )
+    parser.add_argument(
+        "--as-of",
+        metavar="YYYY-MM-DD",
+        help="evaluation date for the whole run (default today; a resumed sweep keeps its own)",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep in --out from its checkpoint",
+    )
+    parser.add_argument(
+        "--write-back",
+        action="store_true",
+        help="create a ResearchStudy per "
+        "trial and a ResearchSubject per candidate on the server (idempotent)",
+    )
+    parser.add_argument(
+        "--source",
+        choices=("auto", "rest", "export"),
+        help="how to read the server (default: $export if its "
+        "CapabilityStatement offers it, else REST paging)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="patients fetched at once over REST (default 4)",
+    )
+    parser.add_argument(
+        "--max-rps", type=_positive_float, metavar="R", help="at most R HTTP requests per second"
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="evaluation processes for NDJSON/export (default: CPU count)",
+    )
+    parser.add_argument(
+        "--page-size",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="_count for searches (default 100)",
+    )
+    parser.add_argument(
+        "--tag",
+        type=parse_tag,
+        metavar="SYSTEM|CODE",
+        help="only patients (and data) with this meta.tag (REST)",
+    )
+    parser.add_argument("--group", metavar="ID", help="only the members of Group/ID")
+    parser.add_argument(
+        "--patient", action="append", metavar="ID", help="only this patient (repeatable; REST)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="read timeout per request (default 60)",
+    )
+    smart = parser.add_argument_group("SMART Backend Services (optional)")
+    smart.add_argument("--smart-client-id", metavar="ID")
+    smart.add_argument("--smart-key", metavar="PEM_FILE")
+    smart.add_argument("--smart-kid", metavar="KID", help="key id (default: the client id)")
+    smart.add_argument("--smart-token-url", metavar="URL")
+    smart.add_argument("--smart-alg", choices=("RS384", "ES384"), default="RS384")
+    parser.set_defaults(func=run)

@@ -1,0 +1,170 @@
+"""The sweep's map step: one patient's resources in, its evaluation, CSV rows and tallies out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from cds.criteria import TrialSet
+from cds.criteria.engine import evaluate
+from cds.criteria.model import PatientEvaluation, Result, TrialStatus
+from cds.criteria.record import PatientRecord
+
+JSONDict = dict[str, Any]
+
+RESULTS = (Result.PASS, Result.FAIL, Result.UNKNOWN, Result.MANUAL)
+STATUSES = (TrialStatus.CANDIDATE, TrialStatus.NEEDS_REVIEW, TrialStatus.EXCLUDED)
+CSV_HEADER = (
+    "patient",
+    "trial",
+    "status",
+    "unknown_count",
+    "unknown",
+    "manual_count",
+    "manual",
+)
+#: rows of the candidates CSV: the patients a coordinator follows up
+CSV_STATUSES = frozenset({TrialStatus.CANDIDATE, TrialStatus.NEEDS_REVIEW})
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+
+
+def result_line(evaluation: PatientEvaluation) -> str:
+    """One results.ndjson line: exactly what `cds evaluate --format json` prints."""
+    # evaluate_command uses json.dumps(..., ensure_ascii=False) with default separators.
+    return _dumps(evaluation.to_json()) + "\n"
+
+
+def csv_rows(evaluation: PatientEvaluation) -> list[list[str]]:
+    """Candidate and needs-review rows: what is unknown (with why) and what a person must check."""
+    rows = []
+    for trial in evaluation.trials:
+        if trial.status not in CSV_STATUSES:
+            continue
+        unknown = trial.with_result(Result.UNKNOWN)
+        manual = trial.with_result(Result.MANUAL)
+        rows.append(
+            [
+                evaluation.patient,
+                trial.trial,
+                trial.status.value,
+                str(len(unknown)),
+                " | ".join(f"{c.label}: {c.explanation}" for c in unknown),
+                str(len(manual)),
+                " | ".join(c.label for c in manual),
+            ]
+        )
+    return rows
+
+
+@dataclass
+class Tally:
+    """Counts that add up across partitions: statuses per trial, and per criterion in protocol
+    order both the attrition funnel (among patients no earlier criterion excluded) and the
+    plain totals. Unknown and manual are counted apart from fail, never folded into it."""
+
+    #: trial id -> criterion ids in protocol order
+    criteria: dict[str, list[str]]
+    patients: int = 0
+    errors: int = 0
+    status: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: trial -> per criterion [entering, pass, fail, unknown, manual]
+    funnel: dict[str, list[list[int]]] = field(default_factory=dict)
+    #: trial -> per criterion [pass, fail, unknown, manual] over all patients
+    totals: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    @classmethod
+    def for_trials(cls, trials: TrialSet) -> Tally:
+        return cls({t.id: [c.id for c in t.criteria] for t in trials})
+
+    def __post_init__(self) -> None:
+        for tid, ids in self.criteria.items():
+            self.status.setdefault(tid, {s.value: 0 for s in STATUSES})
+            self.funnel.setdefault(tid, [[0] * 5 for _ in ids])
+            self.totals.setdefault(tid, [[0] * 4 for _ in ids])
+
+    def add(self, evaluation: PatientEvaluation) -> None:
+        self.patients += 1
+        for trial in evaluation.trials:
+            self.status[trial.trial][trial.status.value] += 1
+            funnel = self.funnel[trial.trial]
+            totals = self.totals[trial.trial]
+            still_in = True
+            for i, criterion in enumerate(trial.criteria):
+                slot = RESULTS.index(criterion.result)
+                totals[i][slot] += 1
+                if still_in:
+                    funnel[i][0] += 1
+                    funnel[i][slot + 1] += 1
+                    still_in = criterion.result is not Result.FAIL
+
+    def merge(self, other: Tally) -> None:
+        self.patients += other.patients
+        self.errors += other.errors
+        for tid in self.criteria:
+            for key, n in other.status[tid].items():
+                self.status[tid][key] += n
+            for mine, theirs in zip(self.funnel[tid], other.funnel[tid], strict=True):
+                for j, n in enumerate(theirs):
+                    mine[j] += n
+            for mine, theirs in zip(self.totals[tid], other.totals[tid], strict=True):
+                for j, n in enumerate(theirs):
+                    mine[j] += n
+
+    def to_json(self) -> JSONDict:
+        return {
+            "criteria": self.criteria,
+            "patients": self.patients,
+            "errors": self.errors,
+            "status": self.status,
+            "funnel": self.funnel,
+            "totals": self.totals,
+        }
+
+    @classmethod
+    def from_json(cls, data: JSONDict) -> Tally:
+        return cls(
+            criteria={k: list(v) for k, v in data["criteria"].items()},
+            patients=int(data["patients"]),
+            errors=int(data["errors"]),
+            status=data["status"],
+            funnel=data["funnel"],
+            totals=data["totals"],
+        )
+
+
+@dataclass
+class PatientOutcome:
+    """What one patient contributes to the outputs."""
+
+    patient: str
+    line: str | None  # results.ndjson line, None on error
+    rows: list[list[str]]
+    evaluation: PatientEvaluation | None
+    error: str | None = None
+
+
+def evaluate_resources(
+    resources: Iterable[JSONDict],
+    trials: TrialSet,
+    as_of: date,
+    *,
+    patient: JSONDict | None = None,
+    warnings: list[str] | None = None,
+) -> PatientEvaluation:
+    """The pure map function: one patient's FHIR resources, the trials and the date in."""
+    record = PatientRecord.from_resources(resources, patient=patient, warnings=warnings)
+    return evaluate(record, trials, as_of)
+
+
+def outcome_of(evaluation: PatientEvaluation) -> PatientOutcome:
+    return PatientOutcome(
+        evaluation.patient, result_line(evaluation), csv_rows(evaluation), evaluation
+    )
+
+
+def error_outcome(patient: str, reason: str) -> PatientOutcome:
+    return PatientOutcome(patient, None, [], None, reason)

@@ -1,0 +1,158 @@
+"""The sweep's working directory: checkpoint, per-partition outputs, and the final files.
+
+Every file is written to a temporary name and renamed into place (POSIX rename is atomic),
+so a crash or Ctrl-C never leaves a half-written file under a real name. A partition counts as
+done when its tally file exists; that file is written last, after the partition's results.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from cds.errors import InputError
+from cds.sweep.core import CSV_HEADER, PatientOutcome, Tally
+
+JSONDict = dict[str, Any]
+
+STATE_VERSION = 1
+WORK = ".sweep"
+
+
+@contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """A file that appears under ``path`` only once it is completely written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    encoding = None if "b" in mode else "utf-8"
+    newline = "" if "b" not in mode else None
+    with open(tmp, mode, encoding=encoding, newline=newline) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_open(path) as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+class WorkDir:
+    """``OUT/.sweep``: the checkpoint (state.json), the prepared input and partition outputs."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.root = out / WORK
+        self.parts = self.root / "parts"
+        self.input = self.root / "input"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    def state(self) -> JSONDict | None:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                data: JSONDict = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"checkpoint unreadable ({exc})", source=str(self.state_path)) from exc
+        return data
+
+    def start(self, resume: bool, identity: JSONDict) -> JSONDict | None:
+        """Open the work directory. With ``resume``, returns the saved state (after checking it
+        is the same sweep); otherwise clears any earlier sweep's work."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        saved = self.state() if resume else None
+        if resume and saved is None:
+            raise InputError("nothing to resume: no checkpoint here", source=str(self.out))
+        if saved is not None:
+            for key, value in identity.items():
+                if saved.get("identity", {}).get(key) != value:
+                    raise InputError(
+                        f"--resume with a different {key} than the interrupted sweep "
+                        f"({saved.get('identity', {}).get(key)!r} then, {value!r} now)",
+                        source=str(self.out),
+                    )
+            return saved
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.parts.mkdir(parents=True)
+        self.input.mkdir(parents=True)
+        return None
+
+    def save_state(self, state: JSONDict) -> None:
+        state["version"] = STATE_VERSION
+        write_json(self.state_path, state)
+
+    def part_path(self, index: int, kind: str) -> Path:
+        return self.parts / f"p{index:05d}.{kind}"
+
+    def done(self) -> set[int]:
+        return {int(p.name[1:6]) for p in self.parts.glob("p*.tally.json") if p.name[1:6].isdigit()}
+
+    def write_partition(self, index: int, outcomes: Iterable[PatientOutcome], tally: Tally) -> None:
+        """Commit one partition: results, CSV rows, errors, and last the tally (the marker)."""
+        results = io.StringIO()
+        rows = io.StringIO()
+        errors = io.StringIO()
+        writer = csv.writer(rows)
+        for outcome in outcomes:
+            if outcome.line is not None:
+                results.write(outcome.line)
+            writer.writerows(outcome.rows)
+            if outcome.error is not None:
+                errors.write(
+                    json.dumps({"patient": outcome.patient, "error": outcome.error}) + "\n"
+                )
+        for kind, buffer in (("results", results), ("csv", rows), ("errors", errors)):
+            with atomic_open(self.part_path(index, kind)) as f:
+                f.write(buffer.getvalue())
+        write_json(self.part_path(index, "tally.json"), tally.to_json())
+
+    def merged_tally(self, empty: Tally, indices: Iterable[int]) -> Tally:
+        total = empty
+        for index in sorted(indices):
+            with open(self.part_path(index, "tally.json"), encoding="utf-8") as f:
+                total.merge(Tally.from_json(json.load(f)))
+        return total
+
+    def assemble(self, indices: Iterable[int]) -> None:
+        """Concatenate the done partitions, in partition order, into the output files."""
+        order = sorted(indices)
+        with atomic_open(self.out / "results.ndjson", "wb") as out:
+            for index in order:
+                with open(self.part_path(index, "results"), "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        with atomic_open(self.out / "candidates.csv") as out:
+            csv.writer(out).writerow(CSV_HEADER)
+            for index in order:
+                with open(self.part_path(index, "csv"), encoding="utf-8", newline="") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        with atomic_open(self.out / "errors.ndjson", "wb") as out:
+            for index in order:
+                with open(self.part_path(index, "errors"), "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+
+    def error_samples(self, indices: Iterable[int], limit: int = 20) -> list[JSONDict]:
+        found: list[JSONDict] = []
+        for index in sorted(indices):
+            with open(self.part_path(index, "errors"), encoding="utf-8") as f:
+                for line in f:
+                    found.append(json.loads(line))
+                    if len(found) >= limit:
+                        return found
+        return found
+
+    def clean_inputs(self) -> None:
+        """Drop the prepared input (partition buckets, export files) once the sweep is complete."""
+        shutil.rmtree(self.input, ignore_errors=True)
