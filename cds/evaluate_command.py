@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,7 +43,9 @@ def bundle_files(paths: Iterable[str]) -> list[Path]:
     return files
 
 
-def read_bundle_file(path: Path) -> list[PatientRecord]:
+def read_bundle_file(
+    path: Path, relevant: Callable[[tuple[str, str]], bool] | None = None
+) -> list[PatientRecord]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -53,13 +55,17 @@ def read_bundle_file(path: Path) -> list[PatientRecord]:
         ) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot be read ({exc})", source=str(path)) from exc
-    return records_from_bundle(data, source=str(path))
+    return records_from_bundle(data, source=str(path), relevant=relevant)
 
 
 def evaluate_files(paths: Iterable[str], trials: TrialSet, as_of: date) -> list[PatientEvaluation]:
     # Every file is read and checked before anything is printed, so bad input never leaves
     # half an answer behind.
-    records = [record for path in bundle_files(paths) for record in read_bundle_file(path)]
+    records = [
+        record
+        for path in bundle_files(paths)
+        for record in read_bundle_file(path, trials.is_relevant)
+    ]
     return [evaluate(record, trials, as_of) for record in records]
 
 

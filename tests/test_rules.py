@@ -305,3 +305,20 @@ def test_unreadable_resource_is_skipped_with_a_warning() -> None:
     result = criterion(evaluation, A, "inc-bilirubin")
     assert result.result is Result.UNKNOWN and "could not be read" in result.explanation
     assert any("Observation/m" in w for w in evaluation.warnings)
+
+
+def test_skipping_irrelevant_resources_never_changes_a_result() -> None:
+    """The relevance filter (TrialSet.is_relevant) only drops what no criterion reads."""
+    from pathlib import Path
+
+    from cds.criteria.engine import evaluate
+    from cds.evaluate_command import read_bundle_file
+
+    trials = load_trials()
+    fixtures = Path(__file__).resolve().parent.parent / "fhir_fixtures"
+    for path in sorted(fixtures.glob("*.json")):
+        full = [evaluate(r, trials, AS_OF).to_json() for r in read_bundle_file(path)]
+        kept = read_bundle_file(path, trials.is_relevant)
+        assert [evaluate(r, trials, AS_OF).to_json() for r in kept] == full, path.name
+    assert not trials.is_relevant(("http://loinc.org", "8867-4"))  # heart rate
+    assert trials.is_relevant(("http://hl7.org/fhir/sid/icd-10-cm", "C7A012"))

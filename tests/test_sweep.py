@@ -341,3 +341,26 @@ def test_write_back_condition_follows_the_server_search_parameters() -> None:
     assert identifier_searchable(capability, "ResearchStudy")
     assert not identifier_searchable(capability, "ResearchSubject")
     assert identifier_searchable(None, "ResearchSubject")
+
+
+def test_observation_prefilter_keeps_every_line_the_criteria_read() -> None:
+    """Lines skipped unparsed are exactly irrelevant Observations: checked over a generated
+    population against the record's own relevance test."""
+    import json as _json
+
+    from cds.criteria import load_trials as _load
+    from cds.criteria.record import codings_of
+    from cds.synthetic import Population as _Population
+    from cds.sweep.ndjson import observation_prefilter
+
+    trials = _load()
+    keep = observation_prefilter(trials)
+    skipped = 0
+    for resources in _Population(patients=60, seed=11):
+        for resource in resources:
+            line = _json.dumps(resource, separators=(",", ":")).encode()
+            relevant = any(map(trials.is_relevant, codings_of(resource.get("code"))))
+            if resource["resourceType"] != "Observation" or relevant:
+                assert keep(line), resource["id"]
+            skipped += not keep(line)
+    assert skipped > 0  # the vital signs are skipped

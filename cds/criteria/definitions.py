@@ -36,6 +36,16 @@ _VALUESET_KEYS = {
     "related": ("Condition", "Procedure", "Observation"),
 }
 
+_ALL_TYPES = (
+    "Condition",
+    "Observation",
+    "Procedure",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicationAdministration",
+    "MedicationDispense",
+)
+
 # Analytes each rule type reads besides a lab rule's own ``analyte``.
 _IMPLIED_ANALYTES = {
     "grade": ("ki67",),
@@ -112,6 +122,20 @@ class TrialSet:
         self.analytes = analytes
         self.answers = answers
         self._by_id = {t.id: t for t in self.trials}
+        self._used_valuesets: tuple[ValueSet, ...] | None = None
+        self._relevance: dict[tuple[str, str], bool] = {}
+
+    def is_relevant(self, key: tuple[str, str]) -> bool:
+        """Whether any criterion of these trials reads a resource coded ``key`` (a normalised
+        (system, code)). Memoised: a population repeats the same codes over and over."""
+        known = self._relevance.get(key)
+        if known is None:
+            if self._used_valuesets is None:
+                used = {v for t in _ALL_TYPES for v in self.valueset_ids_for(t)}
+                self._used_valuesets = tuple(self.valuesets[v] for v in sorted(used))
+            known = any(vs.contains_key(key) for vs in self._used_valuesets)
+            self._relevance[key] = known
+        return known
 
     def __iter__(self) -> Iterator[Trial]:
         return iter(self.trials)
@@ -191,7 +215,10 @@ def _valuesets_by_type(criterion: Criterion, analytes: dict[str, Analyte]) -> di
         add(("Observation",), (analytes[a].valueset for a in analyte_ids if a in analytes))
         add(("Observation",), _IMPLIED_OBSERVATION_VALUESETS.get(sub.get("type", ""), ()))
     if rule["type"] == "grade":
-        add(("Condition",), ("poorly-differentiated-net",))
+        add(
+            ("Condition",),
+            ("poorly-differentiated-net", "net-grade-1", "net-grade-2", "net-grade-3"),
+        )
     return by_type
 
 

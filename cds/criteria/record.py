@@ -6,12 +6,12 @@ import calendar
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from cds.criteria.valuesets import ValueSet, normalize_coding
+from cds.criteria.valuesets import ICD10CM, ValueSet, normalize_coding
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,8 @@ class PatientRecord:
     entries: dict[str, list[Entry]] = field(default_factory=lambda: defaultdict(list))
     warnings: list[str] = field(default_factory=list)
     _index: dict[CodingKey, list[Entry]] = field(default_factory=lambda: defaultdict(list))
+    #: the ICD-10-CM part of the index: the only codes matched by prefix (is-a families)
+    _icd_index: dict[CodingKey, list[Entry]] = field(default_factory=lambda: defaultdict(list))
     _validity: dict[str, str | None] = field(default_factory=dict)
     _match_cache: dict[tuple[tuple[str, ...], str], list[Entry]] = field(default_factory=dict)
     #: the rules' as-of-filtered, newest-first selections (see rules.Context.entries)
@@ -252,12 +254,15 @@ class PatientRecord:
         patient: dict[str, Any] | None = None,
         warnings: list[str] | None = None,
         aliases: dict[str, str] | None = None,
+        relevant: Callable[[CodingKey], bool] | None = None,
     ) -> PatientRecord:
         """Index one patient's resources. ``patient`` defaults to the Patient among them.
 
         Resources that never count (entered in error, refuted, not done, cancelled) are dropped
         here, so no rule can see them. ``aliases`` maps Bundle fullUrls (urn:uuid:...) to
-        ``Type/id`` so that references between resources resolve.
+        ``Type/id`` so that references between resources resolve. ``relevant`` (usually
+        :meth:`TrialSet.is_relevant`) lets the record skip resources none of whose codes any
+        criterion reads: most of a large record, and never a change to any result.
         """
         resources = list(resources)
         if patient is None:
@@ -284,11 +289,13 @@ class PatientRecord:
                 # The resource's shape is too broken to even read its code: skip it, loudly.
                 record.warnings.append(f"{rtype}/{resource.get('id')} skipped: unreadable ({exc})")
                 continue
-            if entry is None:
+            if entry is None or (relevant is not None and not any(map(relevant, entry.keys))):
                 continue
             record.entries[rtype].append(entry)
             for key in entry.keys:
                 record._index[key].append(entry)
+                if key[0] == ICD10CM:
+                    record._icd_index[key].append(entry)
         return record
 
     def matching(self, types: Iterable[str], valueset: ValueSet) -> list[Entry]:
@@ -304,7 +311,7 @@ class PatientRecord:
                 if entry.type in types:
                     found[id(entry)] = entry
         if valueset.prefixes:
-            for key, entries in self._index.items():
+            for key, entries in self._icd_index.items():
                 if valueset.contains_key(key):
                     for entry in entries:
                         if entry.type in types:

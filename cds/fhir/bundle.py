@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cds.criteria.record import CLINICAL_TYPES, PatientRecord
@@ -89,6 +89,7 @@ def group_by_patient(
     *,
     source: str,
     warnings: list[str] | None = None,
+    relevant: Callable[[tuple[str, str]], bool] | None = None,
 ) -> Iterator[PatientRecord]:
     """One PatientRecord per Patient, holding the clinical resources that name it.
 
@@ -119,11 +120,23 @@ def group_by_patient(
         notes.append(f"{source}: {len(by_patient[ref])} resource(s) for {ref}, not in the Bundle")
     for ref, patient in patients.items():
         yield PatientRecord.from_resources(
-            [*by_patient.get(ref, []), *shared], patient=patient, warnings=notes, aliases=aliases
+            [*by_patient.get(ref, []), *shared],
+            patient=patient,
+            warnings=notes,
+            aliases=aliases,
+            relevant=relevant,
         )
 
 
-def records_from_bundle(bundle: Any, *, source: str = "bundle") -> list[PatientRecord]:
-    """Every patient's record in one Bundle."""
+def records_from_bundle(
+    bundle: Any,
+    *,
+    source: str = "bundle",
+    relevant: Callable[[tuple[str, str]], bool] | None = None,
+) -> list[PatientRecord]:
+    """Every patient's record in one Bundle. ``relevant`` (:meth:`TrialSet.is_relevant`)
+    drops what no criterion reads."""
     resources, aliases, warnings = bundle_resources(bundle, source=source)
-    return list(group_by_patient(resources, aliases, source=source, warnings=warnings))
+    return list(
+        group_by_patient(resources, aliases, source=source, warnings=warnings, relevant=relevant)
+    )

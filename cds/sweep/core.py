@@ -156,7 +156,9 @@ def evaluate_resources(
     warnings: list[str] | None = None,
 ) -> PatientEvaluation:
     """The pure map function: one patient's FHIR resources, the trials and the date in."""
-    record = PatientRecord.from_resources(resources, patient=patient, warnings=warnings)
+    record = PatientRecord.from_resources(
+        resources, patient=patient, warnings=warnings, relevant=trials.is_relevant
+    )
     return evaluate(record, trials, as_of)
 
 

@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 from typing import IO, Any
 
-from cds.criteria import load_trials
+from cds.criteria import TrialSet, load_trials
 from cds.criteria.record import CLINICAL_TYPES
 from cds.errors import InputError
 from cds.fhir.bundle import patient_reference
@@ -219,9 +219,46 @@ class BucketTask:
     as_of: date
 
 
-def read_bucket(path: Path) -> Iterator[tuple[str, JSONDict | None, list[JSONDict]]]:
+_OBSERVATION_RE = re.compile(rb'"resourceType"\s*:\s*"Observation"')
+
+
+def observation_prefilter(trials: TrialSet) -> Callable[[bytes], bool]:
+    """A test on a raw NDJSON line: False only for an Observation that names none of the codes
+    the trials read from Observations, so it need not even be parsed.
+
+    Observations are most of a population's lines and most are vital signs no criterion
+    reads; parsing JSON is the sweep's largest cost, so they are selected before parsing.
+    The test looks for each code as a JSON string ("777-3"), so a line it keeps may still be
+    irrelevant (the record's own relevance check then drops it); it never drops a line whose
+    code is written plainly. ICD-10-CM families match with or without the dot.
+    """
+    codes: set[str] = set()
+    prefixes: set[str] = set()
+    for vs_id in trials.valueset_ids_for("Observation"):
+        vs = trials.valueset(vs_id)
+        codes.update(code for _, code in vs.codes)
+        prefixes.update(prefix for _, prefix in vs.prefixes)
+    alternatives = [re.escape(c) for c in sorted(codes, key=len, reverse=True)]
+    for prefix in sorted(prefixes):
+        # ICD-10-CM keys are dotless (C7B0); the line may hold "C7B.02".
+        head, tail = prefix[:3], prefix[3:]
+        alternatives.append(re.escape(head) + (r"\.?" + re.escape(tail) if tail else "") + r'[^"]*')
+    if not alternatives:
+        return lambda line: _OBSERVATION_RE.search(line) is None
+    codes_re = re.compile(('"(?:' + "|".join(alternatives) + ')"').encode(), re.IGNORECASE)
+
+    def keep(line: bytes) -> bool:
+        return _OBSERVATION_RE.search(line) is None or codes_re.search(line) is not None
+
+    return keep
+
+
+def read_bucket(
+    path: Path, keep: Callable[[bytes], bool] | None = None
+) -> Iterator[tuple[str, JSONDict | None, list[JSONDict]]]:
     """(patient id, Patient or None, resources) per patient of a bucket, in order of first
-    appearance; only one bucket's raw lines are in memory at a time."""
+    appearance; only one bucket's raw lines are in memory at a time. Lines ``keep`` rejects
+    are never parsed."""
     groups: dict[bytes, list[bytes]] = {}
     with open(path, "rb") as f:
         for line in f:
@@ -231,6 +268,8 @@ def read_bucket(path: Path) -> Iterator[tuple[str, JSONDict | None, list[JSONDic
         patient: JSONDict | None = None
         resources: list[JSONDict] = []
         for line in lines:
+            if keep is not None and not keep(line):
+                continue
             resource = json.loads(line.decode())
             if resource.get("resourceType") == "Patient":
                 patient = resource
@@ -251,7 +290,7 @@ def evaluate_bucket(task: BucketTask) -> tuple[int, int, int]:
     shared = read_shared(task.shared)
     tally = Tally.for_trials(trials)
     outcomes: list[PatientOutcome] = []
-    for pid, patient, resources in read_bucket(task.bucket):
+    for pid, patient, resources in read_bucket(task.bucket, observation_prefilter(trials)):
         if patient is None:
             # Resources for a patient the export does not contain: nothing to evaluate.
             continue
