@@ -222,33 +222,39 @@ class BucketTask:
 _OBSERVATION_RE = re.compile(rb'"resourceType"\s*:\s*"Observation"')
 
 
+_CODE_VALUE_RE = re.compile(rb'"code"\s*:\s*"([^"\\]*)"')
+
+
 def observation_prefilter(trials: TrialSet) -> Callable[[bytes], bool]:
-    """A test on a raw NDJSON line: False only for an Observation that names none of the codes
-    the trials read from Observations, so it need not even be parsed.
+    """A test on a raw NDJSON line: False only for an Observation none of whose ``"code"``
+    values is a code the trials read from Observations, so it need not even be parsed.
 
     Observations are most of a population's lines and most are vital signs no criterion
-    reads; parsing JSON is the sweep's largest cost, so they are selected before parsing.
-    The test looks for each code as a JSON string ("777-3"), so a line it keeps may still be
-    irrelevant (the record's own relevance check then drops it); it never drops a line whose
-    code is written plainly. ICD-10-CM families match with or without the dot.
+    reads; parsing JSON is the sweep's largest cost, so they are selected before parsing. Every
+    ``"code": "..."`` value in the line is checked (Observation.code, but also units and
+    categories, which only keeps a few lines too many: the record's own relevance test then
+    drops them); a line is dropped only if none of them can match. A code written with JSON
+    escapes is kept, since the pattern does not read it. ICD-10-CM families match with or
+    without the dot.
     """
-    codes: set[str] = set()
-    prefixes: set[str] = set()
+    codes: set[bytes] = set()
+    prefixes: list[bytes] = []
     for vs_id in trials.valueset_ids_for("Observation"):
         vs = trials.valueset(vs_id)
-        codes.update(code for _, code in vs.codes)
-        prefixes.update(prefix for _, prefix in vs.prefixes)
-    alternatives = [re.escape(c) for c in sorted(codes, key=len, reverse=True)]
-    for prefix in sorted(prefixes):
-        # ICD-10-CM keys are dotless (C7B0); the line may hold "C7B.02".
-        head, tail = prefix[:3], prefix[3:]
-        alternatives.append(re.escape(head) + (r"\.?" + re.escape(tail) if tail else "") + r'[^"]*')
-    if not alternatives:
-        return lambda line: _OBSERVATION_RE.search(line) is None
-    codes_re = re.compile(('"(?:' + "|".join(alternatives) + ')"').encode(), re.IGNORECASE)
+        codes.update(code.encode() for _, code in vs.codes)
+        prefixes.extend(prefix.encode() for _, prefix in vs.prefixes)
+    prefix_tuple = tuple(prefixes)
+
+    def matches(code: bytes) -> bool:
+        if code in codes:
+            return True
+        # ICD-10-CM keys are dotless and upper case (C7B0); the line may hold "c7b.02".
+        return bool(prefix_tuple) and code.replace(b".", b"").upper().startswith(prefix_tuple)
 
     def keep(line: bytes) -> bool:
-        return _OBSERVATION_RE.search(line) is None or codes_re.search(line) is not None
+        if _OBSERVATION_RE.search(line) is None or b"\\" in line:
+            return True
+        return any(matches(code) for code in _CODE_VALUE_RE.findall(line))
 
     return keep
 
