@@ -14,6 +14,7 @@
             ├── FhirAuthError     401/403 or a token request that failed
             ├── FhirNotFound      404/410: the resource or patient does not exist
             ├── FhirRejected      another 4xx: the server refused what was sent
+            │   └── FixtureLoadError  ... a fixture bundle, naming its file and entry
             └── FhirBadResponse   a 2xx/5xx body that is not the FHIR JSON it should be
 
 Foreign exceptions (requests, jsonschema, json, jwt) are translated where they enter the
@@ -131,3 +132,21 @@ class FhirRejected(FhirFatalError):
 
 class FhirBadResponse(FhirFatalError):
     """The server answered with something that is not the FHIR JSON it should be."""
+
+
+class FixtureLoadError(FhirRejected):
+    """The server refused a fixture bundle; names the file and, when it can, the entry."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str,
+        entry_index: int | None,
+        url: str | None = None,
+        status: int | None = None,
+        outcome: dict[str, Any] | None = None,
+    ) -> None:
+        self.file = file
+        self.entry_index = entry_index
+        super().__init__(message, url=url, status=status, outcome=outcome)

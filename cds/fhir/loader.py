@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from cds.errors import (
     CdsError,
@@ -21,6 +21,7 @@ from cds.errors import (
     FhirError,
     FhirFatalError,
     FhirRejected,
+    FixtureLoadError,
     InputError,
 )
 from cds.fhir.client import FhirClient, outcome_message
@@ -39,26 +40,6 @@ _ENTRY_EXPRESSION = re.compile(r"Bundle\.entry\[(\d+)\]")
 #: meta elements the server owns: left out when deciding whether a resource changed
 _SERVER_META = ("versionId", "lastUpdated", "source")
 _ID_CHUNK = 50
-
-
-class FixtureLoadError(FhirRejected):
-    """The server refused a fixture bundle; names the file and, when it can, the entry."""
-
-    exit_code: ClassVar[int] = 1
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        file: str,
-        entry_index: int | None,
-        url: str | None = None,
-        status: int | None = None,
-        outcome: dict[str, Any] | None = None,
-    ) -> None:
-        self.file = file
-        self.entry_index = entry_index
-        super().__init__(message, url=url, status=status, outcome=outcome)
 
 
 @dataclass
