@@ -350,8 +350,8 @@ def test_observation_prefilter_keeps_every_line_the_criteria_read() -> None:
 
     from cds.criteria import load_trials as _load
     from cds.criteria.record import codings_of
-    from cds.synthetic import Population as _Population
     from cds.sweep.ndjson import observation_prefilter
+    from cds.synthetic import Population as _Population
 
     trials = _load()
     keep = observation_prefilter(trials)
