@@ -100,6 +100,8 @@ class PartitionStats:
     unreadable: int = 0
     orphans: int = 0
     bytes: int = 0
+    #: Observations no criterion reads, left out before they were parsed or bucketed
+    irrelevant: int = 0
 
     def to_json(self) -> JSONDict:
         return {
@@ -110,6 +112,7 @@ class PartitionStats:
             "skipped_types": self.skipped_types,
             "unreadable_lines": self.unreadable,
             "resources_naming_no_patient": self.orphans,
+            "irrelevant_observations": self.irrelevant,
         }
 
 
@@ -123,10 +126,13 @@ def partition_ndjson(
     work: WorkDir,
     buckets: int,
     progress: Callable[[int], None] | None = None,
+    keep: Callable[[bytes], bool] | None = None,
 ) -> PartitionStats:
     """Stream every line of ``files`` into ``buckets`` bucket files under the work directory.
 
-    Lines are copied as bytes, never re-serialised. Medication resources name no patient:
+    Lines are copied as bytes, never re-serialised; lines ``keep`` rejects (Observations no
+    criterion reads, see :func:`observation_prefilter`) are left out here, before they cost a
+    route, a write and a read. Medication resources name no patient:
     they go to a shared file every bucket reads, as `records_from_bundle` gives every patient
     of a Bundle its Medications.
     """
@@ -148,6 +154,9 @@ def partition_ndjson(
                     if not line:
                         continue
                     line += b"\n"  # the last line of a file may lack its newline
+                    if keep is not None and not keep(line):
+                        stats.irrelevant += 1
+                        continue
                     rtype, pid = _route(line, stats)
                     if rtype is None:
                         continue
@@ -259,12 +268,9 @@ def observation_prefilter(trials: TrialSet) -> Callable[[bytes], bool]:
     return keep
 
 
-def read_bucket(
-    path: Path, keep: Callable[[bytes], bool] | None = None
-) -> Iterator[tuple[str, JSONDict | None, list[JSONDict]]]:
+def read_bucket(path: Path) -> Iterator[tuple[str, JSONDict | None, list[JSONDict]]]:
     """(patient id, Patient or None, resources) per patient of a bucket, in order of first
-    appearance; only one bucket's raw lines are in memory at a time. Lines ``keep`` rejects
-    are never parsed."""
+    appearance; only one bucket's raw lines are in memory at a time."""
     groups: dict[bytes, list[bytes]] = {}
     with open(path, "rb") as f:
         for line in f:
@@ -274,8 +280,6 @@ def read_bucket(
         patient: JSONDict | None = None
         resources: list[JSONDict] = []
         for line in lines:
-            if keep is not None and not keep(line):
-                continue
             resource = json.loads(line.decode())
             if resource.get("resourceType") == "Patient":
                 patient = resource
@@ -296,7 +300,7 @@ def evaluate_bucket(task: BucketTask) -> tuple[int, int, int]:
     shared = read_shared(task.shared)
     tally = Tally.for_trials(trials)
     outcomes: list[PatientOutcome] = []
-    for pid, patient, resources in read_bucket(task.bucket, observation_prefilter(trials)):
+    for pid, patient, resources in read_bucket(task.bucket):
         if patient is None:
             # Resources for a patient the export does not contain: nothing to evaluate.
             continue

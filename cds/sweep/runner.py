@@ -33,6 +33,7 @@ from cds.sweep.ndjson import (
     choose_buckets,
     evaluate_bucket,
     ndjson_files,
+    observation_prefilter,
     partition_ndjson,
 )
 from cds.sweep.progress import Progress
@@ -243,7 +244,13 @@ def _sweep_files(sweep: _Sweep, files: Callable[[], list[Path]]) -> JSONDict:
                 old.unlink()
             total = sum(p.stat().st_size for p in found)
             bar = opts.progress("partitioning", total, unit="bytes")
-            stats = partition_ndjson(found, sweep.work, buckets, progress=bar.set)
+            stats = partition_ndjson(
+                found,
+                sweep.work,
+                buckets,
+                progress=bar.set,
+                keep=observation_prefilter(opts.trials),
+            )
             bar.close()
             sweep.state.update(
                 prepared=True, buckets=buckets, input=stats.to_json(), patients_total=stats.patients
