@@ -118,6 +118,6 @@ def test_order_sign_against_the_server(client: FlaskClient, loaded_fhir_base_url
     body["context"]["draftOrders"] = draft_bundle(
         med_order("d1", "200328", "capecitabine 500 MG Oral Tablet", pid="ileal-net-a-only")
     )
-    response = post(client, f"/cds-services/{ORD}", body)
+    response = post(client, f"/cds-services/{ORD['order-sign']}", body)
     assert response.status_code == 200
     assert _trials(response.get_json()["cards"]) == ["NCT04339036"]

@@ -23,7 +23,11 @@ from tests.hooks_data.support import (
     service_order,
 )
 
-SERVICE = f"/cds-services/{ORD}"
+
+def service(hook: str) -> str:
+    return f"/cds-services/{ORD[hook]}"
+
+
 CPT = "http://www.ama-assn.org/go/cpt"
 SNOMED = "http://snomed.info/sct"
 CAPECITABINE = ("200328", "capecitabine 500 MG Oral Tablet")
@@ -54,7 +58,7 @@ def _sign(
         body["context"]["selections"] = selections or [
             f"{o['resourceType']}/{o['id']}" for o in orders
         ]
-    response = post(client, SERVICE, body)
+    response = post(client, service(body["hook"]), body)
     assert response.status_code == 200, response.get_json()
     cards: list[dict[str, Any]] = response.get_json()["cards"]
     return cards
@@ -113,12 +117,12 @@ def test_irrelevant_orders_need_no_patient_data_at_all() -> None:
         client = dev_app(fhir_trusted_servers=[running.base_url]).test_client()
         body = hook_body("order-sign", fhirServer=running.base_url)
         body["context"]["draftOrders"] = draft_bundle(med_order("m2", *OCTREOTIDE))
-        response = post(client, SERVICE, body)
+        response = post(client, service(body["hook"]), body)
         assert response.status_code == 200 and response.get_json() == {"cards": []}
         assert running.requests == []
         # a relevant one fetches what it needs, and only for the trials at stake
         body["context"]["draftOrders"] = draft_bundle(med_order("m1", *TEMOZOLOMIDE))
-        response = post(client, SERVICE, body)
+        response = post(client, service(body["hook"]), body)
         assert response.status_code == 200 and len(response.get_json()["cards"]) == 2
         assert running.requests
 

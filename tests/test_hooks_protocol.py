@@ -64,7 +64,12 @@ def test_d2_d2b_d5_services_are_complete_and_unique(client: FlaskClient) -> None
     check_discovery(body)  # D2b: no null/empty anywhere; the project's discovery schema
     pairs = [(s["id"], s["hook"]) for s in body["services"]]
     assert len(pairs) == len(set(pairs))
-    assert set(pairs) == {(PV, "patient-view"), (ORD, "order-select"), (ORD, "order-sign")}
+    assert set(pairs) == {
+        (PV, "patient-view"),
+        (ORD["order-select"], "order-select"),
+        (ORD["order-sign"], "order-sign"),
+    }
+    assert len({s["id"] for s in body["services"]}) == len(body["services"])  # one id, one hook
     for service in body["services"]:
         assert re.fullmatch(r"[A-Za-z0-9._-]+", service["id"])
         assert service["description"] and service["title"] and service["usageRequirements"]
@@ -175,12 +180,12 @@ def test_s4_one_id_two_hooks_dispatches_on_body_hook(
         draftOrders=draft_bundle(order), selections=["MedicationRequest/draft-1"]
     )
     for body in (sign, select):
-        response = post(client, f"/cds-services/{ORD}", body)
+        response = post(client, f"/cds-services/{ORD[body['hook']]}", body)
         assert response.status_code == 200, response.get_json()
         assert response.get_json()["cards"]
     # order-select without selections: its own context schema applies
     del select["context"]["selections"]
-    response = post(client, f"/cds-services/{ORD}", select)
+    response = post(client, f"/cds-services/{ORD['order-select']}", select)
     assert response.status_code == 400
     assert response.get_json()["issue"][0]["expression"] == ["context.selections"]
 

@@ -24,12 +24,14 @@ from cds.hooks.screening import criteria_by_type, order_check, patient_view
 from cds.hooks.state import EXTENSION, HooksState
 from cds.hooks.store import Store
 
-__all__ = ["PATIENT_VIEW_ID", "ORDER_CHECK_ID", "build_registry", "create_app"]
+__all__ = ["ORDER_CHECK_IDS", "PATIENT_VIEW_ID", "build_registry", "create_app"]
 
 log = logging.getLogger("cds.hooks")
 
 PATIENT_VIEW_ID = "trial-screening"
-ORDER_CHECK_ID = "trial-order-check"
+# One service per hook: a service URL then means one hook, whatever the EHR's registration
+# model (CDS Hooks 2.0: a service is "available at {baseUrl}/cds-services/{id}").
+ORDER_CHECK_IDS = {"order-select": "trial-order-select", "order-sign": "trial-order-sign"}
 #: endpoints open without client authentication
 _OPEN_PATHS = frozenset({"/healthz"})
 
@@ -68,7 +70,7 @@ def build_registry(trials: TrialSet) -> ServiceRegistry:
             ),
             *(
                 Service(
-                    id=ORDER_CHECK_ID,
+                    id=ORDER_CHECK_IDS[hook],
                     hook=hook,
                     title="Trial eligibility check of draft orders",
                     description=(

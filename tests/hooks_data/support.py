@@ -33,7 +33,9 @@ A, B = "NCT04339036", "NCT05610826"
 PUBLIC = "https://cds.example.org"
 ISS = "https://ehr.example.org"
 PV = "trial-screening"
-ORD = "trial-order-check"
+ORD_SELECT = "trial-order-select"
+ORD_SIGN = "trial-order-sign"
+ORD = {"order-select": ORD_SELECT, "order-sign": ORD_SIGN}
 _UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
