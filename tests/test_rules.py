@@ -322,3 +322,46 @@ def test_skipping_irrelevant_resources_never_changes_a_result() -> None:
         assert [evaluate(r, trials, AS_OF).to_json() for r in kept] == full, path.name
     assert not trials.is_relevant(("http://loinc.org", "8867-4"))  # heart rate
     assert trials.is_relevant(("http://hl7.org/fhir/sid/icd-10-cm", "C7A012"))
+
+
+def test_reference_range_by_coded_sex_and_type() -> None:
+    sct = "http://snomed.info/sct"
+    alt = obs("alt", "1742-6", 180, "U/L")
+    alt["referenceRange"] = [
+        # a therapeutic range is not a normal range: never a ULN
+        {
+            "high": {"value": 100, "unit": "U/L"},
+            "type": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/referencerange-meaning",
+                        "code": "therapeutic",
+                    }
+                ]
+            },
+        },
+        {
+            "high": {"value": 33, "unit": "U/L"},
+            "appliesTo": [{"coding": [{"system": sct, "code": "248152002"}]}],
+        },
+        {
+            "high": {"value": 41, "unit": "U/L"},
+            "appliesTo": [{"coding": [{"system": sct, "code": "248153007"}]}],
+        },
+    ]
+    trials = load_trials([A])
+    assert "(41 U/L)" in criterion(run([alt], trials=trials), A, "inc-alt").explanation
+    female = criterion(run([alt], trials=trials, pat=patient(gender="female")), A, "inc-alt")
+    assert female.result is Result.FAIL and "(33 U/L)" in female.explanation
+    # a patient of unknown sex gets no sex-specific range, and there is no other normal range
+    other = criterion(run([alt], trials=trials, pat=patient(gender="unknown")), A, "inc-alt")
+    assert other.result is Result.UNKNOWN
+
+
+def test_a_reference_bound_in_an_unknown_unit_is_not_used() -> None:
+    alt = obs("alt", "1742-6", 100, "U/L")
+    alt["referenceRange"] = [{"high": {"value": 0.7, "unit": "bananas/L"}}]
+    result = criterion(run([alt], trials=load_trials([A])), A, "inc-alt")
+    assert (
+        result.result is Result.UNKNOWN and "no reference range upper limit" in result.explanation
+    )

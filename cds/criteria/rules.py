@@ -329,51 +329,49 @@ def _show(m: Measurement, analyte: Analyte) -> str:
     return f"{analyte.label} {prefix}{shown}{_when(m.entry)} ({m.entry.ref})"
 
 
-def _reference_high(m: Measurement, analyte: Analyte, gender: str | None) -> float | None:
-    """The upper limit of normal from the result's own referenceRange, in the analyte's unit.
+def _bound(q: Any, m: Measurement, analyte: Analyte) -> float | None:
+    """One referenceRange bound in the analyte's unit. A bound without a unit is read in the
+    result's own unit; a bound in a unit that cannot be converted is not used."""
+    if not isinstance(q, dict) or not isinstance(q.get("value"), int | float):
+        return None
+    if q.get("unit") or q.get("code"):
+        unit = normalize_unit(q)
+        if unit is None:
+            return None
+    else:
+        unit = normalize_unit(_quantity(m.entry.resource) or {})
+    return analyte.to_unit(float(q["value"]), unit)
 
-    When several ranges are given, the one whose ``appliesTo`` names the patient's sex wins,
-    then one without ``appliesTo``. No population ULN is ever assumed: without a range of its
-    own the result cannot be judged against "x ULN".
+
+def _reference_range(
+    m: Measurement, analyte: Analyte, sexes: dict[str, str], gender: str | None
+) -> tuple[float | None, float | None]:
+    """(low, high) of the result's own normal range, in the analyte's unit.
+
+    FHIR R4 Observation.referenceRange: a range whose ``type`` is not "normal" (a therapeutic
+    or treatment range, say) is not a normal range; when ranges differ by ``appliesTo``, the one
+    naming the patient's sex wins over one that names none; a range for the other sex is never
+    used. No population range is ever assumed.
     """
-    ranges = [r for r in m.entry.resource.get("referenceRange") or [] if isinstance(r, dict)]
     ranked: list[tuple[int, dict[str, Any]]] = []
-    for r in ranges:
-        applies = {
-            code for concept in r.get("appliesTo") or [] for _, code in codings_of(concept)
-        } | {(c.get("text") or "").lower() for c in r.get("appliesTo") or [] if isinstance(c, dict)}
-        if gender and gender in applies:
-            ranked.append((0, r))
-        elif not r.get("appliesTo"):
-            ranked.append((1, r))
-    for _, r in sorted(ranked, key=lambda x: x[0]):
-        high = r.get("high")
-        if isinstance(high, dict) and isinstance(high.get("value"), int | float):
-            unit = normalize_unit(high) if (high.get("unit") or high.get("code")) else None
-            if unit is None:
-                quantity = _quantity(m.entry.resource) or {}
-                unit = normalize_unit(quantity)
-            converted = analyte.to_unit(float(high["value"]), unit)
-            if converted is not None:
-                return converted
-    return None
-
-
-def _reference_range(m: Measurement, analyte: Analyte) -> tuple[float | None, float | None]:
-    for r in m.entry.resource.get("referenceRange") or []:
+    for r in m.entry.resource.get("referenceRange") or ():
         if not isinstance(r, dict):
             continue
-        bounds: list[float | None] = []
-        for key in ("low", "high"):
-            q = r.get(key)
-            if isinstance(q, dict) and isinstance(q.get("value"), int | float):
-                unit = normalize_unit(q) if (q.get("unit") or q.get("code")) else None
-                unit = unit or normalize_unit(_quantity(m.entry.resource) or {})
-                bounds.append(analyte.to_unit(float(q["value"]), unit))
-            else:
-                bounds.append(None)
-        if bounds[0] is not None or bounds[1] is not None:
-            return bounds[0], bounds[1]
+        kind = codings_of(r.get("type"))
+        if kind and kind[0][1] != "normal":
+            continue
+        applies_to = [c for c in r.get("appliesTo") or () if isinstance(c, dict)]
+        named = {sexes.get(f"{s}|{c}") for concept in applies_to for s, c in codings_of(concept)}
+        named |= {str(c.get("text", "")).strip().lower() for c in applies_to}
+        named &= {"male", "female"}
+        if not named:
+            ranked.append((1, r))
+        elif gender in named:
+            ranked.append((0, r))
+    for _, r in sorted(ranked, key=lambda x: x[0]):
+        low, high = _bound(r.get("low"), m, analyte), _bound(r.get("high"), m, analyte)
+        if low is not None or high is not None:
+            return low, high
     return None, None
 
 
@@ -459,7 +457,9 @@ def lab(rule: dict[str, Any], ctx: Context) -> Outcome:
     acceptable = rule["acceptable"]
     op = acceptable["op"]
     if "uln_multiple" in acceptable:
-        uln = _reference_high(measured, analyte, ctx.record.gender)
+        uln = _reference_range(
+            measured, analyte, ctx.trials.answers.get("sex", {}), ctx.record.gender
+        )[1]
         if uln is None:
             return Outcome(
                 Result.UNKNOWN,
@@ -526,7 +526,9 @@ def _normal_range_exception(analyte_id: str, ctx: Context, lookback: int) -> Out
             f"The protocol's exception (a {analyte.label} within the normal range) could not be "
             f"applied: {measured.explanation}"
         )
-    low, high = _reference_range(measured, analyte)
+    low, high = _reference_range(
+        measured, analyte, ctx.trials.answers.get("sex", {}), ctx.record.gender
+    )
     shown = _show(measured, analyte)
     if low is None or high is None:
         return f"{shown} has no complete reference range, so the protocol's exception cannot apply."
