@@ -286,11 +286,16 @@ def _quantity(resource: dict[str, Any]) -> dict[str, Any] | None:
 def _usable_observations(ctx: Context, valueset_id: str) -> list[Entry]:
     """Dated observations of a value set whose status allows their value to be used, newest
     first."""
-    return [
-        e
-        for e in ctx.entries(("Observation",), [valueset_id])
-        if e.status in _USABLE and e.when is not None
-    ]
+    key = ("usable", valueset_id, ctx.as_of)
+    cached = ctx.record.selection_cache.get(key)
+    if cached is None:
+        cached = [
+            e
+            for e in ctx.entries(("Observation",), [valueset_id])
+            if e.status in _USABLE and e.when is not None
+        ]
+        ctx.record.selection_cache[key] = cached
+    return cached
 
 
 def measure(analyte: Analyte, entry: Entry) -> Measurement | str:

@@ -252,18 +252,20 @@ def observation_prefilter(trials: TrialSet) -> Callable[[bytes], bool]:
         vs = trials.valueset(vs_id)
         codes.update(code.encode() for _, code in vs.codes)
         prefixes.extend(prefix.encode() for _, prefix in vs.prefixes)
+    frozen = frozenset(codes)
     prefix_tuple = tuple(prefixes)
-
-    def matches(code: bytes) -> bool:
-        if code in codes:
-            return True
-        # ICD-10-CM keys are dotless and upper case (C7B0); the line may hold "c7b.02".
-        return bool(prefix_tuple) and code.replace(b".", b"").upper().startswith(prefix_tuple)
 
     def keep(line: bytes) -> bool:
         if _OBSERVATION_RE.search(line) is None or b"\\" in line:
             return True
-        return any(matches(code) for code in _CODE_VALUE_RE.findall(line))
+        found = _CODE_VALUE_RE.findall(line)
+        if not frozen.isdisjoint(found):
+            return True
+        # ICD-10-CM keys are dotless and upper case (C7B0); the line may hold "c7b.02".
+        return bool(prefix_tuple) and any(
+            code[:1].isalpha() and code.replace(b".", b"").upper().startswith(prefix_tuple)
+            for code in found
+        )
 
     return keep
 
