@@ -365,3 +365,24 @@ def test_a_reference_bound_in_an_unknown_unit_is_not_used() -> None:
     assert (
         result.result is Result.UNKNOWN and "no reference range upper limit" in result.explanation
     )
+
+
+def test_a_provisional_pregnancy_is_unknown_not_ignored() -> None:
+    pregnancy = {
+        "resourceType": "Condition",
+        "id": "preg",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "77386006"}]},
+        "verificationStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                    "code": "provisional",
+                }
+            ]
+        },
+        "onsetDateTime": "2026-10-01",
+    }
+    evaluation = run([pregnancy], pat=patient(gender="female", birth="1990-01-01"))
+    result = criterion(evaluation, A, "exc-pregnancy")
+    assert result.result is Result.UNKNOWN and result.evidence == ("Condition/preg",)

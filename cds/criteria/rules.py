@@ -143,12 +143,21 @@ def _condition_state(entry: Entry, as_of: date) -> str:
     return "active"
 
 
-def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
-    """A disease-defining inclusion: it must be positively recorded; absence fails."""
-    found, bad = ctx.readable(ctx.entries(("Condition",), rule["valuesets"]))
+def _conditions_by_state(
+    ctx: Context, valueset_ids: Sequence[str]
+) -> tuple[dict[str, list[Entry]], list[Entry]]:
+    """Readable Conditions of the value sets grouped by their state on the as-of date
+    ('active', 'unconfirmed', 'inactive'), and the unreadable ones."""
+    found, bad = ctx.readable(ctx.entries(("Condition",), valueset_ids))
     by_state: dict[str, list[Entry]] = {"active": [], "unconfirmed": [], "inactive": []}
     for entry in found:
         by_state[_condition_state(entry, ctx.as_of)].append(entry)
+    return by_state, bad
+
+
+def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
+    """A disease-defining inclusion: it must be positively recorded; absence fails."""
+    by_state, bad = _conditions_by_state(ctx, rule["valuesets"])
     what = ctx.titles(rule["valuesets"])
     if by_state["active"]:
         active = by_state["active"]
@@ -181,11 +190,9 @@ def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
 def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A current condition that must not be present (or, with on_absent=manual, that a
     person must still rule out)."""
-    found, bad = ctx.readable(ctx.entries(("Condition",), rule["valuesets"]))
+    by_state, bad = _conditions_by_state(ctx, rule["valuesets"])
     what = ctx.titles(rule["valuesets"])
-    active = [e for e in found if _condition_state(e, ctx.as_of) == "active"]
-    unconfirmed = [e for e in found if _condition_state(e, ctx.as_of) == "unconfirmed"]
-    inactive = [e for e in found if _condition_state(e, ctx.as_of) == "inactive"]
+    active, unconfirmed, inactive = (by_state[s] for s in ("active", "unconfirmed", "inactive"))
     confirm = rule.get("confirm")
     if active:
         if rule["on_found"] == "fail":
@@ -554,8 +561,8 @@ def _normal_range_exception(analyte_id: str, ctx: Context, lookback: int) -> Out
 
 def condition_with_lab(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A condition that excludes only when a lab shows it uncontrolled."""
-    found, bad = ctx.readable(ctx.entries(("Condition",), rule["valuesets"]))
-    active = [e for e in found if _condition_state(e, ctx.as_of) in ("active", "unconfirmed")]
+    by_state, bad = _conditions_by_state(ctx, rule["valuesets"])
+    active = by_state["active"] + by_state["unconfirmed"]
     what = ctx.titles(rule["valuesets"])
     if not active:
         if bad:
@@ -899,10 +906,18 @@ def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
     ref = ctx.record.patient_ref
     if ctx.record.gender == "male":
         return Outcome(Result.PASS, (ref,), f"Not applicable: {ref} is male.")
-    found, bad = ctx.readable(ctx.entries(("Condition",), rule["conditions"]))
-    active = [e for e in found if _condition_state(e, ctx.as_of) == "active"]
-    if active:
+    by_state, bad = _conditions_by_state(ctx, rule["conditions"])
+    if by_state["active"]:
+        active = by_state["active"]
         return Outcome(Result.FAIL, _refs(active), f"Active on record: {_listing(active)}.")
+    if by_state["unconfirmed"]:
+        unconfirmed = by_state["unconfirmed"]
+        return Outcome(
+            Result.UNKNOWN,
+            _refs(unconfirmed),
+            f"Recorded as provisional or differential: {_listing(unconfirmed)}; "
+            "confirm or refute it.",
+        )
     lookback = rule.get("lookback_days", ctx.trial.lab_lookback_days)
     start = ctx.window_start(lookback)
     positive = set(ctx.trials.answers.get("qualitative_positive", []))
