@@ -49,13 +49,13 @@ def _evaluate_criterion(criterion: Criterion, ctx: Context) -> CriterionResult:
             outcome = RULES[criterion.rule["type"]](criterion.rule, ctx)
         except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as exc:
             # Data shaped in a way no rule anticipated must not sink the patient or the
-            # sweep: the criterion becomes unknown and the cause is logged (ids only).
+            # sweep: the criterion becomes unknown and the cause is logged by type only (its
+            # message could quote patient data; the explanation tells the reader instead).
             log.warning(
-                "criterion %s of %s could not be evaluated for %s: %r",
+                "criterion %s of %s could not be evaluated: %s",
                 criterion.id,
                 ctx.trial.id,
-                ctx.record.patient_ref,
-                exc,
+                type(exc).__name__,
             )
             outcome = Outcome(
                 Result.UNKNOWN,
