@@ -386,3 +386,34 @@ def test_a_provisional_pregnancy_is_unknown_not_ignored() -> None:
     evaluation = run([pregnancy], pat=patient(gender="female", birth="1990-01-01"))
     result = criterion(evaluation, A, "exc-pregnancy")
     assert result.result is Result.UNKNOWN and result.evidence == ("Condition/preg",)
+
+
+def _grade_obs(oid: str, snomed: str) -> dict:
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": "2025-11-10",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "21858-6"}]},
+        "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": snomed}]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("recorded", "ki67", "expected"),
+    [
+        ("1663004", 8, Result.PASS),  # G2 recorded, Ki-67 8 %: concordant
+        ("1663004", 2, Result.PASS),  # G2 recorded, Ki-67 2 %: the mitotic count may make it G2
+        ("1663004", 35, Result.UNKNOWN),  # G2 recorded, Ki-67 35 % means G3: WHO takes the higher
+        ("54102005", 8, Result.UNKNOWN),
+    ],  # G1 recorded, Ki-67 8 % means G2
+)
+def test_recorded_grade_and_ki67_follow_the_who_higher_grade_rule(
+    recorded: str, ki67: float, expected: Result
+) -> None:
+    evaluation = run(
+        [_grade_obs("g", recorded), obs("k", "29593-1", ki67, "%", "2025-11-10")],
+        trials=load_trials([A]),
+    )
+    assert criterion(evaluation, A, "inc-grade-2").result is expected

@@ -29,8 +29,10 @@ _ACTIVE_CLINICAL = {"active", "recurrence", "relapse"}
 _UNCONFIRMED = {"provisional", "differential", "unconfirmed"}
 
 # WHO 2019 grading of well-differentiated GEP neuroendocrine tumours by Ki-67 index:
-# G1 < 3 %, G2 3-20 %, G3 > 20 % (WHO Classification of Tumours, Digestive System Tumours,
-# 5th ed.; the > 20 % G3 limit is also stated in NCT05610826's exclusion criteria).
+# G1 < 3 %, G2 3-20 %, G3 > 20 %, and the final grade is whichever of Ki-67 and mitotic count
+# places the tumour higher (WHO Classification of Tumours, Digestive System Tumours, 5th ed.,
+# as tabulated by UpToDate and the CAP NET checklist; the > 20 % G3 limit is also stated in
+# NCT05610826's exclusion criteria).
 _KI67_G2_FROM = 3.0
 _KI67_G3_ABOVE = 20.0
 
@@ -815,10 +817,21 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
             "No histologic grade, Ki-67 index or differentiation recorded for the NET; "
             "the pathology grade would decide it.",
         )
-    if ki67 is not None and explicit is not None and ki67[0] != decided:
+    if ki67 is not None and explicit is not None and ki67[0] > decided:
+        # WHO assigns the higher of the two indices: a recorded grade below what the Ki-67
+        # index says cannot be taken at face value.
+        m = ki67[1]
+        return Outcome(
+            Result.UNKNOWN,
+            (explicit[1].ref, m.entry.ref),
+            f"Discordant grade: G{decided} recorded in {explicit[1].describe()}, but Ki-67 "
+            f"{_fmt(m.value)} %{_when(m.entry)} ({m.entry.ref}) means G{ki67[0]} and WHO assigns "
+            "the higher grade; pathology review would decide it.",
+        )
+    if ki67 is not None and explicit is not None and ki67[0] < decided:
         notes.append(
-            f"Ki-67 {_fmt(ki67[1].value)} % ({ki67[1].entry.ref}) alone would suggest G{ki67[0]}; "
-            "the recorded grade is used"
+            f"Ki-67 {_fmt(ki67[1].value)} % ({ki67[1].entry.ref}) alone would mean "
+            f"G{ki67[0]}; the recorded grade (which may rest on the mitotic count) is used"
         )
     wanted = " or ".join(f"G{g}" for g in sorted(allowed))
     text = "; ".join(notes)
