@@ -33,6 +33,7 @@ from cds.errors import (
     UntrustedFhirServer,
 )
 from cds.fhir.auth import JWT_BEARER_ASSERTION, SmartBackendAuth
+from cds.fhir.bulk import BulkExporter
 from cds.fhir.client import FhirClient, RetryPolicy, Timeouts, parse_retry_after
 from cds.fhir.queries import fetch_patient_resources
 
@@ -121,7 +122,7 @@ class FaultInjector:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_GET = do_POST = do_PUT = _handle  # noqa: N815
+            do_GET = do_POST = do_PUT = do_DELETE = _handle  # noqa: N815
 
         class Server(ThreadingHTTPServer):
             def handle_error(self, request: Any, client_address: Any) -> None:
@@ -819,3 +820,50 @@ def test_a_bad_patient_id_is_refused_before_any_request(injector, make_client):
     with pytest.raises(InputError):
         fetch_patient_resources(make_client(), "../Observation", Trials())
     assert injector.seen == []
+
+
+# -- Bulk Data $export through the same client ---------------------------------------------
+
+
+def test_bulk_export_polls_with_retry_after_survives_a_503_and_downloads(
+    injector, make_client, sleeps, tmp_path
+):
+    base = injector.base_url
+    manifest = {
+        "transactionTime": "2026-11-01T00:00:00Z",
+        "request": f"{base}/$export",
+        "requiresAccessToken": False,
+        "output": [{"type": "Patient", "url": f"{base}/files/patient.ndjson"}],
+        "error": [],
+    }
+    ndjson = json.dumps(PATIENT).encode() + b"\n"
+    injector.script = [
+        Fault(202, None, {"Content-Location": f"{base}/jobs/1"}),  # kick-off accepted
+        Fault(503, outcome("busy"), {"Retry-After": "1"}),  # a passing fault while polling
+        Fault(202, None, {"Retry-After": "2", "X-Progress": "50%"}),  # still running
+        Fault(200, manifest),
+        Fault(200, ndjson, {"Content-Type": "application/fhir+ndjson"}),
+        Fault(202),  # DELETE of the finished job
+    ]
+    result = BulkExporter(make_client(), sleep=sleeps.append).export(tmp_path, types=["Patient"])
+    assert [(f.type, f.path.read_bytes()) for f in result.files] == [("Patient", ndjson)]
+    assert sleeps == [1.0, 2.0]  # the 503's and the status answer's Retry-After, in order
+    kickoff = injector.seen[0]
+    assert kickoff.path.startswith("/fhir/$export?_type=Patient")
+    assert kickoff.headers["Prefer"] == "respond-async"
+    assert [s.method for s in injector.seen] == ["GET"] * 5 + ["DELETE"]
+
+
+def test_bulk_export_refuses_a_status_url_outside_the_trusted_base(injector, make_client, tmp_path):
+    injector.script = [Fault(202, None, {"Content-Location": "http://127.0.0.2:9/elsewhere"})]
+    with pytest.raises(UntrustedFhirServer):
+        BulkExporter(make_client()).export(tmp_path, types=["Patient"])
+    assert len(injector.seen) == 1  # nothing was sent to the other address
+
+
+def test_bulk_export_kickoff_without_content_location_is_a_clear_error(
+    injector, make_client, tmp_path
+):
+    injector.script = [Fault(202)]
+    with pytest.raises(FhirBadResponse, match="202 without Content-Location"):
+        BulkExporter(make_client()).export(tmp_path, types=["Patient"])

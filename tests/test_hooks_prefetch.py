@@ -27,6 +27,10 @@ PID = "both-candidate"
 SERVICE = f"/cds-services/{PV}"
 TOKEN = "access-token-for-the-ehr-fhir-server"
 
+#: scheduling slack on a loaded 2-core CI machine for "answered at the time budget"; the slow
+#: stub servers below take 5 s, so an answer within budget + slack proves nobody waited for them
+SLACK_S = 0.6
+
 
 @pytest.fixture()
 def stub() -> Iterator[StubFhir]:
@@ -204,7 +208,7 @@ def test_p7_refused_credentials_are_412_within_the_budget(
     response = _call(
         stub, hook_body(prefetch=partial, fhirServer=stub.base_url, fhirAuthorization=_auth())
     )
-    assert time.monotonic() - started < 1.5 + 0.2
+    assert time.monotonic() - started < 1.5 + SLACK_S
     assert response.status_code == 412
     assert "'procedures'" in response.get_json()["issue"][0]["diagnostics"]
 
@@ -236,12 +240,12 @@ def test_p7_a_hanging_server_is_abandoned_at_the_budget(
     stub: StubFhir, prefetch: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="cds.hooks.calls")
-    stub.delay["Procedure"] = 3.0
+    stub.delay["Procedure"] = 5.0
     partial = {k: v for k, v in prefetch.items() if k != "procedures"}
     started = time.monotonic()
     response = _call(stub, hook_body(prefetch=partial, fhirServer=stub.base_url), time_budget_s=0.5)
     elapsed = time.monotonic() - started
-    assert elapsed < 0.5 + 0.2
+    assert elapsed < 0.5 + SLACK_S
     assert response.status_code == 200
     cards = response.get_json()["cards"]
     # what can be said: procedure-based exclusions are unknown, not silently passed
@@ -250,10 +254,11 @@ def test_p7_a_hanging_server_is_abandoned_at_the_budget(
 
 
 def test_p7_no_patient_within_the_budget_answers_no_cards(stub: StubFhir) -> None:
-    stub.delay["Patient"] = 3.0
+    stub.delay["Patient"] = 5.0
     started = time.monotonic()
     response = _call(stub, hook_body(fhirServer=stub.base_url), time_budget_s=0.4)
-    assert time.monotonic() - started < 0.4 + 0.2
+    # The server would take 5 s; the answer comes at the budget plus scheduling slack.
+    assert time.monotonic() - started < 0.4 + SLACK_S
     assert response.status_code == 200 and response.get_json() == {"cards": []}
 
 

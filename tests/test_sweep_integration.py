@@ -119,10 +119,9 @@ def test_group_export_sweep_equals_cds_evaluate(
 ) -> None:
     assert export_supported(client.capabilities(), group=True)
     base = loaded.server.base_url
-    with BulkExporter(
-        base_url=base, trusted_base_urls=[base], allow_insecure_loopback=True
-    ) as exporter:
-        summary = sweep_export(exporter, base, _opts(tmp_path, workers=2), group=loaded.group)
+    summary = sweep_export(
+        BulkExporter(client), base, _opts(tmp_path, workers=2), group=loaded.group
+    )
     assert summary["complete"] and summary["errors"] == 0
     assert summary["patients"] == PATIENTS
     assert _lines(tmp_path) == loaded.expected

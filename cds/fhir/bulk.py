@@ -3,40 +3,27 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
 import requests
-from requests.adapters import HTTPAdapter
 
-import cds
 from cds.errors import (
-    FhirAuthError,
     FhirBadResponse,
     FhirError,
-    FhirFatalError,
-    FhirNotFound,
-    FhirRejected,
     FhirTemporaryError,
 )
-from cds.fhir.auth import TokenSource
 from cds.fhir.client import (
     FHIR_JSON,
-    RETRY_STATUSES,
     FhirClient,
-    RetryPolicy,
-    Timeouts,
     encode_query,
-    outcome_message,
     parse_retry_after,
 )
-from cds.fhir.trust import TrustPolicy, check_within_base
 
 log = logging.getLogger(__name__)
 
@@ -209,53 +196,28 @@ class ExportResult:
 
 class BulkExporter:
     """FHIR Bulk Data Access 2.0 ``$export`` client: kick-off with ``Prefer: respond-async``,
-    status polling honouring ``Retry-After``, NDJSON download, optional SMART Backend auth.
+    status polling honouring ``Retry-After``, NDJSON download.
 
-    One requests Session serves the whole export: polling stays on one keep-alive connection,
-    which matters to servers (such as a multi-process sekmet) that keep job state per process.
-    Every URL (status, files) must lie inside the trusted base.
+    It speaks through a :class:`FhirClient` (``FhirClient.send``), so the trust check (every
+    status and file URL must lie inside the trusted base), retries, SMART Backend Services
+    auth and error translation are the client's. Used from one thread, the client's pooled
+    session keeps polling on one keep-alive connection, which matters to servers (such as a
+    multi-process sekmet) that keep job state per process.
     """
 
     def __init__(
         self,
+        client: FhirClient,
         *,
-        base_url: str,
-        trusted_base_urls: Iterable[str],
-        allow_insecure_loopback: bool = False,
-        auth: TokenSource | None = None,
-        timeouts: Timeouts = Timeouts(),  # noqa: B008 - frozen value object
-        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen value object
         poll_timeout: float = 3600.0,
         max_poll_interval: float = 60.0,
-        verify: bool | str = True,
         sleep: Callable[[float], None] = time.sleep,
-        session_factory: Callable[[], requests.Session] = requests.Session,
     ) -> None:
-        self._base = TrustPolicy(
-            trusted_base_urls, allow_insecure_loopback=allow_insecure_loopback
-        ).check_base(base_url)
-        self._auth = auth
-        self._timeouts = timeouts
-        self._retry = retry
+        self._client = client
+        self._base = client.base_url
         self._poll_timeout = poll_timeout
         self._max_poll_interval = max_poll_interval
         self._sleep = sleep
-        self._session = session_factory()
-        self._session.trust_env = False
-        self._session.verify = verify
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
-        self._session.mount("https://", adapter)
-        self._session.mount("http://", adapter)
-        self._session.headers["User-Agent"] = f"cds-trial-screening/{cds.__version__} (+requests)"
-
-    def close(self) -> None:
-        self._session.close()
-
-    def __enter__(self) -> BulkExporter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def export(
         self,
@@ -270,8 +232,8 @@ class BulkExporter:
         url = f"{self._base}/{kickoff}?" + encode_query(
             [("_type", ",".join(types)), ("_outputFormat", NDJSON)]
         )
-        response = self._send(
-            "GET", url, {"Accept": FHIR_JSON, "Prefer": "respond-async"}, expect=(202,)
+        response = self._client.send(
+            "GET", url, headers={"Accept": FHIR_JSON, "Prefer": "respond-async"}, expect=(202,)
         )
         status_url = response.headers.get("Content-Location")
         if not status_url:
@@ -298,7 +260,7 @@ class BulkExporter:
                 result.errors.append(path.read_text(encoding="utf-8", errors="replace")[:500])
         # The server may now delete the files (Bulk Data: DELETE on the status URL).
         try:
-            self._send("DELETE", status_url, {"Accept": FHIR_JSON}, expect=(200, 202, 204, 404))
+            self._client.send("DELETE", status_url, expect=(200, 202, 204, 404))
         except FhirError as exc:
             log.info("$export clean-up refused: %s", exc)
         return result
@@ -308,7 +270,7 @@ class BulkExporter:
     ) -> JSONDict:
         deadline = time.monotonic() + self._poll_timeout
         while True:
-            response = self._send("GET", status_url, {"Accept": FHIR_JSON}, expect=(200, 202))
+            response = self._client.send("GET", status_url, expect=(200, 202))
             result.polls += 1
             if response.status_code == 200:
                 try:
@@ -335,8 +297,8 @@ class BulkExporter:
             self._sleep(min(delay if delay is not None else 2.0, self._max_poll_interval))
 
     def _download(self, url: str, path: Path, needs_token: bool) -> int:
-        response = self._send(
-            "GET", url, {"Accept": NDJSON}, expect=(200,), stream=True, token=needs_token
+        response = self._client.send(
+            "GET", url, headers={"Accept": NDJSON}, expect=(200,), stream=True, token=needs_token
         )
         size = 0
         tmp = path.with_name(path.name + ".part")
@@ -358,94 +320,6 @@ class BulkExporter:
         tmp.replace(path)
         return size
 
-    def _send(
-        self,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        *,
-        expect: tuple[int, ...],
-        stream: bool = False,
-        token: bool = True,
-    ) -> requests.Response:
-        """One request with the client's retry rules (429/502/503/504 and connection errors,
-        Retry-After honoured) and error translation."""
-        check_within_base(url, self._base)
-        attempt = 0
-        refreshed = False
-        while True:
-            attempt += 1
-            sent = dict(headers)
-            if self._auth is not None and token:
-                sent["Authorization"] = f"Bearer {self._auth.token(self._session)}"
-            try:
-                response = self._session.request(
-                    method,
-                    url,
-                    headers=sent,
-                    stream=stream,
-                    allow_redirects=False,
-                    timeout=(self._timeouts.connect, self._timeouts.read),
-                )
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt >= self._retry.attempts:
-                    raise FhirTemporaryError(
-                        f"{method} {url}: {type(exc).__name__} (after {attempt} attempt(s))",
-                        url=url,
-                    ) from exc
-                self._sleep(self._retry.backoff(attempt, _RNG))
-                continue
-            status = response.status_code
-            if status in expect:
-                return response
-            body = _outcome(response)
-            message = f"{method} {url}: HTTP {status}"
-            text = outcome_message(body)
-            if text:
-                message += f": {text}"
-            if status in RETRY_STATUSES and attempt < self._retry.attempts:
-                delay = parse_retry_after(response.headers.get("Retry-After"))
-                if delay is None:
-                    delay = self._retry.backoff(attempt, _RNG)
-                self._sleep(min(delay, self._retry.retry_after_cap))
-                continue
-            if status == 401 and self._auth is not None and not refreshed:
-                refreshed = True
-                if self._auth.invalidate():
-                    attempt -= 1
-                    continue
-            raise _error(status, message, url, body)
-
-
-def _outcome(response: requests.Response) -> JSONDict | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return (
-        body if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome" else None
-    )
-
-
-def _error(status: int, message: str, url: str, outcome: JSONDict | None) -> FhirError:
-    cls: type[FhirError]
-    if status in RETRY_STATUSES:
-        cls = FhirTemporaryError
-    elif status in (401, 403):
-        cls = FhirAuthError
-    elif status in (404, 410):
-        cls = FhirNotFound
-    elif 400 <= status < 500:
-        cls = FhirRejected
-    elif outcome is None:
-        cls = FhirBadResponse
-    else:
-        cls = FhirFatalError
-    return cls(message, url=url, status=status, outcome=outcome)
-
-
-# Backoff jitter only: spreads clients out, need not be reproducible.
-_RNG = random.Random()  # noqa: S311 - jitter, not cryptography
 
 __all__ = [
     "BulkExporter",

@@ -365,6 +365,25 @@ class FhirClient:
             )
         return body
 
+    def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        expect: Sequence[int] = (200,),
+        stream: bool = False,
+        token: bool = True,
+    ) -> requests.Response:
+        """A request whose answer is not a FHIR JSON resource (Bulk Data kick-off, status
+        polling, NDJSON files), with the same trust check, retries and error translation as
+        every other call. A status in ``expect`` is returned as is; the caller closes a
+        streamed response. ``token=False`` sends no Authorization header (Bulk Data file
+        servers may not want one: the manifest's ``requiresAccessToken``)."""
+        return self._exchange(
+            method, url, headers=headers, expect=expect, stream=stream, token=token
+        )
+
     def _request(
         self,
         method: str,
@@ -374,6 +393,23 @@ class FhirClient:
         idempotent: bool = True,
     ) -> JSONDict:
         data = json.dumps(body).encode() if body is not None else None
+        response = self._exchange(method, url, data=data, idempotent=idempotent)
+        return _parse_json(method, url, response)
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        expect: Sequence[int] | None = None,
+        stream: bool = False,
+        token: bool = True,
+        idempotent: bool = True,
+    ) -> requests.Response:
+        """Send until a usable answer: any 2xx (or a status in ``expect``), following
+        redirects inside the trusted base and retrying what may be retried."""
         retry = self._retry
         redirects = 0
         refreshed_auth = False
@@ -383,7 +419,7 @@ class FhirClient:
             check_within_base(url, self._base)
             attempt += 1
             try:
-                response = self._send_once(method, url, data)
+                response = self._send_once(method, url, data, headers, stream, token)
             except FhirTemporaryError as exc:  # the token endpoint was temporarily unavailable
                 if attempt >= retry.attempts:
                     raise
@@ -415,7 +451,10 @@ class FhirClient:
                 ) from exc
 
             status = response.status_code
+            if expect is not None and status in expect:
+                return response
             if status in _REDIRECTS and method == "GET" and "Location" in response.headers:
+                response.close()
                 redirects += 1
                 if redirects > _MAX_REDIRECTS:
                     raise FhirBadResponse(
@@ -425,10 +464,19 @@ class FhirClient:
                 attempt -= 1  # a redirect is not a failed attempt
                 continue
             if 200 <= status < 300:
-                return _parse_json(method, url, response)
+                if expect is None:
+                    return response
+                response.close()
+                raise FhirBadResponse(
+                    f"{method} {url}: HTTP {status} where {', '.join(map(str, expect))} was"
+                    " expected",
+                    url=url,
+                    status=status,
+                )
 
             outcome = _try_outcome(response)
             message = _status_message(method, url, response, outcome)
+            response.close()
             if status in RETRY_STATUSES:
                 # 429 means the request was not processed, so even a POST may be repeated.
                 if attempt < retry.attempts and (idempotent or status == 429):
@@ -441,7 +489,7 @@ class FhirClient:
                     status=status,
                     outcome=outcome,
                 )
-            if status == 401 and self._auth is not None and not refreshed_auth:
+            if status == 401 and token and self._auth is not None and not refreshed_auth:
                 # The token may have been revoked or expired early: renew once, then give up.
                 refreshed_auth = True
                 if self._auth.invalidate():
@@ -449,12 +497,21 @@ class FhirClient:
                     continue
             raise _status_error(status, message, url, outcome)
 
-    def _send_once(self, method: str, url: str, data: bytes | None) -> requests.Response:
+    def _send_once(
+        self,
+        method: str,
+        url: str,
+        data: bytes | None,
+        extra_headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        token: bool = True,
+    ) -> requests.Response:
         headers = {"Accept": FHIR_JSON}
         if data is not None:
             headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
+        headers.update(extra_headers or {})
         with self._session() as session:
-            if self._auth is not None:
+            if self._auth is not None and token:
                 headers["Authorization"] = f"Bearer {self._auth.token(session)}"
             started = time.perf_counter()
             response = session.request(
@@ -462,6 +519,7 @@ class FhirClient:
                 url,
                 data=data,
                 headers=headers,
+                stream=stream,
                 timeout=(self._timeouts.connect, self._timeouts.read),
                 allow_redirects=False,  # redirects are followed above, inside the trusted base
             )

@@ -118,14 +118,7 @@ def run(args: argparse.Namespace) -> int:
             if source == "rest" and args.source == "auto":
                 sys.stderr.write("cds sweep: using FHIR REST paging\n")
         if source == "export":
-            with BulkExporter(
-                base_url=base,
-                trusted_base_urls=[base],
-                auth=auth,
-                allow_insecure_loopback=True,
-                timeouts=Timeouts(read=args.timeout),
-            ) as exporter:
-                summary = sweep_export(exporter, base, opts, group=args.group)
+            summary = sweep_export(BulkExporter(client), base, opts, group=args.group)
         else:
             rest = RestOptions(
                 concurrency=args.concurrency,
