@@ -157,6 +157,15 @@ def _conditions_by_state(
     return by_state, bad
 
 
+def _unconfirmed(items: Sequence[Entry], resolve: str) -> Outcome:
+    """UNKNOWN for Conditions recorded only as provisional or differential."""
+    return Outcome(
+        Result.UNKNOWN,
+        _refs(items),
+        f"Recorded only as provisional or differential: {_listing(items)}; {resolve}.",
+    )
+
+
 def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A disease-defining inclusion: it must be positively recorded; absence fails."""
     by_state, bad = _conditions_by_state(ctx, rule["valuesets"])
@@ -165,13 +174,7 @@ def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
         active = by_state["active"]
         return Outcome(Result.PASS, _refs(active), f"Recorded: {_listing(active)}.")
     if by_state["unconfirmed"]:
-        items = by_state["unconfirmed"]
-        return Outcome(
-            Result.UNKNOWN,
-            _refs(items),
-            f"Recorded only as provisional or differential: {_listing(items)}; "
-            "a confirmed diagnosis would decide it.",
-        )
+        return _unconfirmed(by_state["unconfirmed"], "a confirmed diagnosis would decide it")
     if by_state["inactive"]:
         items = by_state["inactive"]
         return Outcome(
@@ -205,12 +208,7 @@ def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
             f"Active on record: {_listing(active)}; {confirm or 'confirm whether it applies'}.",
         )
     if unconfirmed:
-        return Outcome(
-            Result.UNKNOWN,
-            _refs(unconfirmed),
-            f"Recorded as provisional or differential: {_listing(unconfirmed)}; "
-            "confirm or refute the diagnosis.",
-        )
+        return _unconfirmed(unconfirmed, "confirm or refute the diagnosis")
     if bad:
         return _malformed_unknown(ctx, bad, f"A {what} record")
     not_counted = f" (resolved, not counted: {_listing(inactive)})" if inactive else ""
@@ -924,13 +922,7 @@ def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
         active = by_state["active"]
         return Outcome(Result.FAIL, _refs(active), f"Active on record: {_listing(active)}.")
     if by_state["unconfirmed"]:
-        unconfirmed = by_state["unconfirmed"]
-        return Outcome(
-            Result.UNKNOWN,
-            _refs(unconfirmed),
-            f"Recorded as provisional or differential: {_listing(unconfirmed)}; "
-            "confirm or refute it.",
-        )
+        return _unconfirmed(by_state["unconfirmed"], "confirm or refute it")
     lookback = rule.get("lookback_days", ctx.trial.lab_lookback_days)
     start = ctx.window_start(lookback)
     positive = set(ctx.trials.answers.get("qualitative_positive", []))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,8 +157,3 @@ def load_valuesets(directory: Path) -> dict[str, ValueSet]:
             )
         valuesets[vs.id] = vs
     return valuesets
-
-
-def union_codes(valuesets: Iterable[ValueSet], system: str) -> frozenset[str]:
-    """The explicit codes of one system across several value sets (for server-side filters)."""
-    return frozenset(code for vs in valuesets for (s, code) in vs.codes if s == system)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
@@ -237,8 +236,3 @@ def order_check(call: HookCall) -> list[JSONDict]:
         if card is not None:
             cards.append((trial.trial, card))
     return _record(call, cards)
-
-
-def monotonic_deadline(budget_s: float, started: float | None = None) -> float:
-    """The deadline of a call that started at ``started`` (time.monotonic())."""
-    return (started if started is not None else time.monotonic()) + budget_s
