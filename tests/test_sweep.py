@@ -45,7 +45,20 @@ def population(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def expected(population: dict[str, Path]) -> list[str]:
     """`cds evaluate` of the same population as bundles: the lines a sweep must reproduce."""
     evaluations = evaluate_files([str(population["bundles"])], load_trials(), AS_OF)
-    return sorted(result_line(e) for e in evaluations)
+    return sorted(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in evaluations)
+
+
+def test_result_line_is_exactly_what_cds_evaluate_prints() -> None:
+    """The hand-written encoder against json.dumps over every fixture (non-ASCII text, empty
+    and long evidence lists, every result and status)."""
+    evaluations = evaluate_files([str(REPO_ROOT / "fhir_fixtures")], load_trials(), AS_OF)
+    assert len(evaluations) >= 40
+    statuses = set()
+    for evaluation in evaluations:
+        printed = json.dumps(evaluation.to_json(), ensure_ascii=False) + "\n"
+        assert result_line(evaluation) == printed
+        statuses.update(t.status for t in evaluation.trials)
+    assert len(statuses) == 3
 
 
 def _opts(out: Path, **kw: Any) -> SweepOptions:
@@ -238,10 +251,33 @@ def test_unreadable_lines_and_foreign_types_are_counted_not_fatal(tmp_path: Path
             )
             + "\n"
         )
+        f.write('{"resourceType":"Observation","id":"cut"\n')  # cut short, no newline after
     summary = sweep_ndjson(src, _opts(tmp_path / "out"))
     assert summary["patients"] == 5
-    assert summary["input"]["unreadable_lines"] == 1
+    assert summary["errors"] == 0
+    assert summary["input"]["unreadable_lines"] == 2
     assert summary["input"]["skipped_types"] == {"Encounter": 1}
+
+
+def test_a_patient_with_a_line_that_is_not_json_gets_no_result(tmp_path: Path) -> None:
+    """A line that routes to its patient but does not parse could be the record that excludes
+    them: that patient is an error with the reason, never evaluated without it."""
+    src = tmp_path / "in"
+    write_population(Population(3, seed=1, net_every=0), src, "ndjson")
+    with open(src / "Observation.ndjson", "a", encoding="utf-8") as f:
+        f.write(
+            '{"resourceType":"Observation","status":"final","code":{"coding":[{"system":'
+            '"http://loinc.org","code":"777-3"}]},"subject":{"reference":'
+            '"Patient/syn-1-0000001"},"valueQuantity":{"value":12 34}}\n'
+        )
+    summary = sweep_ndjson(src, _opts(tmp_path / "out"))
+    assert summary["patients"] == 2
+    assert summary["errors"] == 1
+    lines = _lines(tmp_path / "out")
+    assert len(lines) == 2
+    assert not any('"Patient/syn-1-0000001"' in line for line in lines)
+    errors = (tmp_path / "out" / "summary.json").read_text()
+    assert "syn-1-0000001" in errors and "not JSON" in errors
 
 
 def test_synthea_sample_sweeps_without_error_or_candidate(tmp_path: Path) -> None:
@@ -343,24 +379,56 @@ def test_write_back_condition_follows_the_server_search_parameters() -> None:
     assert identifier_searchable(None, "ResearchSubject")
 
 
-def test_observation_prefilter_keeps_every_line_the_criteria_read() -> None:
-    """Lines skipped unparsed are exactly irrelevant Observations: checked over a generated
-    population against the record's own relevance test."""
+def test_code_prefilter_keeps_every_line_the_criteria_read() -> None:
+    """Lines skipped unparsed are exactly resources the record itself would drop as
+    irrelevant: checked over a generated population against the record's own relevance test,
+    for every clinical type, and for codes written the ways the record tolerates."""
     import json as _json
 
     from cds.criteria import load_trials as _load
-    from cds.criteria.record import codings_of
-    from cds.sweep.ndjson import observation_prefilter
+    from cds.criteria.record import CLINICAL_TYPES, PatientRecord
+    from cds.sweep.ndjson import CodePrefilter
     from cds.synthetic import Population as _Population
 
     trials = _load()
-    keep = observation_prefilter(trials)
-    skipped = 0
+    keep = CodePrefilter(trials)
+    skipped: dict[str, int] = {}
+    kept_relevant = 0
+    blocks: dict[str, list[bytes]] = {}
     for resources in _Population(patients=60, seed=11):
-        for resource in resources:
+        patient = resources[0]
+        for resource in resources[1:]:
+            if resource["resourceType"] not in CLINICAL_TYPES:
+                continue
             line = _json.dumps(resource, separators=(",", ":")).encode()
-            relevant = any(map(trials.is_relevant, codings_of(resource.get("code"))))
-            if resource["resourceType"] != "Observation" or relevant:
+            blocks.setdefault(resource["resourceType"], []).append(line + b"\n")
+            record = PatientRecord.from_resources(
+                [resource], patient=patient, relevant=trials.is_relevant
+            )
+            if any(record.entries.values()):
+                kept_relevant += 1
                 assert keep(line), resource["id"]
-            skipped += not keep(line)
-    assert skipped > 0  # the vital signs are skipped
+            elif not keep(line):
+                skipped[resource["resourceType"]] = skipped.get(resource["resourceType"], 0) + 1
+    assert kept_relevant > 0
+    # vital signs, routine diagnoses, procedures and drugs are all skipped unparsed
+    assert {"Observation", "Condition", "Procedure", "MedicationRequest"} <= set(skipped)
+    # codes as the record tolerates them: padded, ICD-10-CM without its dot or in lower case
+    odd = []
+    for code in (" 718-7 ", "c7a.1", "C7A1", "c7b.02"):
+        line = b'{"resourceType":"Condition","code":{"coding":[{"code":"%s"}]}}' % code.encode()
+        assert keep(line), code
+        odd.append(line + b"\n")
+    # the whole-block search finds every line the line test keeps
+    blocks["Condition"] += odd
+    for rtype, lines in blocks.items():
+        candidates = keep.candidate_lines(b"".join(lines))
+        assert candidates is not None
+        kept = {line for line in lines if keep(line)}
+        assert kept <= {line for line, _ in candidates}, rtype
+        # "certain" is never said of a line the line test would drop
+        assert all(line in kept for line, certain in candidates if certain), rtype
+        assert len(candidates) < len(lines), rtype
+    assert not keep(b'{"resourceType":"Condition","code":{"coding":[{"code":"I10"}]}}')
+    # a drug named by reference to a Medication resource is judged once resolved
+    assert keep(b'{"resourceType":"MedicationRequest","medicationReference":{"reference":"x"}}')

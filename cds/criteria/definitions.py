@@ -130,12 +130,16 @@ class TrialSet:
         (system, code)). Memoised: a population repeats the same codes over and over."""
         known = self._relevance.get(key)
         if known is None:
-            if self._used_valuesets is None:
-                used = {v for t in _ALL_TYPES for v in self.valueset_ids_for(t)}
-                self._used_valuesets = tuple(self.valuesets[v] for v in sorted(used))
-            known = any(vs.contains_key(key) for vs in self._used_valuesets)
+            known = any(vs.contains_key(key) for vs in self.used_valuesets())
             self._relevance[key] = known
         return known
+
+    def used_valuesets(self) -> tuple[ValueSet, ...]:
+        """Every value set some criterion of these trials reads, whatever the resource type."""
+        if self._used_valuesets is None:
+            used = {v for t in _ALL_TYPES for v in self.valueset_ids_for(t)}
+            self._used_valuesets = tuple(self.valuesets[v] for v in sorted(used))
+        return self._used_valuesets
 
     def __iter__(self) -> Iterator[Trial]:
         return iter(self.trials)

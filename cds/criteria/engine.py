@@ -41,7 +41,19 @@ def evaluate(record: PatientRecord, trials: TrialSet, as_of: date) -> PatientEva
     )
 
 
+#: results that are the same for every patient (manual criteria with nothing related to
+#: list), by criterion; immutable, so one object serves every evaluation
+_CONSTANT_RESULTS: dict[int, tuple[Criterion, CriterionResult]] = {}
+
+
 def _evaluate_criterion(criterion: Criterion, ctx: Context) -> CriterionResult:
+    if criterion.rule is None and not criterion.related:
+        known = _CONSTANT_RESULTS.get(id(criterion))
+        if known is not None and known[0] is criterion:
+            return known[1]
+        constant = _result(criterion, _manual(criterion, ctx))
+        _CONSTANT_RESULTS[id(criterion)] = (criterion, constant)
+        return constant
     if criterion.rule is None:
         outcome = _manual(criterion, ctx)
     else:
@@ -63,6 +75,10 @@ def _evaluate_criterion(criterion: Criterion, ctx: Context) -> CriterionResult:
                 "The record could not be evaluated for this criterion (unexpected data shape); "
                 "review the record by hand.",
             )
+    return _result(criterion, outcome)
+
+
+def _result(criterion: Criterion, outcome: Outcome) -> CriterionResult:
     return CriterionResult(
         id=criterion.id,
         kind=criterion.kind,

@@ -67,6 +67,21 @@ def parse_date(value: Any) -> DateRange | None:
     """
     if not isinstance(value, str):
         return None
+    # A population repeats a few thousand distinct dates; each string is parsed once.
+    try:
+        return _PARSED_DATES[value]
+    except KeyError:
+        pass
+    parsed = _parse_date(value)
+    if len(_PARSED_DATES) < 1 << 16:
+        _PARSED_DATES[value] = parsed
+    return parsed
+
+
+_PARSED_DATES: dict[str, DateRange | None] = {}
+
+
+def _parse_date(value: str) -> DateRange | None:
     m = _DATE_RE.match(value)
     if not m:
         return None
@@ -84,11 +99,14 @@ def parse_date(value: Any) -> DateRange | None:
         return None
 
 
+_SPLIT_PATHS: dict[str, list[str]] = {}
+
+
 def _first_date(resource: dict[str, Any], fields: tuple[str, ...]) -> DateRange | None:
     """The first readable date among dotted element paths ("effectivePeriod.start")."""
     for path in fields:
         value: Any = resource
-        for part in path.split("."):
+        for part in _SPLIT_PATHS.get(path) or _SPLIT_PATHS.setdefault(path, path.split(".")):
             value = value.get(part) if isinstance(value, dict) else None
         found = parse_date(value)
         if found:
@@ -160,7 +178,17 @@ class Entry:
     dozen).
     """
 
-    __slots__ = ("ref", "type", "resource", "keys", "_concept", "_when", "_until", "_display")
+    __slots__ = (
+        "ref",
+        "type",
+        "resource",
+        "keys",
+        "fallback_displays",
+        "_concept",
+        "_when",
+        "_until",
+        "_display",
+    )
 
     def __init__(
         self,
@@ -178,6 +206,8 @@ class Entry:
         self._when: DateRange | None | bool = False  # False: not read yet
         self._until: DateRange | None | bool = False
         self._display: str | None | bool = False
+        #: displays by code of the value set that selected it, for a record without one
+        self.fallback_displays: dict[CodingKey, str] | None = None
 
     @property
     def when(self) -> DateRange | None:
@@ -196,12 +226,11 @@ class Entry:
     @property
     def display(self) -> str | None:
         if self._display is False:
-            self._display = concept_display(self._concept)
+            display = concept_display(self._concept)
+            if display is None and self.fallback_displays:
+                display = next((d for k in self.keys if (d := self.fallback_displays.get(k))), None)
+            self._display = display
         return self._display  # type: ignore[return-value]
-
-    @display.setter
-    def display(self, value: str | None) -> None:
-        self._display = value
 
     @property
     def status(self) -> str | None:
@@ -306,7 +335,13 @@ class PatientRecord:
         if cached is not None:
             return cached
         found: dict[int, Entry] = {}
-        for key in valueset.codes:
+        # Walk the smaller side: a value set may hold hundreds of codes, a record's index
+        # (relevant codes only) usually a few dozen.
+        if len(valueset.codes) <= len(self._index):
+            keys: Iterable[CodingKey] = valueset.codes
+        else:
+            keys = [k for k in self._index if k in valueset.codes]
+        for key in keys:
             for entry in self._index.get(key, ()):
                 if entry.type in types:
                     found[id(entry)] = entry

@@ -74,12 +74,10 @@ class Context:
         for vs_id in valueset_ids:
             valueset = self.trials.valueset(vs_id)
             for entry in self.record.matching(types, valueset):
-                if entry.when is None or entry.when.start <= self.as_of:
-                    if entry.display is None:
-                        # No display in the record: name it by the value set's display.
-                        entry.display = next(
-                            (d for k in entry.keys if (d := valueset.displays.get(k))), None
-                        )
+                when = entry.when
+                if when is None or when.start <= self.as_of:
+                    # Without a display in the record, it is named by the value set's.
+                    entry.fallback_displays = entry.fallback_displays or valueset.displays
                     seen[entry.ref] = entry
         selected = sorted(seen.values(), key=_sort_key, reverse=True)
         self.record.selection_cache[cache_key] = selected
@@ -988,8 +986,13 @@ RULES: dict[str, Callable[[dict[str, Any], Context], Outcome]] = {
 
 def related_on_record(ctx: Context, valueset_ids: Sequence[str]) -> list[Entry]:
     """Records a person reviewing a manual criterion should see (active conditions, any
-    procedure or observation in the value sets)."""
-    found = ctx.readable(ctx.entries(("Condition", "Procedure", "Observation"), valueset_ids))[0]
+    procedure or observation in the value sets).
+
+    They are not validated: a manual result counts neither for nor against the patient, the
+    person deciding it reads these records anyway, and validation (about 100 us a resource)
+    is kept for what decides a pass or a fail.
+    """
+    found = ctx.entries(("Condition", "Procedure", "Observation"), valueset_ids)
     return [
         e for e in found if e.type != "Condition" or _condition_state(e, ctx.as_of) != "inactive"
     ]

@@ -85,6 +85,8 @@ class ValueSet:
         """Like :meth:`contains` for a key already passed through :func:`normalize_coding`."""
         if key in self.codes:
             return True
+        if not self.prefixes:
+            return False
         return any(key[0] == s and key[1].startswith(p) for s, p in self.prefixes)
 
     def display(self, system: str, code: str) -> str | None:

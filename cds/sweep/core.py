@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,13 +30,58 @@ CSV_HEADER = (
 #: rows of the candidates CSV: the patients a coordinator follows up
 CSV_STATUSES = frozenset({TrialStatus.CANDIDATE, TrialStatus.NEEDS_REVIEW})
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+_string = json.encoder.encode_basestring  # ensure_ascii=False, as evaluate_command prints
 
 
 def result_line(evaluation: PatientEvaluation) -> str:
-    """One results.ndjson line: exactly what `cds evaluate --format json` prints."""
-    # evaluate_command uses json.dumps(..., ensure_ascii=False) with default separators.
-    return _dumps(evaluation.to_json()) + "\n"
+    """One results.ndjson line: exactly what `cds evaluate --format json` prints, i.e.
+    ``json.dumps(evaluation.to_json(), ensure_ascii=False)`` (default separators).
+
+    Written out by hand because a sweep writes one per patient and most of each line is
+    constant: a criterion's id, kind and verbatim protocol text are encoded once per process.
+    A test holds it to the json.dumps form.
+    """
+    parts = [
+        '{"patient": ',
+        _string(evaluation.patient),
+        ', "as_of": "',
+        evaluation.as_of.isoformat(),
+        '", "trials": [',
+    ]
+    for t, trial in enumerate(evaluation.trials):
+        if t:
+            parts.append(", ")
+        parts += (
+            '{"trial": ',
+            _string(trial.trial),
+            ', "version": ',
+            _string(trial.version),
+            ', "status": "',
+            trial.status.value,
+            '", "criteria": [',
+        )
+        for c, criterion in enumerate(trial.criteria):
+            head = _criterion_head(criterion.id, criterion.kind, criterion.text)
+            parts += (
+                ", " + head if c else head,
+                criterion.result.value,
+                '", "evidence": [',
+                ", ".join(map(_string, criterion.evidence)),
+                '], "explanation": ',
+                _string(criterion.explanation),
+                "}",
+            )
+        parts.append("]}")
+    parts.append("]}\n")
+    return "".join(parts)
+
+
+@functools.cache
+def _criterion_head(criterion_id: str, kind: str, text: str) -> str:
+    return (
+        f'{{"id": {_string(criterion_id)}, "kind": {_string(kind)}, '
+        f'"text": {_string(text)}, "result": "'
+    )
 
 
 def csv_rows(evaluation: PatientEvaluation) -> list[list[str]]:

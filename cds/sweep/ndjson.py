@@ -10,6 +10,7 @@ is parsed properly.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -54,6 +55,7 @@ TYPE_RANK = {
     )
 }
 _KEPT = frozenset(CLINICAL_TYPES) | {"Patient", "Medication"}
+_CLINICAL_BYTES = frozenset(t.encode() for t in CLINICAL_TYPES)
 
 _TYPE_RE = re.compile(rb'^\s*\{\s*"resourceType"\s*:\s*"([A-Za-z]+)"')
 _REF_RE = re.compile(rb'"(?:subject|patient)"\s*:\s*\{\s*"reference"\s*:\s*"([^"\\]+)"')
@@ -73,10 +75,6 @@ def ndjson_files(directory: Path) -> list[Path]:
         return TYPE_RANK.get(stem, len(TYPE_RANK)), path.name
 
     return sorted(files, key=key)
-
-
-def bucket_of(patient_id: str, buckets: int) -> int:
-    return zlib.crc32(patient_id.encode()) % buckets
 
 
 def _reference_id(reference: str) -> str | None:
@@ -100,7 +98,7 @@ class PartitionStats:
     unreadable: int = 0
     orphans: int = 0
     bytes: int = 0
-    #: Observations no criterion reads, left out before they were parsed or bucketed
+    #: clinical resources no criterion reads, left out before they were parsed or bucketed
     irrelevant: int = 0
 
     def to_json(self) -> JSONDict:
@@ -112,7 +110,7 @@ class PartitionStats:
             "skipped_types": self.skipped_types,
             "unreadable_lines": self.unreadable,
             "resources_naming_no_patient": self.orphans,
-            "irrelevant_observations": self.irrelevant,
+            "irrelevant_resources": self.irrelevant,
         }
 
 
@@ -121,77 +119,189 @@ def choose_buckets(files: list[Path], workers: int) -> int:
     return max(1, min(MAX_BUCKETS, max(workers, -(-size // BUCKET_BYTES))))
 
 
+#: read size of the partitioning pass; a block is extended to the end of its last line
+BLOCK_BYTES = 4 << 20
+
+
 def partition_ndjson(
     files: list[Path],
     work: WorkDir,
     buckets: int,
     progress: Callable[[int], None] | None = None,
-    keep: Callable[[bytes], bool] | None = None,
+    keep: CodePrefilter | None = None,
 ) -> PartitionStats:
     """Stream every line of ``files`` into ``buckets`` bucket files under the work directory.
 
-    Lines are copied as bytes, never re-serialised; lines ``keep`` rejects (Observations no
-    criterion reads, see :func:`observation_prefilter`) are left out here, before they cost a
-    route, a write and a read. Medication resources name no patient:
-    they go to a shared file every bucket reads, as `records_from_bundle` gives every patient
-    of a Bundle its Medications.
+    Lines are copied as bytes, never re-serialised. Clinical lines ``keep`` rejects (resources
+    no criterion reads, see :class:`CodePrefilter`) are left out here, before they cost a
+    route, a write and a parse. Medication resources name no patient: they go to a shared
+    file every bucket reads, as `records_from_bundle` gives every patient of a Bundle its
+    Medications.
+
+    The files are read in blocks. A block of compact lines that all hold one clinical type
+    (what a Bulk export writes) is searched as a whole for lines that may name a code some
+    criterion reads; only those are looked at one by one, the rest are counted as irrelevant
+    without a Python step per line. Any other block goes line by line.
     """
-    stats = PartitionStats()
     with ExitStack() as stack:
         handles: list[IO[bytes]] = [
             stack.enter_context(open(work.input / f"b{i:05d}.ndjson", "wb", buffering=1 << 16))
             for i in range(buckets)
         ]
         shared = stack.enter_context(open(work.input / "shared.ndjson", "wb"))
+        partition = _Partition(handles, shared, keep)
+        stats = partition.stats
         for path in files:
             with open(path, "rb") as f:
-                for raw in f:
-                    stats.lines += 1
-                    stats.bytes += len(raw)
-                    if progress is not None and stats.lines % 20000 == 0:
+                while block := f.read(BLOCK_BYTES):
+                    if not block.endswith(b"\n"):
+                        block += f.readline()
+                    stats.bytes += len(block)
+                    partition.block(block)
+                    if progress is not None:
                         progress(stats.bytes)
-                    line = raw.strip()
-                    if not line:
-                        continue
-                    line += b"\n"  # the last line of a file may lack its newline
-                    if keep is not None and not keep(line):
-                        stats.irrelevant += 1
-                        continue
-                    rtype, pid = _route(line, stats)
-                    if rtype is None:
-                        continue
-                    if rtype == "Medication":
-                        shared.write(line)
-                        stats.shared += 1
-                    elif pid is None:
-                        stats.orphans += 1
-                    else:
-                        # The patient id leads the line, so reading a bucket back never
-                        # has to look for it again (ids cannot contain a tab).
-                        handles[bucket_of(pid, buckets)].write(pid.encode() + b"\t" + line)
-                        if rtype == "Patient":
-                            stats.patients += 1
-                        else:
-                            stats.resources += 1
-    if progress is not None:
-        progress(stats.bytes)
     return stats
 
 
-def _route(line: bytes, stats: PartitionStats) -> tuple[str | None, str | None]:
-    """(resource type, patient id) of one NDJSON line; (None, None) when it is not kept."""
-    m = _TYPE_RE.match(line)
-    rtype = m.group(1).decode() if m else None
-    fast = rtype is not None and rtype != "Patient" and b'"contained"' not in line
-    if fast and rtype in _KEPT:
-        if rtype == "Medication":
-            return rtype, None
-        refs = set(_REF_RE.findall(line))
-        if len(refs) == 1:
-            return rtype, _reference_id(refs.pop().decode())
-    elif fast:
-        stats.skipped_types[rtype or "?"] = stats.skipped_types.get(rtype or "?", 0) + 1
-        return None, None
+class _Partition:
+    """The partitioning pass's state: where lines go and what was counted."""
+
+    def __init__(
+        self, handles: list[IO[bytes]], shared: IO[bytes], keep: CodePrefilter | None
+    ) -> None:
+        self.handles = handles
+        self.shared = shared
+        self.keep = keep
+        self.stats = PartitionStats()
+
+    def block(self, block: bytes) -> None:
+        rtype = _uniform_type(block) if self.keep is not None else None
+        if rtype is None or rtype not in _CLINICAL_BYTES:
+            for raw in io.BytesIO(block):
+                self.line(raw)
+            return
+        assert self.keep is not None  # noqa: S101 - _uniform_type is only tried with one
+        candidates = self.keep.candidate_lines(block)
+        if candidates is None:  # escapes or drug references: judge every line
+            for raw in io.BytesIO(block):
+                self.line(raw)
+            return
+        stats = self.stats
+        skipped = block.count(b"\n") - len(candidates)
+        stats.lines += skipped
+        stats.irrelevant += skipped
+        # Lines of a uniform block are compact, typed and closed: route them here, and write
+        # each bucket's share of the block at once.
+        pending: dict[int, list[bytes]] = {}
+        buckets = len(self.handles)
+        for line, certain in candidates:
+            if not certain and not self.keep(line):
+                stats.lines += 1
+                stats.irrelevant += 1
+                continue
+            pid = _fast_patient_id(line)
+            if pid is None:
+                self._flush(pending)  # keep the input order within each bucket
+                self.line(line)
+                continue
+            stats.lines += 1
+            stats.resources += 1
+            pending.setdefault(zlib.crc32(pid) % buckets, []).append(pid + b"\t" + line)
+        self._flush(pending)
+
+    def _flush(self, pending: dict[int, list[bytes]]) -> None:
+        for bucket, lines in pending.items():
+            self.handles[bucket].write(b"".join(lines))
+        pending.clear()
+
+    def line(self, raw: bytes) -> None:
+        stats = self.stats
+        stats.lines += 1
+        if raw[:1] == b"{" and raw[-2:] == b"}\n":
+            line = raw
+            m = _TYPE_RE.match(line)
+        else:
+            line = raw.strip()
+            if not line:
+                return
+            # A line that does not close its object (cut short, say) is parsed, so that it
+            # is counted as unreadable, never skipped as irrelevant.
+            m = _TYPE_RE.match(line) if line.endswith(b"}") else None
+            line += b"\n"  # the last line of a file may lack its newline
+        rtype = m.group(1) if m else None
+        if rtype in _CLINICAL_BYTES:
+            if self.keep is not None and not self.keep(line):
+                stats.irrelevant += 1
+                return
+            pid = _fast_patient_id(line)
+            kind: str | None = "clinical"
+        elif rtype == b"Medication":
+            kind, pid = "Medication", None
+        elif rtype is not None and rtype != b"Patient":
+            # resourceType leads the object, so it is the resource's own type
+            name = rtype.decode()
+            stats.skipped_types[name] = stats.skipped_types.get(name, 0) + 1
+            return
+        else:
+            kind, pid = "parse", None
+        if pid is None and kind != "Medication":
+            kind, pid = _parse_route(line, stats, self.keep)
+        if kind is None:
+            return
+        if kind == "irrelevant":
+            stats.irrelevant += 1
+        elif kind == "Medication":
+            self.shared.write(line)
+            stats.shared += 1
+        elif pid is None:
+            stats.orphans += 1
+        else:
+            # The patient id leads the line, so reading a bucket back never has to look for
+            # it again (ids cannot contain a tab).
+            self.handles[zlib.crc32(pid) % len(self.handles)].write(pid + b"\t" + line)
+            if kind == "Patient":
+                stats.patients += 1
+            else:
+                stats.resources += 1
+
+
+_COMPACT_TYPE_RE = re.compile(rb'\{"resourceType":"([A-Za-z]+)"')
+
+
+def _uniform_type(block: bytes) -> bytes | None:
+    """The resource type of every line of a block, when each line is one compact object that
+    starts with the same ``{"resourceType":"T"`` and ends in ``}``; else ``None``."""
+    m = _COMPACT_TYPE_RE.match(block)
+    if m is None or not block.endswith(b"}\n"):
+        return None
+    lines = block.count(b"\n")
+    # JSON text holds no raw newline, so "}\n" ends a line, and "\n{..." starts one.
+    if block.count(b"}\n") != lines or block.count(b"\n" + m.group(0)) != lines - 1:
+        return None
+    return m.group(1)
+
+
+def _fast_patient_id(line: bytes) -> bytes | None:
+    """The patient id of a clinical resource's line when it names exactly one
+    ``subject``/``patient`` patient reference and contains nothing; ``None`` when the line
+    must be parsed to be sure."""
+    if b'"contained"' in line:
+        return None
+    refs: list[bytes] = _REF_RE.findall(line)
+    if not refs or any(r != refs[0] for r in refs):
+        return None
+    ref = refs[0]
+    if ref.startswith(b"Patient/") and b"/" not in ref[8:] and len(ref) > 8:
+        return ref[8:]
+    pid = _reference_id(ref.decode())  # [base]/Patient/abc, Patient/abc/_history/2
+    return pid.encode() if pid else None
+
+
+def _parse_route(
+    line: bytes, stats: PartitionStats, keep: CodePrefilter | None
+) -> tuple[str | None, bytes | None]:
+    """(kind, patient id) of a line the fast path could not route, by parsing it: kind is the
+    resource type, ``"irrelevant"``, or ``None`` for a line that is not kept."""
     try:
         resource = json.loads(line)
     except ValueError:
@@ -206,11 +316,14 @@ def _route(line: bytes, stats: PartitionStats) -> tuple[str | None, str | None]:
         return None, None
     if rtype == "Patient":
         rid = resource.get("id")
-        return (rtype, rid) if isinstance(rid, str) and rid else (None, None)
+        return (rtype, rid.encode()) if isinstance(rid, str) and rid else (None, None)
     if rtype == "Medication":
         return rtype, None
+    if keep is not None and not keep(line):
+        return "irrelevant", None
     ref = patient_reference(resource, {})
-    return rtype, (ref.removeprefix("Patient/") if ref else None)
+    pid = _reference_id(ref) if ref else None
+    return rtype, (pid.encode() if pid else None)
 
 
 # -- the map step -------------------------------------------------------------------------
@@ -228,66 +341,153 @@ class BucketTask:
     as_of: date
 
 
-_OBSERVATION_RE = re.compile(rb'"resourceType"\s*:\s*"Observation"')
-
-
 _CODE_VALUE_RE = re.compile(rb'"code"\s*:\s*"([^"\\]*)"')
 
 
-def observation_prefilter(trials: TrialSet) -> Callable[[bytes], bool]:
-    """A test on a raw NDJSON line: False only for an Observation none of whose ``"code"``
-    values is a code the trials read from Observations, so it need not even be parsed.
+class CodePrefilter:
+    """A test on the raw NDJSON line of a clinical resource (Condition, Procedure,
+    Observation, medication): False only when none of its ``"code"`` values is a code some
+    criterion reads, so the line need not even be parsed.
 
-    Observations are most of a population's lines and most are vital signs no criterion
-    reads; parsing JSON is the sweep's largest cost, so they are selected before parsing. Every
-    ``"code": "..."`` value in the line is checked (Observation.code, but also units and
-    categories, which only keeps a few lines too many: the record's own relevance test then
-    drops them); a line is dropped only if none of them can match. A code written with JSON
-    escapes is kept, since the pattern does not read it. ICD-10-CM families match with or
-    without the dot.
+    Most of a population's lines are vital signs, routine diagnoses and drugs no criterion
+    reads, and parsing JSON is the sweep's largest cost, so they are set aside before parsing.
+    Every ``"code": "..."`` value in the line is checked (the resource's code, but also units,
+    categories and statuses, which only keeps a few lines too many: the record's own relevance
+    test then drops them), normalised as the record normalises codes (trimmed; ICD-10-CM
+    without its dot, upper case, families by prefix). A line is dropped only if none can
+    match; a line with JSON escapes, or whose drug is a reference to a Medication, is kept.
     """
-    codes: set[bytes] = set()
-    prefixes: list[bytes] = []
-    for vs_id in trials.valueset_ids_for("Observation"):
-        vs = trials.valueset(vs_id)
-        codes.update(code.encode() for _, code in vs.codes)
-        prefixes.extend(prefix.encode() for _, prefix in vs.prefixes)
-    frozen = frozenset(codes)
-    prefix_tuple = tuple(prefixes)
 
-    def keep(line: bytes) -> bool:
-        if _OBSERVATION_RE.search(line) is None or b"\\" in line:
-            return True
-        found = _CODE_VALUE_RE.findall(line)
-        if not frozen.isdisjoint(found):
-            return True
-        # ICD-10-CM keys are dotless and upper case (C7B0); the line may hold "c7b.02".
-        return bool(prefix_tuple) and any(
-            code[:1].isalpha() and code.replace(b".", b"").upper().startswith(prefix_tuple)
-            for code in found
+    def __init__(self, trials: TrialSet) -> None:
+        exact: set[str] = set()
+        prefixes: set[str] = set()
+        for vs in trials.used_valuesets():
+            exact.update(code for _, code in vs.codes)
+            prefixes.update(prefix for _, prefix in vs.prefixes)
+        self._exact = frozenset(c.encode() for c in exact)
+        self._prefixes = tuple(p.encode() for p in sorted(prefixes))
+        # A population repeats a few hundred distinct codes; each is judged once.
+        self._memo: dict[bytes, bool] = {}
+        self._candidate_re = re.compile(
+            rb'"code"\s*:\s*"\s*('
+            + _trie_pattern([_code_atoms(c) for c in exact | prefixes])
+            + rb")"
         )
 
-    return keep
+    def _judge(self, code: bytes) -> bool:
+        code = code.strip()
+        if code in self._exact:
+            return True
+        if code[:1].isalpha():
+            dotless = code.replace(b".", b"").upper()
+            return dotless in self._exact or dotless.startswith(self._prefixes)
+        return False
+
+    def __call__(self, line: bytes) -> bool:
+        if b"\\" in line or b'"medicationReference"' in line:
+            return True
+        memo = self._memo
+        for code in _CODE_VALUE_RE.findall(line):
+            known = memo.get(code)
+            if known is None:
+                known = self._judge(code)
+                if len(memo) < 1 << 16:
+                    memo[code] = known
+            if known:
+                return True
+        return False
+
+    def candidate_lines(self, block: bytes) -> list[tuple[bytes, bool]] | None:
+        """The lines of a block (each ending in a newline) that may pass the test, found by one
+        search of the whole block, each with whether it certainly passes (it names one of the
+        codes exactly); ``None`` when the block holds escapes or drug references, which only
+        the line-by-line test judges."""
+        if b"\\" in block or b'"medicationReference"' in block:
+            return None
+        found: list[tuple[bytes, bool]] = []
+        after = 0  # end of the last line taken, so each line is taken once
+        for m in self._candidate_re.finditer(block):
+            if m.start() < after:
+                continue
+            start = block.rfind(b"\n", 0, m.start()) + 1
+            after = block.index(b"\n", m.end()) + 1
+            # Codes that start with a digit are matched exactly (up to the closing quote).
+            found.append((block[start:after], m.group(1)[:1].isdigit()))
+        return found
 
 
-def read_bucket(path: Path) -> Iterator[tuple[str, JSONDict | None, list[JSONDict]]]:
-    """(patient id, Patient or None, resources) per patient of a bucket, in order of first
-    appearance; only one bucket's raw lines are in memory at a time."""
+def _code_atoms(code: str) -> tuple[str, ...]:
+    """A code as a sequence of regex atoms, loose enough to match every way the record
+    normalises into it: codes that start with a letter (ICD-10-CM and the like) match in any
+    case and with dots anywhere, as prefixes; others match exactly, up to the closing quote
+    (surrounding blanks allowed)."""
+    if code[:1].isalpha():
+        return tuple(
+            (f"[{ch.lower()}{ch.upper()}]" if ch.isalpha() else re.escape(ch)) + r"\.*"
+            for ch in code
+        )
+    return (*(re.escape(ch) for ch in code), r'\s*"')
+
+
+def _trie_pattern(codes: list[tuple[str, ...]]) -> bytes:
+    """One regex alternation shaped as a trie, so that a match attempt costs the length of a
+    code, not the number of codes. A sequence that ends where another continues matches as
+    the shorter (every sequence here is a prefix test or ends at the quote)."""
+
+    def build(seqs: list[tuple[str, ...]]) -> str:
+        if any(not s for s in seqs):
+            return ""
+        children: dict[str, list[tuple[str, ...]]] = {}
+        for seq in seqs:
+            children.setdefault(seq[0], []).append(seq[1:])
+        alternatives = [atom + build(rest) for atom, rest in sorted(children.items())]
+        return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
+
+    return build(codes).encode()
+
+
+@dataclass
+class BucketPatient:
+    """One patient's lines from a bucket, parsed."""
+
+    id: str
+    patient: JSONDict | None
+    resources: list[JSONDict]
+    #: why the patient's data cannot be trusted whole (a line that is not JSON), if it cannot
+    unreadable: str | None = None
+
+
+def read_bucket(path: Path) -> Iterator[BucketPatient]:
+    """Each patient of a bucket in order of first appearance, parsed; only one bucket's raw
+    lines are in memory at a time.
+
+    A patient's lines are parsed in one call (one JSON array), which costs less than a call per
+    line; if that fails, line by line to name the line that is not JSON.
+    """
     groups: dict[bytes, list[bytes]] = {}
     with open(path, "rb") as f:
         for line in f:
             pid, _, resource = line.partition(b"\t")
             groups.setdefault(pid, []).append(resource)
     for key, lines in groups.items():
+        unreadable = None
+        try:
+            parsed = json.loads(b"[" + b",".join(lines) + b"]")
+        except ValueError:
+            parsed = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    parsed.append(json.loads(line))
+                except ValueError as exc:
+                    unreadable = unreadable or f"resource {number} of its input is not JSON ({exc})"
         patient: JSONDict | None = None
         resources: list[JSONDict] = []
-        for line in lines:
-            resource = json.loads(line.decode())
-            if resource.get("resourceType") == "Patient":
+        for resource in parsed:
+            if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
                 patient = resource
-            else:
+            elif isinstance(resource, dict):
                 resources.append(resource)
-        yield key.decode(), patient, resources
+        yield BucketPatient(key.decode(), patient, resources, unreadable)
 
 
 def read_shared(path: Path) -> list[JSONDict]:
@@ -302,16 +502,23 @@ def evaluate_bucket(task: BucketTask) -> tuple[int, int, int]:
     shared = read_shared(task.shared)
     tally = Tally.for_trials(trials)
     outcomes: list[PatientOutcome] = []
-    for pid, patient, resources in read_bucket(task.bucket):
-        if patient is None:
+    for item in read_bucket(task.bucket):
+        if item.patient is None:
             # Resources for a patient the export does not contain: nothing to evaluate.
+            continue
+        if item.unreadable is not None:
+            # A lost line could be the one resource that excludes the patient: no result
+            # rather than one that may pass on incomplete data.
+            outcome = error_outcome(f"Patient/{item.id}", f"record unreadable: {item.unreadable}")
+            tally.errors += 1
+            outcomes.append(outcome)
             continue
         try:
             evaluation = evaluate_resources(
-                [*resources, *shared], trials, task.as_of, patient=patient
+                [*item.resources, *shared], trials, task.as_of, patient=item.patient
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            outcome = error_outcome(f"Patient/{pid}", f"record unreadable: {exc!r}")
+            outcome = error_outcome(f"Patient/{item.id}", f"record unreadable: {exc!r}")
             tally.errors += 1
         else:
             outcome = outcome_of(evaluation)

@@ -30,10 +30,10 @@ from cds.fhir.queries import (
 from cds.sweep.core import PatientOutcome, Tally, error_outcome, evaluate_resources, outcome_of
 from cds.sweep.ndjson import (
     BucketTask,
+    CodePrefilter,
     choose_buckets,
     evaluate_bucket,
     ndjson_files,
-    observation_prefilter,
     partition_ndjson,
 )
 from cds.sweep.progress import Progress
@@ -249,7 +249,7 @@ def _sweep_files(sweep: _Sweep, files: Callable[[], list[Path]]) -> JSONDict:
                 sweep.work,
                 buckets,
                 progress=bar.set,
-                keep=observation_prefilter(opts.trials),
+                keep=CodePrefilter(opts.trials),
             )
             bar.close()
             sweep.state.update(
