@@ -175,19 +175,17 @@ class _Partition:
         self.stats = PartitionStats()
 
     def block(self, block: bytes) -> None:
-        rtype = _uniform_type(block) if self.keep is not None else None
-        if rtype is None or rtype not in _CLINICAL_BYTES:
+        uniform = _uniform_type(block) if self.keep is not None else None
+        candidates = None
+        if self.keep is not None and uniform is not None and uniform[0] in _CLINICAL_BYTES:
+            candidates = self.keep.candidate_lines(block)
+        if candidates is None:  # mixed, spaced or escaped lines, drug references: one by one
             for raw in io.BytesIO(block):
                 self.line(raw)
             return
-        assert self.keep is not None  # noqa: S101 - _uniform_type is only tried with one
-        candidates = self.keep.candidate_lines(block)
-        if candidates is None:  # escapes or drug references: judge every line
-            for raw in io.BytesIO(block):
-                self.line(raw)
-            return
+        assert self.keep is not None and uniform is not None  # noqa: S101 - checked above
         stats = self.stats
-        skipped = block.count(b"\n") - len(candidates)
+        skipped = uniform[1] - len(candidates)
         stats.lines += skipped
         stats.irrelevant += skipped
         # Lines of a uniform block are compact, typed and closed: route them here, and write
@@ -268,9 +266,9 @@ class _Partition:
 _COMPACT_TYPE_RE = re.compile(rb'\{"resourceType":"([A-Za-z]+)"')
 
 
-def _uniform_type(block: bytes) -> bytes | None:
-    """The resource type of every line of a block, when each line is one compact object that
-    starts with the same ``{"resourceType":"T"`` and ends in ``}``; else ``None``."""
+def _uniform_type(block: bytes) -> tuple[bytes, int] | None:
+    """(resource type, number of lines) of a block whose every line is one compact object
+    that starts with the same ``{"resourceType":"T"`` and ends in ``}``; else ``None``."""
     m = _COMPACT_TYPE_RE.match(block)
     if m is None or not block.endswith(b"}\n"):
         return None
@@ -278,7 +276,7 @@ def _uniform_type(block: bytes) -> bytes | None:
     # JSON text holds no raw newline, so "}\n" ends a line, and "\n{..." starts one.
     if block.count(b"}\n") != lines or block.count(b"\n" + m.group(0)) != lines - 1:
         return None
-    return m.group(1)
+    return m.group(1), lines
 
 
 def _fast_patient_id(line: bytes) -> bytes | None:
