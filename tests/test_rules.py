@@ -324,6 +324,35 @@ def test_skipping_irrelevant_resources_never_changes_a_result() -> None:
     assert trials.is_relevant(("http://hl7.org/fhir/sid/icd-10-cm", "C7A012"))
 
 
+def test_indexing_by_value_set_never_changes_a_result() -> None:
+    """Records built with ``memberships`` (the sweep's and the hooks' way) select the same
+    entries as records that walk the value sets' codes (`cds evaluate`'s way)."""
+    from pathlib import Path
+
+    from cds.criteria.engine import evaluate
+    from cds.evaluate_command import read_bundle_file
+
+    trials = load_trials()
+    fixtures = Path(__file__).resolve().parent.parent / "fhir_fixtures"
+    compared = 0
+    for path in sorted(fixtures.glob("*.json")):
+        for record in read_bundle_file(path, trials.is_relevant):
+            resources = [e.resource for entries in record.entries.values() for e in entries]
+            indexed = PatientRecord.from_resources(
+                resources,
+                patient=record.patient,
+                relevant=trials.is_relevant,
+                memberships=trials.valuesets_of,
+            )
+            assert indexed._by_valueset is not None
+            expected = evaluate(record, trials, AS_OF).to_json()
+            assert evaluate(indexed, trials, AS_OF).to_json() == expected, path.name
+            compared += 1
+    assert compared >= 40
+    assert trials.valuesets_of(("http://hl7.org/fhir/sid/icd-10-cm", "C7A012"))
+    assert trials.valuesets_of(("http://loinc.org", "8867-4")) == ()
+
+
 def test_reference_range_by_coded_sex_and_type() -> None:
     sct = "http://snomed.info/sct"
     alt = obs("alt", "1742-6", 180, "U/L")
@@ -417,3 +446,55 @@ def test_recorded_grade_and_ki67_follow_the_who_higher_grade_rule(
         trials=load_trials([A]),
     )
     assert criterion(evaluation, A, "inc-grade-2").result is expected
+
+
+def test_reusing_validated_elements_gives_the_same_verdicts_as_plain_validation() -> None:
+    """Validation hands known-valid repeated elements (code, category, reference range, ...)
+    to pydantic as model objects. Over the fixtures, a generated population and resources
+    broken in and around those elements, every verdict and message equals fhir.resources'
+    own validation of the raw resource."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from fhir.resources.R4B import get_fhir_model_class
+    from pydantic import ValidationError
+
+    from cds.criteria import record as record_module
+    from cds.synthetic import Population
+
+    def plain(resource: dict) -> str | None:
+        try:
+            get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            return ".".join(str(p) for p in first["loc"]) + ": " + first["msg"]
+        return None
+
+    resources: list[dict] = []
+    for path in sorted((Path(__file__).parents[1] / "fhir_fixtures").glob("*.json")):
+        bundle = json.loads(path.read_text())
+        resources += [e["resource"] for e in bundle.get("entry", []) if "resource" in e]
+    for patient_resources in Population(patients=30, seed=5):
+        resources += patient_resources
+    broken = []
+    for resource in resources[:400]:
+        if resource["resourceType"] != "Observation":
+            continue
+        bad_value = copy.deepcopy(resource)
+        bad_value["valueQuantity"] = {"value": "high"}  # the rest as before (reused)
+        bad_code = copy.deepcopy(resource)
+        bad_code["code"] = {"coding": [{"system": "http://loinc.org", "code": " "}]}
+        bad_category = copy.deepcopy(resource)
+        bad_category["category"] = [None]
+        broken += [bad_value, bad_code, bad_category]
+    assert len(broken) > 30
+    record_module._validated_elements.clear()
+    verdicts: list[str | None] = []
+    for resource in [*resources, *broken, *resources]:
+        verdict = record_module._validate(resource)
+        assert verdict == plain(resource), resource.get("id")
+        verdicts.append(verdict)
+    assert record_module._validated_elements  # elements were reused along the way
+    assert verdicts.count(None) > 1000
+    assert sum(v is not None for v in verdicts) >= len(broken)

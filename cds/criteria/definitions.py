@@ -124,6 +124,7 @@ class TrialSet:
         self._by_id = {t.id: t for t in self.trials}
         self._used_valuesets: tuple[ValueSet, ...] | None = None
         self._relevance: dict[tuple[str, str], bool] = {}
+        self._memberships: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def is_relevant(self, key: tuple[str, str]) -> bool:
         """Whether any criterion of these trials reads a resource coded ``key`` (a normalised
@@ -132,6 +133,15 @@ class TrialSet:
         if known is None:
             known = any(vs.contains_key(key) for vs in self.used_valuesets())
             self._relevance[key] = known
+        return known
+
+    def valuesets_of(self, key: tuple[str, str]) -> tuple[str, ...]:
+        """The ids of every value set (used or not) holding the normalised code ``key``.
+        Memoised, like :meth:`is_relevant`."""
+        known = self._memberships.get(key)
+        if known is None:
+            known = tuple(v for v, vs in self.valuesets.items() if vs.contains_key(key))
+            self._memberships[key] = known
         return known
 
     def used_valuesets(self) -> tuple[ValueSet, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import json
 import logging
 import re
 from collections import defaultdict
@@ -255,6 +256,9 @@ class PatientRecord:
     _icd_index: dict[CodingKey, list[Entry]] = field(default_factory=lambda: defaultdict(list))
     _validity: dict[str, str | None] = field(default_factory=dict)
     _match_cache: dict[tuple[tuple[str, ...], str], list[Entry]] = field(default_factory=dict)
+    #: entries by the id of each value set holding one of their codes, when the record was
+    #: built with ``memberships`` (then a selection is a lookup, not a walk over codes)
+    _by_valueset: dict[str, list[Entry]] | None = None
     #: the rules' as-of-filtered, newest-first selections (see rules.Context.entries)
     selection_cache: dict[Any, list[Entry]] = field(default_factory=dict)
 
@@ -284,6 +288,7 @@ class PatientRecord:
         warnings: list[str] | None = None,
         aliases: dict[str, str] | None = None,
         relevant: Callable[[CodingKey], bool] | None = None,
+        memberships: Callable[[CodingKey], tuple[str, ...]] | None = None,
     ) -> PatientRecord:
         """Index one patient's resources. ``patient`` defaults to the Patient among them.
 
@@ -292,6 +297,8 @@ class PatientRecord:
         ``Type/id`` so that references between resources resolve. ``relevant`` (usually
         :meth:`TrialSet.is_relevant`) lets the record skip resources none of whose codes any
         criterion reads: most of a large record, and never a change to any result.
+        ``memberships`` (usually :meth:`TrialSet.valuesets_of`) indexes entries by value set
+        as they are read, which makes every later selection a lookup.
         """
         resources = list(resources)
         if patient is None:
@@ -300,6 +307,9 @@ class PatientRecord:
                 raise ValueError("no Patient resource among the resources")
             patient = patients[0]
         record = cls(patient=patient, warnings=list(warnings or []))
+        by_valueset: dict[str, list[Entry]] | None = None
+        if memberships is not None:
+            by_valueset = record._by_valueset = defaultdict(list)
         medications = {
             f"Medication/{r.get('id')}": r
             for r in resources
@@ -325,6 +335,10 @@ class PatientRecord:
                 record._index[key].append(entry)
                 if key[0] == ICD10CM:
                     record._icd_index[key].append(entry)
+            if by_valueset is not None and memberships is not None:
+                ids = {v for key in entry.keys for v in memberships(key)}
+                for valueset_id in ids:
+                    by_valueset[valueset_id].append(entry)
         return record
 
     def matching(self, types: Iterable[str], valueset: ValueSet) -> list[Entry]:
@@ -334,6 +348,10 @@ class PatientRecord:
         cached = self._match_cache.get(cache_key)
         if cached is not None:
             return cached
+        if self._by_valueset is not None:
+            result = [e for e in self._by_valueset.get(valueset.id, ()) if e.type in types]
+            self._match_cache[cache_key] = result
+            return result
         found: dict[int, Entry] = {}
         # Walk the smaller side: a value set may hold hundreds of codes, a record's index
         # (relevant codes only) usually a few dozen.
@@ -370,18 +388,64 @@ class PatientRecord:
         return reason
 
 
+# Elements that repeat across a population's resources: a test's code and category, a lab's
+# reference range, a condition's statuses. Their validated model objects are kept, keyed by
+# their JSON, and handed to the next validation in place of the raw element; pydantic takes a
+# model object for a model-typed field as it is (revalidate_instances="never", the default).
+# Validating an element does not depend on the resource around it, so the verdict on the
+# resource is the same, at about a third of the cost (tests compare both ways).
+_REUSABLE_ELEMENTS = (
+    "code",
+    "category",
+    "referenceRange",
+    "interpretation",
+    "method",
+    "bodySite",
+    "clinicalStatus",
+    "verificationStatus",
+    "severity",
+    "medicationCodeableConcept",
+    "meta",
+)
+_MAX_REUSED = 4096
+_validated_elements: dict[tuple[str, str, str], Any] = {}
+
+
 def _validate(resource: dict[str, Any]) -> str | None:
     # Imported here: loading the model classes costs ~0.5 s, paid only when needed.
     from fhir.resources.R4B import get_fhir_model_class
     from pydantic import ValidationError
 
+    model = get_fhir_model_class(resource["resourceType"])
+    given = dict(resource)
+    keys: dict[str, tuple[str, str, str]] = {}
+    for name in _REUSABLE_ELEMENTS:
+        value = resource.get(name)
+        if isinstance(value, dict | list):
+            key = (model.__name__, name, json.dumps(value, sort_keys=True))
+            known = _validated_elements.get(key)
+            if known is None:
+                keys[name] = key
+            else:
+                given[name] = known
     try:
-        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+        validated = model.model_validate(given)
+    except ValidationError:
+        pass
+    else:
+        if len(_validated_elements) >= _MAX_REUSED:
+            _validated_elements.clear()
+        for name, key in keys.items():
+            _validated_elements[key] = getattr(validated, name)
+        return None
+    # Invalid: validated again as given, so the message is the one fhir.resources gives.
+    try:
+        model.model_validate(resource)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         return f"{where}: {first['msg']}"
-    return None
+    return None  # pragma: no cover - a resource is invalid either way
 
 
 def _make_entry(

@@ -151,6 +151,7 @@ def screen(call: HookCall, trial_ids: Iterable[str] | None = None) -> PatientEva
         patient=patients[0],
         warnings=data.warnings,
         relevant=st.trials.is_relevant,
+        memberships=st.trials.valuesets_of,
     )
     trials = st.trials if trial_ids is None else st.trials.only(trial_ids)
     evaluation = evaluate(record, trials, call.card_context().as_of)

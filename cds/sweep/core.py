@@ -203,7 +203,11 @@ def evaluate_resources(
 ) -> PatientEvaluation:
     """The pure map function: one patient's FHIR resources, the trials and the date in."""
     record = PatientRecord.from_resources(
-        resources, patient=patient, warnings=warnings, relevant=trials.is_relevant
+        resources,
+        patient=patient,
+        warnings=warnings,
+        relevant=trials.is_relevant,
+        memberships=trials.valuesets_of,
     )
     return evaluate(record, trials, as_of)
 

@@ -286,10 +286,10 @@ def _fast_patient_id(line: bytes) -> bytes | None:
     if b'"contained"' in line:
         return None
     refs: list[bytes] = _REF_RE.findall(line)
-    if not refs or any(r != refs[0] for r in refs):
+    if not refs or (len(refs) > 1 and refs.count(refs[0]) != len(refs)):
         return None
     ref = refs[0]
-    if ref.startswith(b"Patient/") and b"/" not in ref[8:] and len(ref) > 8:
+    if ref.startswith(b"Patient/") and len(ref) > 8 and ref.find(b"/", 8) == -1:
         return ref[8:]
     pid = _reference_id(ref.decode())  # [base]/Patient/abc, Patient/abc/_history/2
     return pid.encode() if pid else None
