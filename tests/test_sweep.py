@@ -432,3 +432,22 @@ def test_code_prefilter_keeps_every_line_the_criteria_read() -> None:
     assert not keep(b'{"resourceType":"Condition","code":{"coding":[{"code":"I10"}]}}')
     # a drug named by reference to a Medication resource is judged once resolved
     assert keep(b'{"resourceType":"MedicationRequest","medicationReference":{"reference":"x"}}')
+
+
+def test_only_uniform_compact_blocks_skip_the_line_by_line_path() -> None:
+    """A block is searched as a whole only when every line is a closed compact object of one
+    type; a blank, cut-short, foreign, spaced or unterminated line sends it line by line."""
+    from cds.sweep.ndjson import _uniform_type
+
+    first = b'{"resourceType":"Observation","id":"1"}\n'
+    last = b'{"resourceType":"Observation","id":"2"}\n'
+    assert _uniform_type(first + last) == (b"Observation", 2)
+    for odd in (
+        b"\n",
+        b'{"resourceType":"Observation","id":"x"\n',
+        b"not json\n",
+        b'{"resourceType":"Patient","id":"p"}\n',
+        b' {"resourceType":"Observation","id":"3"}\n',
+    ):
+        assert _uniform_type(first + odd + last) is None, odd
+    assert _uniform_type(first + b'{"resourceType":"Observation","id":"3"}') is None

@@ -273,8 +273,9 @@ def _uniform_type(block: bytes) -> tuple[bytes, int] | None:
     if m is None or not block.endswith(b"}\n"):
         return None
     lines = block.count(b"\n")
-    # JSON text holds no raw newline, so "}\n" ends a line, and "\n{..." starts one.
-    if block.count(b"}\n") != lines or block.count(b"\n" + m.group(0)) != lines - 1:
+    # JSON text holds no raw newline, so a line boundary is "\n"; every one of them must join
+    # a line that closes its object to one that opens with the same type.
+    if block.count(b"}\n" + m.group(0)) != lines - 1:
         return None
     return m.group(1), lines
 
