@@ -259,8 +259,9 @@ class PatientRecord:
     #: entries by the id of each value set holding one of their codes, when the record was
     #: built with ``memberships`` (then a selection is a lookup, not a walk over codes)
     _by_valueset: dict[str, list[Entry]] | None = None
-    #: the rules' as-of-filtered, newest-first selections (see rules.Context.entries)
-    selection_cache: dict[Any, list[Entry]] = field(default_factory=dict)
+    #: the rules' as-of-filtered, newest-first selections and the measurements read from them
+    #: (see rules.Context.entries and rules.latest_measurement)
+    selection_cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def patient_id(self) -> str:

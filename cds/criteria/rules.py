@@ -67,7 +67,7 @@ class Context:
         """
         valueset_ids = tuple(valueset_ids)
         cache_key = (tuple(types), valueset_ids, self.as_of)
-        cached = self.record.selection_cache.get(cache_key)
+        cached: list[Entry] | None = self.record.selection_cache.get(cache_key)
         if cached is not None:
             return cached
         seen: dict[str, Entry] = {}
@@ -292,7 +292,7 @@ def _usable_observations(ctx: Context, valueset_id: str) -> list[Entry]:
     """Dated observations of a value set whose status allows their value to be used, newest
     first."""
     key = ("usable", valueset_id, ctx.as_of)
-    cached = ctx.record.selection_cache.get(key)
+    cached: list[Entry] | None = ctx.record.selection_cache.get(key)
     if cached is None:
         cached = [
             e
@@ -434,7 +434,19 @@ def latest_in_window(
 
 def latest_measurement(ctx: Context, analyte: Analyte, lookback_days: int) -> Measurement | Outcome:
     """The latest usable result of ``analyte`` in the look-back window, converted, or an
-    UNKNOWN outcome that says what would resolve it."""
+    UNKNOWN outcome that says what would resolve it. Kept on the record: both trials and the
+    creatinine clearance ask for the same analytes."""
+    key = ("measurement", analyte.id, lookback_days, ctx.as_of)
+    known: Measurement | Outcome | None = ctx.record.selection_cache.get(key)
+    if known is None:
+        known = _latest_measurement(ctx, analyte, lookback_days)
+        ctx.record.selection_cache[key] = known
+    return known
+
+
+def _latest_measurement(
+    ctx: Context, analyte: Analyte, lookback_days: int
+) -> Measurement | Outcome:
 
     def show(entry: Entry) -> str:
         measured = measure(analyte, entry)
