@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import json
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 from cds.criteria import TrialSet, load_trials
 from cds.criteria.engine import evaluate
 from cds.criteria.model import CriterionResult, PatientEvaluation
 from cds.criteria.record import PatientRecord
+from cds.sweep.runner import SweepOptions
 
 AS_OF = date(2026, 11, 1)
 A, B = "NCT04339036", "NCT05610826"
@@ -79,3 +83,26 @@ def run(
 
 def criterion(evaluation: PatientEvaluation, trial: str, cid: str) -> CriterionResult:
     return next(c for c in evaluation.trial(trial).criteria if c.id == cid)
+
+
+def printed_lines(evaluations: list[PatientEvaluation]) -> list[str]:
+    """What `cds evaluate --format json` prints for these evaluations, one line each, sorted:
+    the lines a sweep must reproduce (json.dumps here, not the sweep's own encoder)."""
+    return sorted(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in evaluations)
+
+
+def sweep_options(out: Path, **kw: Any) -> SweepOptions:
+    """Sweep options for tests: all trials, the fixed as-of date, quiet progress."""
+    return SweepOptions(
+        out=out,
+        trials=load_trials(),
+        as_of=kw.pop("as_of", AS_OF),
+        stream=io.StringIO(),
+        tty=False,
+        **kw,
+    )
+
+
+def sweep_lines(out: Path) -> list[str]:
+    """A finished sweep's results.ndjson lines, sorted."""
+    return sorted((out / "results.ndjson").read_text(encoding="utf-8").splitlines(True))

@@ -23,10 +23,10 @@ from cds.fhir.bundle import bundle_resources
 from cds.fhir.client import FhirClient, RetryPolicy, Timeouts
 from cds.sweep.core import result_line
 from cds.sweep.progress import Progress
-from cds.sweep.runner import RestOptions, SweepOptions, sweep_ndjson, sweep_rest
+from cds.sweep.runner import RestOptions, sweep_ndjson, sweep_rest
 from cds.sweep.writeback import identifier_searchable
 from cds.synthetic import Population, write_population
-from tests.helpers import AS_OF
+from tests.helpers import AS_OF, printed_lines, sweep_lines, sweep_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SYNTHEA = REPO_ROOT.parent / "shared" / "data" / "synthea-r4"
@@ -44,8 +44,7 @@ def population(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def expected(population: dict[str, Path]) -> list[str]:
     """`cds evaluate` of the same population as bundles: the lines a sweep must reproduce."""
-    evaluations = evaluate_files([str(population["bundles"])], load_trials(), AS_OF)
-    return sorted(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in evaluations)
+    return printed_lines(evaluate_files([str(population["bundles"])], load_trials(), AS_OF))
 
 
 def test_result_line_is_exactly_what_cds_evaluate_prints() -> None:
@@ -61,21 +60,6 @@ def test_result_line_is_exactly_what_cds_evaluate_prints() -> None:
     assert len(statuses) == 3
 
 
-def _opts(out: Path, **kw: Any) -> SweepOptions:
-    return SweepOptions(
-        out=out,
-        trials=load_trials(),
-        as_of=kw.pop("as_of", AS_OF),
-        stream=io.StringIO(),
-        tty=False,
-        **kw,
-    )
-
-
-def _lines(out: Path) -> list[str]:
-    return sorted((out / "results.ndjson").read_text(encoding="utf-8").splitlines(True))
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ndjson_sweep_equals_cds_evaluate(
     population: dict[str, Path],
@@ -85,14 +69,14 @@ def test_ndjson_sweep_equals_cds_evaluate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(ndjson_module, "BUCKET_BYTES", 1 << 20)  # several partitions
-    summary = sweep_ndjson(population["ndjson"], _opts(tmp_path, workers=workers))
+    summary = sweep_ndjson(population["ndjson"], sweep_options(tmp_path, workers=workers))
     assert summary["complete"] and summary["partitions"]["total"] > 2
-    assert _lines(tmp_path) == expected
+    assert sweep_lines(tmp_path) == expected
     assert summary["patients"] == 90 and summary["errors"] == 0
 
 
 def test_outputs_summary_funnel_and_report(population: dict[str, Path], tmp_path: Path) -> None:
-    summary = sweep_ndjson(population["ndjson"], _opts(tmp_path))
+    summary = sweep_ndjson(population["ndjson"], sweep_options(tmp_path))
     files = {p.name for p in tmp_path.iterdir()}
     assert {"results.ndjson", "candidates.csv", "summary.json", "report.html"} <= files
     assert not [p for p in tmp_path.rglob("*.tmp")]
@@ -155,27 +139,29 @@ def test_resume_after_interrupt_gives_the_same_totals(
 
     monkeypatch.setattr(runner_module, "evaluate_bucket", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        sweep_ndjson(population["ndjson"], _opts(tmp_path, workers=1))
+        sweep_ndjson(population["ndjson"], sweep_options(tmp_path, workers=1))
     partial = json.loads((tmp_path / "summary.json").read_text())
     assert partial["complete"] is False
     assert 0 < partial["patients"] < 90
-    assert len(_lines(tmp_path)) == partial["patients"]  # what is done is written
+    assert len(sweep_lines(tmp_path)) == partial["patients"]  # what is done is written
     assert "INCOMPLETE" in (tmp_path / "report.html").read_text().upper()
 
     monkeypatch.setattr(runner_module, "evaluate_bucket", real)
     with pytest.raises(InputError, match="as of"):
-        sweep_ndjson(population["ndjson"], _opts(tmp_path, resume=True, as_of=AS_OF.replace(day=2)))
-    summary = sweep_ndjson(population["ndjson"], _opts(tmp_path, resume=True, as_of=None))
+        sweep_ndjson(
+            population["ndjson"], sweep_options(tmp_path, resume=True, as_of=AS_OF.replace(day=2))
+        )
+    summary = sweep_ndjson(population["ndjson"], sweep_options(tmp_path, resume=True, as_of=None))
     assert summary["complete"] and summary["patients"] == 90
     assert summary["as_of"] == "2026-11-01"
-    assert _lines(tmp_path) == expected  # none lost, none twice
-    fresh = sweep_ndjson(population["ndjson"], _opts(tmp_path / "fresh"))
+    assert sweep_lines(tmp_path) == expected  # none lost, none twice
+    fresh = sweep_ndjson(population["ndjson"], sweep_options(tmp_path / "fresh"))
     assert fresh["trials"] == summary["trials"]
 
 
 def test_resume_without_checkpoint_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="nothing to resume"):
-        sweep_ndjson(tmp_path, _opts(tmp_path / "out", resume=True))
+        sweep_ndjson(tmp_path, sweep_options(tmp_path / "out", resume=True))
 
 
 def test_cli_sweep_ndjson(
@@ -252,7 +238,7 @@ def test_unreadable_lines_and_foreign_types_are_counted_not_fatal(tmp_path: Path
             + "\n"
         )
         f.write('{"resourceType":"Observation","id":"cut"\n')  # cut short, no newline after
-    summary = sweep_ndjson(src, _opts(tmp_path / "out"))
+    summary = sweep_ndjson(src, sweep_options(tmp_path / "out"))
     assert summary["patients"] == 5
     assert summary["errors"] == 0
     assert summary["input"]["unreadable_lines"] == 2
@@ -270,10 +256,10 @@ def test_a_patient_with_a_line_that_is_not_json_gets_no_result(tmp_path: Path) -
             '"http://loinc.org","code":"777-3"}]},"subject":{"reference":'
             '"Patient/syn-1-0000001"},"valueQuantity":{"value":12 34}}\n'
         )
-    summary = sweep_ndjson(src, _opts(tmp_path / "out"))
+    summary = sweep_ndjson(src, sweep_options(tmp_path / "out"))
     assert summary["patients"] == 2
     assert summary["errors"] == 1
-    lines = _lines(tmp_path / "out")
+    lines = sweep_lines(tmp_path / "out")
     assert len(lines) == 2
     assert not any('"Patient/syn-1-0000001"' in line for line in lines)
     errors = (tmp_path / "out" / "summary.json").read_text()
@@ -301,7 +287,7 @@ def test_synthea_sample_sweeps_without_error_or_candidate(tmp_path: Path) -> Non
                     path_out = src / f"{rtype}.ndjson"
                     files[rtype] = stack.enter_context(open(path_out, "w", encoding="utf-8"))
                 files[rtype].write(text + "\n")
-    summary = sweep_ndjson(src, _opts(tmp_path / "out", workers=2))
+    summary = sweep_ndjson(src, sweep_options(tmp_path / "out", workers=2))
     assert summary["patients"] == 50
     assert summary["errors"] == 0
     for trial in summary["trials"].values():
@@ -321,7 +307,7 @@ def test_a_server_that_is_down_stops_the_sweep_with_a_clear_message(tmp_path: Pa
         timeouts=Timeouts(connect=1, read=1),
     )
     with pytest.raises(FhirError, match="127.0.0.1:9"):
-        sweep_rest(client, _opts(tmp_path), RestOptions())
+        sweep_rest(client, sweep_options(tmp_path), RestOptions())
 
 
 def test_progress_bar_on_a_terminal_and_lines_elsewhere() -> None:

@@ -3,13 +3,11 @@ an interrupted REST sweep resumes to the same totals, write-back creates each re
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,12 +16,11 @@ from cds.evaluate_command import evaluate_files
 from cds.fhir.bulk import BulkExporter, export_supported
 from cds.fhir.client import FhirClient
 from cds.fhir.loader import DEFAULT_TAG_SYSTEM, load_bundle_file
-from cds.sweep.core import result_line
 from cds.sweep.progress import Progress
-from cds.sweep.runner import RestOptions, SweepOptions, sweep_export, sweep_rest
+from cds.sweep.runner import RestOptions, sweep_export, sweep_rest
 from cds.sweep.writeback import SUBJECT_SYSTEM, write_back
 from cds.synthetic import Population, write_population
-from tests.helpers import AS_OF
+from tests.helpers import AS_OF, printed_lines, sweep_lines, sweep_options
 from tests.plugins.fhir_server import FhirTestServer
 
 pytestmark = pytest.mark.integration
@@ -80,7 +77,7 @@ def loaded(fhir_server: FhirTestServer, tmp_path_factory: pytest.TempPathFactory
             }
         )
     evaluations = evaluate_files([str(root)], load_trials(), AS_OF)
-    return Loaded(fhir_server, tag, ids, group, sorted(result_line(e) for e in evaluations))
+    return Loaded(fhir_server, tag, ids, group, printed_lines(evaluations))
 
 
 @pytest.fixture
@@ -89,29 +86,14 @@ def client(loaded: Loaded) -> Iterator[FhirClient]:
         yield c
 
 
-def _opts(out: Path, **kw: Any) -> SweepOptions:
-    return SweepOptions(
-        out=out,
-        trials=load_trials(),
-        as_of=kw.pop("as_of", AS_OF),
-        stream=io.StringIO(),
-        tty=False,
-        **kw,
-    )
-
-
-def _lines(out: Path) -> list[str]:
-    return sorted((out / "results.ndjson").read_text(encoding="utf-8").splitlines(True))
-
-
 def test_rest_sweep_with_small_pages_equals_cds_evaluate(
     loaded: Loaded, client: FhirClient, tmp_path: Path
 ) -> None:
     rest = RestOptions(concurrency=4, page_size=15, tag=loaded.tag, patients_per_partition=40)
-    summary = sweep_rest(client, _opts(tmp_path), rest)
+    summary = sweep_rest(client, sweep_options(tmp_path), rest)
     assert summary["complete"] and summary["errors"] == 0
     assert summary["patients"] == PATIENTS
-    assert _lines(tmp_path) == loaded.expected
+    assert sweep_lines(tmp_path) == loaded.expected
 
 
 def test_group_export_sweep_equals_cds_evaluate(
@@ -120,11 +102,11 @@ def test_group_export_sweep_equals_cds_evaluate(
     assert export_supported(client.capabilities(), group=True)
     base = loaded.server.base_url
     summary = sweep_export(
-        BulkExporter(client), base, _opts(tmp_path, workers=2), group=loaded.group
+        BulkExporter(client), base, sweep_options(tmp_path, workers=2), group=loaded.group
     )
     assert summary["complete"] and summary["errors"] == 0
     assert summary["patients"] == PATIENTS
-    assert _lines(tmp_path) == loaded.expected
+    assert sweep_lines(tmp_path) == loaded.expected
     assert not (tmp_path / ".sweep" / "input").exists()  # downloaded files cleaned up
 
 
@@ -143,22 +125,24 @@ def test_interrupted_rest_sweep_resumes_to_the_same_totals(
 
     monkeypatch.setattr(Progress, "advance", advance)
     with pytest.raises(KeyboardInterrupt):
-        sweep_rest(client, _opts(tmp_path), rest)
+        sweep_rest(client, sweep_options(tmp_path), rest)
     partial = json.loads((tmp_path / "summary.json").read_text())
     assert not partial["complete"]
     assert partial["patients"] == 75  # three whole partitions of 25; the fourth is redone
     monkeypatch.setattr(Progress, "advance", real_advance)
 
-    summary = sweep_rest(client, _opts(tmp_path, resume=True), rest)
+    summary = sweep_rest(client, sweep_options(tmp_path, resume=True), rest)
     assert summary["complete"] and summary["patients"] == PATIENTS and summary["errors"] == 0
-    assert _lines(tmp_path) == loaded.expected
+    assert sweep_lines(tmp_path) == loaded.expected
 
 
 def test_unfetchable_patient_is_recorded_and_the_sweep_goes_on(
     loaded: Loaded, client: FhirClient, tmp_path: Path
 ) -> None:
     ids = [*loaded.ids[:5], "no-such-patient-xyz", *loaded.ids[5:8]]
-    summary = sweep_rest(client, _opts(tmp_path), RestOptions(patient_ids=ids, tag=loaded.tag))
+    summary = sweep_rest(
+        client, sweep_options(tmp_path), RestOptions(patient_ids=ids, tag=loaded.tag)
+    )
     assert summary["patients"] == 8 and summary["errors"] == 1
     errors = [json.loads(x) for x in (tmp_path / "errors.ndjson").read_text().splitlines()]
     assert errors[0]["patient"] == "Patient/no-such-patient-xyz"
@@ -169,7 +153,9 @@ def test_write_back_twice_creates_each_resource_once(
     loaded: Loaded, client: FhirClient, tmp_path: Path
 ) -> None:
     ids = loaded.ids[:60]
-    summary = sweep_rest(client, _opts(tmp_path), RestOptions(patient_ids=ids, tag=loaded.tag))
+    summary = sweep_rest(
+        client, sweep_options(tmp_path), RestOptions(patient_ids=ids, tag=loaded.tag)
+    )
     wanted = sum(
         t["status"]["candidate"] + t["status"]["needs-review"] for t in summary["trials"].values()
     )
