@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Result(StrEnum):
@@ -25,9 +25,12 @@ class TrialStatus(StrEnum):
     EXCLUDED = "excluded"  # at least one criterion fails
 
 
-@dataclass(frozen=True, slots=True)
-class CriterionResult:
-    """One criterion's result with the evidence behind it and a checkable sentence."""
+class CriterionResult(NamedTuple):
+    """One criterion's result with the evidence behind it and a checkable sentence.
+
+    A named tuple (immutable, like the frozen dataclasses beside it) because an evaluation
+    makes dozens per patient and a named tuple is built in a third of the time.
+    """
 
     id: str
     kind: str  # "inclusion" | "exclusion"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import calendar
-import json
 import logging
 import re
 from collections import defaultdict
@@ -25,6 +24,7 @@ MEDICATION_TYPES = (
     "MedicationDispense",
 )
 CLINICAL_TYPES = ("Condition", "Observation", "Procedure", *MEDICATION_TYPES)
+_CLINICAL = frozenset(CLINICAL_TYPES)
 
 # Records in these states never count (FHIR R4 value sets observation-status, event-status,
 # medicationrequest-status, medication-statement-status, medication-admin-status,
@@ -100,14 +100,11 @@ def _parse_date(value: str) -> DateRange | None:
         return None
 
 
-_SPLIT_PATHS: dict[str, list[str]] = {}
-
-
-def _first_date(resource: dict[str, Any], fields: tuple[str, ...]) -> DateRange | None:
-    """The first readable date among dotted element paths ("effectivePeriod.start")."""
-    for path in fields:
-        value: Any = resource
-        for part in _SPLIT_PATHS.get(path) or _SPLIT_PATHS.setdefault(path, path.split(".")):
+def _first_date(resource: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> DateRange | None:
+    """The first readable date among element paths (("effectivePeriod", "start"), ...)."""
+    for path in paths:
+        value: Any = resource.get(path[0])
+        for part in path[1:]:
             value = value.get(part) if isinstance(value, dict) else None
         found = parse_date(value)
         if found:
@@ -136,6 +133,11 @@ _DATE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("effectiveDateTime", "effectivePeriod.start"),
         ("effectivePeriod.end",),
     ),
+}
+#: the same paths, split at their dots once
+_DATE_PATHS = {
+    rtype: tuple(tuple(tuple(path.split(".")) for path in paths) for paths in pair)
+    for rtype, pair in _DATE_FIELDS.items()
 }
 
 
@@ -214,14 +216,14 @@ class Entry:
     def when(self) -> DateRange | None:
         """The clinically relevant date: effective, onset, performed, authored, ..."""
         if self._when is False:
-            self._when = _first_date(self.resource, _DATE_FIELDS[self.type][0])
+            self._when = _first_date(self.resource, _DATE_PATHS[self.type][0])
         return self._when  # type: ignore[return-value]
 
     @property
     def until(self) -> DateRange | None:
         """The end of its period (performedPeriod.end, abatement, validity end), if any."""
         if self._until is False:
-            self._until = _first_date(self.resource, _DATE_FIELDS[self.type][1])
+            self._until = _first_date(self.resource, _DATE_PATHS[self.type][1])
         return self._until  # type: ignore[return-value]
 
     @property
@@ -321,7 +323,7 @@ class PatientRecord:
                 medications[alias] = medications[target]
         for resource in resources:
             rtype = resource.get("resourceType")
-            if rtype not in CLINICAL_TYPES:
+            if rtype not in _CLINICAL:
                 continue
             try:
                 entry = _make_entry(rtype, resource, medications)
@@ -337,7 +339,12 @@ class PatientRecord:
                 if key[0] == ICD10CM:
                     record._icd_index[key].append(entry)
             if by_valueset is not None and memberships is not None:
-                ids = {v for key in entry.keys for v in memberships(key)}
+                keys = entry.keys
+                ids = (
+                    memberships(keys[0])
+                    if len(keys) == 1
+                    else {v for key in keys for v in memberships(key)}
+                )
                 for valueset_id in ids:
                     by_valueset[valueset_id].append(entry)
         return record
@@ -391,10 +398,12 @@ class PatientRecord:
 
 # Elements that repeat across a population's resources: a test's code and category, a lab's
 # reference range, a condition's statuses. Their validated model objects are kept, keyed by
-# their JSON, and handed to the next validation in place of the raw element; pydantic takes a
-# model object for a model-typed field as it is (revalidate_instances="never", the default).
-# Validating an element does not depend on the resource around it, so the verdict on the
-# resource is the same, at about a third of the cost (tests compare both ways).
+# their repr (exact for JSON values: str, int, float, bool and None print apart; the same
+# content in another key order is only a miss), and handed to the next validation in place of
+# the raw element; pydantic takes a model object for a model-typed field as it is
+# (revalidate_instances="never", the default). Validating an element does not depend on the
+# resource around it, so the verdict on the resource is the same, at about a third of the
+# cost (tests compare both ways).
 _REUSABLE_ELEMENTS = (
     "code",
     "category",
@@ -412,18 +421,27 @@ _MAX_REUSED = 4096
 _validated_elements: dict[tuple[str, str, str], Any] = {}
 
 
-def _validate(resource: dict[str, Any]) -> str | None:
+def _model_class(resource_type: str) -> Any:
     # Imported here: loading the model classes costs ~0.5 s, paid only when needed.
     from fhir.resources.R4B import get_fhir_model_class
+
+    return get_fhir_model_class(resource_type)
+
+
+_model_classes: dict[str, Any] = {}
+
+
+def _validate(resource: dict[str, Any]) -> str | None:
     from pydantic import ValidationError
 
-    model = get_fhir_model_class(resource["resourceType"])
+    rtype = resource["resourceType"]
+    model = _model_classes.get(rtype) or _model_classes.setdefault(rtype, _model_class(rtype))
     given = dict(resource)
     keys: dict[str, tuple[str, str, str]] = {}
     for name in _REUSABLE_ELEMENTS:
         value = resource.get(name)
         if isinstance(value, dict | list):
-            key = (model.__name__, name, json.dumps(value, sort_keys=True))
+            key = (rtype, name, repr(value))
             known = _validated_elements.get(key)
             if known is None:
                 keys[name] = key

@@ -6,7 +6,7 @@ import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from cds.criteria.definitions import Trial, TrialSet
 from cds.criteria.model import Result
@@ -39,8 +39,11 @@ _KI67_G3_ABOVE = 20.0
 _MAX_LISTED = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+# Outcome and Measurement are named tuples rather than frozen dataclasses: as immutable, and a
+# rule makes several per patient, where a frozen dataclass's __init__ costs twice as much.
+class Outcome(NamedTuple):
+    """What a rule found: its result, the references behind it, and the sentence to check."""
+
     result: Result
     evidence: tuple[str, ...]
     explanation: str
@@ -269,8 +272,7 @@ def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
 # --- observations ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Measurement:
+class Measurement(NamedTuple):
     """A quantity read from an Observation and converted to its analyte's unit."""
 
     entry: Entry

@@ -94,7 +94,7 @@ def _degrade(
             # A pass or a fail read from data we did not get in full is not known: "none on
             # record" may only mean the query failed.
             if (trial.trial, c.id) in affected and c.result in (Result.PASS, Result.FAIL):
-                c = dataclasses.replace(c, result=Result.UNKNOWN, explanation=why, evidence=())
+                c = c._replace(result=Result.UNKNOWN, explanation=why, evidence=())
             criteria.append(c)
         trials.append(dataclasses.replace(trial, criteria=tuple(criteria)))
     return dataclasses.replace(evaluation, trials=tuple(trials))

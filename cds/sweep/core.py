@@ -11,7 +11,7 @@ from typing import Any
 
 from cds.criteria import TrialSet
 from cds.criteria.engine import evaluate
-from cds.criteria.model import PatientEvaluation, Result, TrialStatus
+from cds.criteria.model import CriterionResult, PatientEvaluation, Result, TrialStatus
 from cds.criteria.record import PatientRecord
 
 JSONDict = dict[str, Any]
@@ -61,19 +61,45 @@ def result_line(evaluation: PatientEvaluation) -> str:
             '", "criteria": [',
         )
         for c, criterion in enumerate(trial.criteria):
-            head = _criterion_head(criterion.id, criterion.kind, criterion.text)
-            parts += (
-                ", " + head if c else head,
-                criterion.result.value,
-                '", "evidence": [',
-                ", ".join(map(_string, criterion.evidence)),
-                '], "explanation": ',
-                _string(criterion.explanation),
-                "}",
-            )
+            if c:
+                parts.append(", ")
+            if criterion.evidence:
+                parts += (
+                    _criterion_head(criterion.id, criterion.kind, criterion.text),
+                    criterion.result.value,
+                    '", "evidence": [',
+                    ", ".join(map(_string, criterion.evidence)),
+                    '], "explanation": ',
+                    _string(criterion.explanation),
+                    "}",
+                )
+            else:
+                parts.append(_no_evidence_json(criterion))
         parts.append("]}")
     parts.append("]}\n")
     return "".join(parts)
+
+
+#: encoded results without evidence, by content: mostly manual criteria, whose result is the
+#: same for every patient (bounded, as a rule could word one per patient)
+_NO_EVIDENCE: dict[tuple[str, str, str, str, str], str] = {}
+
+
+def _no_evidence_json(criterion: CriterionResult) -> str:
+    key = (criterion.id, criterion.kind, criterion.text, criterion.result, criterion.explanation)
+    encoded = _NO_EVIDENCE.get(key)
+    if encoded is None:
+        encoded = (
+            _criterion_head(criterion.id, criterion.kind, criterion.text)
+            + criterion.result.value
+            + '", "evidence": [], "explanation": '
+            + _string(criterion.explanation)
+            + "}"
+        )
+        if len(_NO_EVIDENCE) >= 4096:
+            _NO_EVIDENCE.clear()
+        _NO_EVIDENCE[key] = encoded
+    return encoded
 
 
 @functools.cache
