@@ -125,6 +125,7 @@ class TrialSet:
         self._used_valuesets: tuple[ValueSet, ...] | None = None
         self._relevance: dict[tuple[str, str], bool] = {}
         self._memberships: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._titles: dict[tuple[str, ...], str] = {}
 
     def is_relevant(self, key: tuple[str, str]) -> bool:
         """Whether any criterion of these trials reads a resource coded ``key`` (a normalised
@@ -142,6 +143,14 @@ class TrialSet:
         if known is None:
             known = tuple(v for v, vs in self.valuesets.items() if vs.contains_key(key))
             self._memberships[key] = known
+        return known
+
+    def titles(self, valueset_ids: Iterable[str]) -> str:
+        """The value sets' titles, comma-separated, as explanations name them. Memoised."""
+        ids = tuple(valueset_ids)
+        known = self._titles.get(ids)
+        if known is None:
+            known = self._titles[ids] = ", ".join(self.valuesets[v].title for v in ids)
         return known
 
     def used_valuesets(self) -> tuple[ValueSet, ...]:

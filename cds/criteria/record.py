@@ -9,6 +9,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
+from functools import cached_property
 from typing import Any
 
 from cds.criteria.valuesets import ICD10CM, ValueSet, normalize_coding
@@ -148,13 +149,22 @@ def codings_of(concept: Any) -> list[CodingKey]:
     codings = concept.get("coding")
     if not isinstance(codings, list):
         return []
-    return [
-        normalize_coding(c["system"], c["code"])
-        for c in codings
-        if isinstance(c, dict)
-        and isinstance(c.get("system"), str)
-        and isinstance(c.get("code"), str)
-    ]
+    keys = []
+    for c in codings:
+        if isinstance(c, dict):
+            system, code = c.get("system"), c.get("code")
+            if isinstance(system, str) and isinstance(code, str):
+                raw = (system, code)
+                key = _NORMALIZED.get(raw)
+                if key is None:
+                    key = normalize_coding(system, code)
+                    if len(_NORMALIZED) < 1 << 16:  # a population repeats a few thousand codes
+                        _NORMALIZED[raw] = key
+                keys.append(key)
+    return keys
+
+
+_NORMALIZED: dict[tuple[str, str], CodingKey] = {}
 
 
 def concept_display(concept: Any) -> str | None:
@@ -265,20 +275,21 @@ class PatientRecord:
     #: (see rules.Context.entries and rules.latest_measurement)
     selection_cache: dict[Any, Any] = field(default_factory=dict)
 
-    @property
+    # Read by most criteria, so each is worked out once (a record is never changed once built).
+    @cached_property
     def patient_id(self) -> str:
         return str(self.patient.get("id", ""))
 
-    @property
+    @cached_property
     def patient_ref(self) -> str:
         return f"Patient/{self.patient_id}"
 
-    @property
+    @cached_property
     def gender(self) -> str | None:
         gender = self.patient.get("gender")
         return gender if isinstance(gender, str) else None
 
-    @property
+    @cached_property
     def birth_date(self) -> DateRange | None:
         return parse_date(self.patient.get("birthDate"))
 
@@ -334,11 +345,8 @@ class PatientRecord:
             if entry is None or (relevant is not None and not any(map(relevant, entry.keys))):
                 continue
             record.entries[rtype].append(entry)
-            for key in entry.keys:
-                record._index[key].append(entry)
-                if key[0] == ICD10CM:
-                    record._icd_index[key].append(entry)
             if by_valueset is not None and memberships is not None:
+                # Selections look entries up by value set only: no code index is needed.
                 keys = entry.keys
                 ids = (
                     memberships(keys[0])
@@ -347,6 +355,11 @@ class PatientRecord:
                 )
                 for valueset_id in ids:
                     by_valueset[valueset_id].append(entry)
+                continue
+            for key in entry.keys:
+                record._index[key].append(entry)
+                if key[0] == ICD10CM:
+                    record._icd_index[key].append(entry)
         return record
 
     def matching(self, types: Iterable[str], valueset: ValueSet) -> list[Entry]:

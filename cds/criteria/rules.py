@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -95,10 +96,15 @@ class Context:
         return good, bad
 
     def titles(self, valueset_ids: Iterable[str]) -> str:
-        return ", ".join(self.trials.valueset(v).title for v in valueset_ids)
+        return self.trials.titles(valueset_ids)
 
     def window_start(self, days: int) -> date:
-        return self.as_of - timedelta(days=days)
+        return _days_before(self.as_of, days)
+
+
+@functools.cache
+def _days_before(day: date, days: int) -> date:
+    return day - timedelta(days=days)
 
 
 def _sort_key(entry: Entry) -> tuple[date, str]:
@@ -413,12 +419,12 @@ def latest_in_window(
     """The latest usable, readable observation of a value set if it lies in the look-back
     window; else an UNKNOWN outcome that says what is missing and what would resolve it."""
     entries = _usable_observations(ctx, valueset_id)
-    window_text = f"the {lookback_days} days before {ctx.as_of}"
     if not entries:
         return Outcome(
             Result.UNKNOWN,
             (ctx.record.patient_ref,),
-            f"No {label} on record; one from {window_text} would decide it.",
+            f"No {label} on record; one from the {lookback_days} days before {ctx.as_of} "
+            "would decide it.",
         )
     latest = entries[0]
     assert latest.when is not None  # noqa: S101 - filtered by _usable_observations
@@ -427,7 +433,7 @@ def latest_in_window(
             Result.UNKNOWN,
             (latest.ref,),
             f"Latest {label}: {show(latest) if show else latest.describe() + _when(latest)}, "
-            f"older than {window_text}; a new one would decide it.",
+            f"older than the {lookback_days} days before {ctx.as_of}; a new one would decide it.",
         )
     if ctx.record.invalid_reason(latest):
         return _malformed_unknown(ctx, [latest], f"The latest {label}")

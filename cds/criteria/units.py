@@ -69,8 +69,18 @@ def normalize_unit(quantity: dict[str, Any]) -> str | None:
         raw = quantity["code"]
     if raw is None:
         return None
+    try:
+        return _RECOGNISED[raw]
+    except KeyError:
+        pass
     key = raw.strip().replace("µ", "u").replace("μ", "u").replace(" ", "").lower()
-    return _SYNONYMS.get(key)
+    recognised = _SYNONYMS.get(key)
+    if len(_RECOGNISED) < 4096:  # a population spells units a few dozen ways
+        _RECOGNISED[raw] = recognised
+    return recognised
+
+
+_RECOGNISED: dict[str, str | None] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +104,19 @@ class Analyte:
         return None if factor is None else value * factor
 
 
+_DISPLAY_UNITS = {
+    "1": "",
+    "10*9/L": "×10⁹/L",
+    "10*3/uL": "×10³/µL",
+    "10*3/mm3": "×10³/mm³",
+    "umol/L": "µmol/L",
+    "ukat/L": "µkat/L",
+    "/uL": "/µL",
+    "[IU]/L": "IU/L",
+    "[lb_av]": "lb",
+}
+
+
 def display_unit(ucum: str) -> str:
     """A unit as clinicians write it, for explanations."""
-    return {
-        "1": "",
-        "10*9/L": "×10⁹/L",
-        "10*3/uL": "×10³/µL",
-        "10*3/mm3": "×10³/mm³",
-        "umol/L": "µmol/L",
-        "ukat/L": "µkat/L",
-        "/uL": "/µL",
-        "[IU]/L": "IU/L",
-        "[lb_av]": "lb",
-    }.get(ucum, ucum)
+    return _DISPLAY_UNITS.get(ucum, ucum)

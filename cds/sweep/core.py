@@ -17,6 +17,7 @@ from cds.criteria.record import PatientRecord
 JSONDict = dict[str, Any]
 
 RESULTS = (Result.PASS, Result.FAIL, Result.UNKNOWN, Result.MANUAL)
+_SLOT = {result: i for i, result in enumerate(RESULTS)}
 STATUSES = (TrialStatus.CANDIDATE, TrialStatus.NEEDS_REVIEW, TrialStatus.EXCLUDED)
 CSV_HEADER = (
     "patient",
@@ -166,7 +167,7 @@ class Tally:
             totals = self.totals[trial.trial]
             still_in = True
             for i, criterion in enumerate(trial.criteria):
-                slot = RESULTS.index(criterion.result)
+                slot = _SLOT[criterion.result]
                 totals[i][slot] += 1
                 if still_in:
                     funnel[i][0] += 1

@@ -514,7 +514,10 @@ def evaluate_bucket(task: BucketTask) -> tuple[int, int, int]:
             continue
         try:
             evaluation = evaluate_resources(
-                [*item.resources, *shared], trials, task.as_of, patient=item.patient
+                [*item.resources, *shared] if shared else item.resources,
+                trials,
+                task.as_of,
+                patient=item.patient,
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             outcome = error_outcome(f"Patient/{item.id}", f"record unreadable: {exc!r}")
