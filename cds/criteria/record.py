@@ -52,13 +52,20 @@ class DateRange:
 
     start: date
     end: date
+    #: the text form, kept once worked out: explanations print the same dates again and again
+    _text: str | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
-        if self.start == self.end:
-            return self.start.isoformat()
-        if self.start.month == 1 and self.start.day == 1 and self.end.month == 12:
-            return str(self.start.year)
-        return self.start.isoformat()[:7]
+        text = self._text
+        if text is None:
+            if self.start == self.end:
+                text = self.start.isoformat()
+            elif self.start.month == 1 and self.start.day == 1 and self.end.month == 12:
+                text = str(self.start.year)
+            else:
+                text = self.start.isoformat()[:7]
+            object.__setattr__(self, "_text", text)
+        return text
 
 
 def parse_date(value: Any) -> DateRange | None:
