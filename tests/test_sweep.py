@@ -128,7 +128,8 @@ def test_resume_after_interrupt_gives_the_same_totals(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(ndjson_module, "BUCKET_BYTES", 1 << 20)
-    real = runner_module.evaluate_bucket
+    # The one-worker path evaluates each partition here and commits it in the background.
+    real = runner_module.evaluate_partition
     calls = {"n": 0}
 
     def interrupted(task: Any) -> Any:
@@ -137,7 +138,7 @@ def test_resume_after_interrupt_gives_the_same_totals(
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(runner_module, "evaluate_bucket", interrupted)
+    monkeypatch.setattr(runner_module, "evaluate_partition", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sweep_ndjson(population["ndjson"], sweep_options(tmp_path, workers=1))
     partial = json.loads((tmp_path / "summary.json").read_text())
@@ -146,7 +147,7 @@ def test_resume_after_interrupt_gives_the_same_totals(
     assert len(sweep_lines(tmp_path)) == partial["patients"]  # what is done is written
     assert "INCOMPLETE" in (tmp_path / "report.html").read_text().upper()
 
-    monkeypatch.setattr(runner_module, "evaluate_bucket", real)
+    monkeypatch.setattr(runner_module, "evaluate_partition", real)
     with pytest.raises(InputError, match="as of"):
         sweep_ndjson(
             population["ndjson"], sweep_options(tmp_path, resume=True, as_of=AS_OF.replace(day=2))

@@ -497,6 +497,13 @@ def read_shared(path: Path) -> list[JSONDict]:
 def evaluate_bucket(task: BucketTask) -> tuple[int, int, int]:
     """Evaluate one bucket and commit it to the work directory; returns (index, patients,
     errors). Deterministic in its inputs: re-running it writes the same files."""
+    outcomes, tally = evaluate_partition(task)
+    WorkDir(task.out).write_partition(task.index, outcomes, tally)
+    return task.index, tally.patients, tally.errors
+
+
+def evaluate_partition(task: BucketTask) -> tuple[list[PatientOutcome], Tally]:
+    """Evaluate one bucket: each patient's outcome and the partition's tally, nothing written."""
     trials = load_trials(task.trial_ids)  # cached per process: loaded once per worker
     shared = read_shared(task.shared)
     tally = Tally.for_trials(trials)
@@ -526,5 +533,4 @@ def evaluate_bucket(task: BucketTask) -> tuple[int, int, int]:
             outcome = outcome_of(evaluation)
             tally.add(evaluation)
         outcomes.append(outcome)
-    WorkDir(task.out).write_partition(task.index, outcomes, tally)
-    return task.index, tally.patients, tally.errors
+    return outcomes, tally

@@ -33,12 +33,13 @@ from cds.sweep.ndjson import (
     CodePrefilter,
     choose_buckets,
     evaluate_bucket,
+    evaluate_partition,
     ndjson_files,
     partition_ndjson,
 )
 from cds.sweep.progress import Progress
 from cds.sweep.report import build_summary, report_html, summary_text
-from cds.sweep.store import WorkDir, atomic_open, write_json
+from cds.sweep.store import WorkDir, atomic_open, encode_partition, write_json
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,7 @@ def _run_buckets(sweep: _Sweep, buckets: int, progress: Progress) -> None:
     ]
     if opts.workers <= 1:
         with _quiet_gc_here():
-            for task in tasks:
-                _, patients, errors = evaluate_bucket(task)
-                progress.advance(patients + errors)
+            _run_inline(sweep.work, tasks, progress)
         return
     # fork: workers inherit the loaded trial definitions; each still calls load_trials(),
     # which is cached per process, so a spawned (or remote) worker loads them once too.
@@ -221,6 +220,32 @@ def _run_buckets(sweep: _Sweep, buckets: int, progress: Progress) -> None:
         raise
     finally:
         pool.join()
+
+
+#: encoded partitions waiting for the committer at most (each is a few MB in memory)
+_MAX_PENDING_COMMITS = 2
+
+
+def _run_inline(work: WorkDir, tasks: list[BucketTask], progress: Progress) -> None:
+    """Evaluate the buckets in this process. Committing a partition is mostly waiting on the
+    disk (writes, fsync), so one background thread commits each partition, in order and with
+    its tally last as always, while the next one is evaluated. Leaving the block (done, or
+    Ctrl-C) waits for every evaluated partition to be committed."""
+    with ThreadPoolExecutor(1, thread_name_prefix="sweep-commit") as committer:
+        pending: list[Future[None]] = []
+        for task in tasks:
+            outcomes, tally = evaluate_partition(task)
+            pending.append(
+                committer.submit(
+                    work.commit_partition, task.index, encode_partition(outcomes), tally
+                )
+            )
+            del outcomes
+            progress.advance(tally.patients + tally.errors)
+            while len(pending) > _MAX_PENDING_COMMITS or (pending and pending[0].done()):
+                pending.pop(0).result()  # re-raises a failed commit here
+        for commit in pending:
+            commit.result()
 
 
 def sweep_ndjson(

@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,15 +28,18 @@ WORK = ".sweep"
 
 
 @contextmanager
-def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """A file that appears under ``path`` only once it is completely written."""
+def atomic_open(path: Path, mode: str = "w", *, durable: bool = True) -> Iterator[IO[Any]]:
+    """A file that appears under ``path`` only once it is completely written; with
+    ``durable``, also only once it is on disk (fsync before the rename), so that a power
+    loss cannot leave a checkpoint naming data that was never written."""
     tmp = path.with_name(f".{path.name}.tmp")
     encoding = None if "b" in mode else "utf-8"
     newline = "" if "b" not in mode else None
     with open(tmp, mode, encoding=encoding, newline=newline) as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     tmp.replace(path)
 
 
@@ -61,6 +65,34 @@ def write_json(path: Path, data: Any) -> None:
     with atomic_open(path) as f:
         json.dump(data, f, ensure_ascii=False, indent=1)
         f.write("\n")
+
+
+@dataclass(frozen=True)
+class EncodedPartition:
+    """A partition's output files as bytes, ready to be written."""
+
+    results: bytes
+    csv: bytes
+    errors: bytes
+
+    def files(self) -> tuple[tuple[str, bytes], ...]:
+        return (("results", self.results), ("csv", self.csv), ("errors", self.errors))
+
+
+def encode_partition(outcomes: Iterable[PatientOutcome]) -> EncodedPartition:
+    outcomes = list(outcomes)
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    for outcome in outcomes:
+        writer.writerows(outcome.rows)
+    errors = "".join(
+        json.dumps({"patient": o.patient, "error": o.error}) + "\n"
+        for o in outcomes
+        if o.error is not None
+    )
+    # Result lines are most of the bytes (~20 KB a patient): joined and encoded once.
+    results = "".join(o.line for o in outcomes if o.line is not None)
+    return EncodedPartition(results.encode(), rows.getvalue().encode(), errors.encode())
 
 
 class WorkDir:
@@ -120,21 +152,15 @@ class WorkDir:
 
     def write_partition(self, index: int, outcomes: Iterable[PatientOutcome], tally: Tally) -> None:
         """Commit one partition: results, CSV rows, errors, and last the tally (the marker)."""
-        outcomes = list(outcomes)
-        rows = io.StringIO()
-        writer = csv.writer(rows)
-        for outcome in outcomes:
-            writer.writerows(outcome.rows)
-        errors = "".join(
-            json.dumps({"patient": o.patient, "error": o.error}) + "\n"
-            for o in outcomes
-            if o.error is not None
-        )
-        # Result lines are most of the bytes (~20 KB a patient): joined and encoded once.
-        results = "".join(o.line for o in outcomes if o.line is not None)
-        for kind, text in (("results", results), ("csv", rows.getvalue()), ("errors", errors)):
+        self.commit_partition(index, encode_partition(outcomes), tally)
+
+    def commit_partition(self, index: int, encoded: EncodedPartition, tally: Tally) -> None:
+        """Write an encoded partition's files, each on disk before the next, the tally (which
+        marks the partition done) last. Mostly waiting on the disk, so it can run in a
+        background thread while the next partition is evaluated."""
+        for kind, data in encoded.files():
             with atomic_open(self.part_path(index, kind), "wb") as f:
-                f.write(text.encode())
+                f.write(data)
         write_json(self.part_path(index, "tally.json"), tally.to_json())
 
     def merged_tally(self, empty: Tally, indices: Iterable[int]) -> Tally:
@@ -154,7 +180,9 @@ class WorkDir:
             ("candidates.csv", "csv", header.getvalue().encode()),
             ("errors.ndjson", "errors", b""),
         ):
-            with atomic_open(self.out / name, "wb") as out:
+            # Not fsynced: every byte is in the partition files, which are, and a resumed
+            # sweep (--resume, even after a complete one) assembles the outputs again.
+            with atomic_open(self.out / name, "wb", durable=False) as out:
                 out.write(head)
                 out.flush()
                 for index in order:
