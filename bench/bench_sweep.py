@@ -4,6 +4,8 @@ ndjson (default): N generated patients as NDJSON. Baseline: json.loads of every 
   Measured: `cds sweep --ndjson` in a subprocess with --workers 1 (patients/s per core; target
   >= 0.5x the parse rate) and with --workers W; peak RSS of the sweep's process tree (sampled
   from /proc; target < 500 MB and flat in N). Several --patients values show how time grows.
+  A paired round also runs the one-worker sweep while this process parses the same lines on the
+  other core, so both rates come from the same seconds of a machine whose speed drifts.
 rest: N generated patients loaded into a fresh local sekmet-fhir. Baseline: a fetch-only crawl
   (Patient paging + the trial-derived queries per patient, same concurrency). Measured: the REST
   sweep. Target: sweep throughput >= 0.8x the crawl's.
@@ -16,6 +18,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -27,8 +30,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from cds.criteria import load_trials
 from cds.fhir.bulk import iter_search_pages
@@ -39,6 +44,7 @@ from cds.sweep.runner import RestOptions, SweepOptions, sweep_rest
 from cds.synthetic import ANCHOR, Population, write_population
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def _tree_rss(root: int) -> int:
@@ -97,6 +103,38 @@ def parse_only(directory: Path) -> tuple[float, int]:
     return time.perf_counter() - started, lines
 
 
+def paired_parse_rate(
+    directory: Path, lines_per_patient: float, run: Callable[[], T]
+) -> tuple[T, float]:
+    """Run ``run`` (a sweep in a subprocess) while this process parses the same NDJSON lines
+    over and over on another core; returns its result and the parse rate in patients/s over
+    the same seconds. Both sides then see the same machine: on a VM whose speed drifts by
+    tens of percent within minutes, that is a steadier ratio than rounds taken in turn."""
+    stop = threading.Event()
+    parsed = 0
+
+    def parse_loop() -> None:
+        nonlocal parsed
+        while not stop.is_set():
+            for path in sorted(directory.glob("*.ndjson")):
+                with open(path, "rb") as f:
+                    for line in f:
+                        json.loads(line)
+                        parsed += 1
+                        if stop.is_set():
+                            return
+
+    parser = threading.Thread(target=parse_loop, daemon=True)
+    started = time.perf_counter()
+    parser.start()
+    try:
+        result = run()
+    finally:
+        stop.set()
+        parser.join()
+    return result, parsed / lines_per_patient / (time.perf_counter() - started)
+
+
 def bench_ndjson(args: argparse.Namespace) -> None:
     root = Path(args.data or tempfile.mkdtemp(prefix="bench-sweep-"))
     print(f"data in {root}; {os.cpu_count()} CPUs")
@@ -129,6 +167,15 @@ def bench_ndjson(args: argparse.Namespace) -> None:
             shutil.rmtree(out1, ignore_errors=True)
             seconds, rss = run_measured([*cli, "--out", str(out1), "--workers", "1"])
             t_one, rss_one = min(t_one, seconds), max(rss_one, rss)
+        paired_rate = 0.0
+        if args.paired and (os.cpu_count() or 1) >= 2:
+            shutil.rmtree(out1, ignore_errors=True)
+            (seconds, _), paired_rate = paired_parse_rate(
+                data,
+                lines / n,
+                functools.partial(run_measured, [*cli, "--out", str(out1), "--workers", "1"]),
+            )
+            paired_sweep_rate = n / seconds
         outw = root / f"out-{n}-w{args.workers}"
         t_many, rss_many = run_measured([*cli, "--out", str(outw), "--workers", str(args.workers)])
         summary = json.loads((outw / "summary.json").read_text())
@@ -149,6 +196,12 @@ def bench_ndjson(args: argparse.Namespace) -> None:
             f"{rate_one:8.0f} patients/s/core = {rate_one / parse_rate:.2f}x parse "
             f"(target >= 0.5x); peak RSS {rss_one / 1e6:.0f} MB"
         )
+        if paired_rate:
+            print(
+                f"  paired (sweep --workers 1 and json.loads on the other core, same "
+                f"seconds): sweep {paired_sweep_rate:.0f} patients/s, parse "
+                f"{paired_rate:.0f} patients/s = {paired_sweep_rate / paired_rate:.2f}x parse"
+            )
         print(
             f"  sweep --workers {args.workers}:                          {t_many:7.2f} s = "
             f"{n / t_many:8.0f} patients/s = {n / t_many / args.workers:.0f}/s/core; "
@@ -285,6 +338,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--rounds", type=int, default=2, help="rounds of baseline and measurement, best kept"
+    )
+    parser.add_argument(
+        "--no-paired",
+        dest="paired",
+        action="store_false",
+        help="skip the paired round (sweep and parse at the same time on two cores)",
     )
     parser.add_argument("--data", help="where to keep generated NDJSON between runs")
     parser.add_argument("--keep", action="store_true", help="keep sweep outputs")

@@ -6,7 +6,7 @@ import calendar
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from functools import cached_property
@@ -368,6 +368,12 @@ class PatientRecord:
                 if key[0] == ICD10CM:
                     record._icd_index[key].append(entry)
         return record
+
+    def may_hold(self, valueset_ids: Sequence[str]) -> bool:
+        """False only when the record certainly holds no entry of these value sets (known
+        when it is indexed by value set): most selections of most patients' records."""
+        by_valueset = self._by_valueset
+        return by_valueset is None or not by_valueset.keys().isdisjoint(valueset_ids)
 
     def matching(self, types: Iterable[str], valueset: ValueSet) -> list[Entry]:
         """Entries of the given types with a code in ``valueset`` (each entry once)."""

@@ -70,6 +70,8 @@ class Context:
         analytes, and a large record would otherwise be sorted once per criterion.
         """
         valueset_ids = tuple(valueset_ids)
+        if not self.record.may_hold(valueset_ids):
+            return []
         cache_key = (tuple(types), valueset_ids, self.as_of)
         cached: list[Entry] | None = self.record.selection_cache.get(cache_key)
         if cached is not None:

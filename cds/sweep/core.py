@@ -58,7 +58,7 @@ def result_line(evaluation: PatientEvaluation) -> str:
             ', "version": ',
             _string(trial.version),
             ', "status": "',
-            trial.status.value,
+            trial.status,  # a StrEnum: joins as its value
             '", "criteria": [',
         )
         for c, criterion in enumerate(trial.criteria):
@@ -67,7 +67,7 @@ def result_line(evaluation: PatientEvaluation) -> str:
             if criterion.evidence:
                 parts += (
                     _criterion_head(criterion.id, criterion.kind, criterion.text),
-                    criterion.result.value,
+                    criterion.result,
                     '", "evidence": [',
                     ", ".join(map(_string, criterion.evidence)),
                     '], "explanation": ',
