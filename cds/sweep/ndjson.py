@@ -183,29 +183,33 @@ class _Partition:
             for raw in io.BytesIO(block):
                 self.line(raw)
             return
-        assert self.keep is not None and uniform is not None  # noqa: S101 - checked above
-        stats = self.stats
-        skipped = uniform[1] - len(candidates)
-        stats.lines += skipped
-        stats.irrelevant += skipped
+        keep = self.keep
+        assert keep is not None and uniform is not None  # noqa: S101 - checked above
         # Lines of a uniform block are compact, typed and closed: route them here, and write
-        # each bucket's share of the block at once.
+        # each bucket's share of the block at once (pieces joined once, at the write).
         pending: dict[int, list[bytes]] = {}
         buckets = len(self.handles)
+        kept = irrelevant = 0
         for line, certain in candidates:
-            if not certain and not self.keep(line):
-                stats.lines += 1
-                stats.irrelevant += 1
+            if not certain and not keep(line):
+                irrelevant += 1
                 continue
             pid = _fast_patient_id(line)
             if pid is None:
                 self._flush(pending)  # keep the input order within each bucket
-                self.line(line)
+                self.line(line)  # counts itself
                 continue
-            stats.lines += 1
-            stats.resources += 1
-            pending.setdefault(zlib.crc32(pid) % buckets, []).append(pid + b"\t" + line)
+            kept += 1
+            share = pending.get(bucket := zlib.crc32(pid) % buckets)
+            if share is None:
+                share = pending[bucket] = []
+            share += (pid, b"\t", line)
         self._flush(pending)
+        skipped = uniform[1] - len(candidates) + irrelevant
+        stats = self.stats
+        stats.lines += skipped + kept
+        stats.irrelevant += skipped
+        stats.resources += kept
 
     def _flush(self, pending: dict[int, list[bytes]]) -> None:
         for bucket, lines in pending.items():
