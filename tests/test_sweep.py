@@ -160,6 +160,20 @@ def test_resume_after_interrupt_gives_the_same_totals(
     assert fresh["trials"] == summary["trials"]
 
 
+def test_resume_of_a_complete_sweep_assembles_lost_outputs_again(
+    population: dict[str, Path], expected: list[str], tmp_path: Path
+) -> None:
+    """The assembled outputs are not fsynced (the partitions are): if a crash loses them,
+    --resume rebuilds them from the partitions, evaluating nobody again."""
+    first = sweep_ndjson(population["ndjson"], sweep_options(tmp_path, workers=1))
+    (tmp_path / "results.ndjson").write_text("")  # what a power loss could leave
+    (tmp_path / "candidates.csv").unlink()
+    again = sweep_ndjson(population["ndjson"], sweep_options(tmp_path, resume=True))
+    assert again["complete"] and again["patients"] == first["patients"] == 90
+    assert sweep_lines(tmp_path) == expected
+    assert (tmp_path / "candidates.csv").read_text().startswith("patient,trial,status")
+
+
 def test_resume_without_checkpoint_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="nothing to resume"):
         sweep_ndjson(tmp_path, sweep_options(tmp_path / "out", resume=True))
@@ -438,3 +452,42 @@ def test_only_uniform_compact_blocks_skip_the_line_by_line_path() -> None:
     ):
         assert _uniform_type(first + odd + last) is None, odd
     assert _uniform_type(first + b'{"resourceType":"Observation","id":"3"}') is None
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b'{"resourceType":"Observation","subject":{"reference":"Patient/a"}}\n', b"a"),
+        (b'{"resourceType":"Observation","subject": {"reference": "Patient/a"}}\n', b"a"),
+        (b'{"resourceType":"Observation","subject":{"reference":"http://x/Patient/a"}}\n', b"a"),
+        (b'{"resourceType":"Observation","subject":{"reference":"Patient/a/_history/2"}}\n', b"a"),
+        (
+            b'{"resourceType":"Observation","note":[{"text":"subject"}],'
+            b'"subject":{"reference":"Patient/a"}}\n',
+            b"a",
+        ),
+        (
+            b'{"resourceType":"Observation","subject":{"reference":"Patient/a"},'
+            b'"x":{"subject":{"reference":"Patient/a"}}}\n',
+            b"a",
+        ),
+        # Must be parsed to be sure: two patients, a contained resource, no reference, an
+        # escape, a group.
+        (
+            b'{"resourceType":"Observation","subject":{"reference":"Patient/a"},'
+            b'"patient":{"reference":"Patient/b"}}\n',
+            None,
+        ),
+        (
+            b'{"resourceType":"Observation","subject":{"reference":"Patient/a"},"contained":[]}\n',
+            None,
+        ),
+        (b'{"resourceType":"Observation","subject":"Patient/a"}\n', None),
+        (b'{"resourceType":"Observation","subject":{"reference":"Patient/a\\"b"}}\n', None),
+        (b'{"resourceType":"Observation","subject":{"reference":"Group/a"}}\n', None),
+    ],
+)
+def test_fast_patient_id_reads_only_what_it_can_be_sure_of(
+    line: bytes, expected: bytes | None
+) -> None:
+    assert ndjson_module._fast_patient_id(line) == expected
