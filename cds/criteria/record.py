@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 from cds.criteria.valuesets import ICD10CM, ValueSet, normalize_coding
@@ -156,22 +156,13 @@ def codings_of(concept: Any) -> list[CodingKey]:
     codings = concept.get("coding")
     if not isinstance(codings, list):
         return []
-    keys = []
-    for c in codings:
-        if isinstance(c, dict):
-            system, code = c.get("system"), c.get("code")
-            if isinstance(system, str) and isinstance(code, str):
-                raw = (system, code)
-                key = _NORMALIZED.get(raw)
-                if key is None:
-                    key = normalize_coding(system, code)
-                    if len(_NORMALIZED) < 1 << 16:  # a population repeats a few thousand codes
-                        _NORMALIZED[raw] = key
-                keys.append(key)
-    return keys
-
-
-_NORMALIZED: dict[tuple[str, str], CodingKey] = {}
+    return [
+        normalize_coding(c["system"], c["code"])
+        for c in codings
+        if isinstance(c, dict)
+        and isinstance(c.get("system"), str)
+        and isinstance(c.get("code"), str)
+    ]
 
 
 def concept_display(concept: Any) -> str | None:
@@ -447,6 +438,7 @@ _MAX_REUSED = 4096
 _validated_elements: dict[tuple[str, str, str], Any] = {}
 
 
+@cache
 def _model_class(resource_type: str) -> Any:
     # Imported here: loading the model classes costs ~0.5 s, paid only when needed.
     from fhir.resources.R4B import get_fhir_model_class
@@ -454,14 +446,11 @@ def _model_class(resource_type: str) -> Any:
     return get_fhir_model_class(resource_type)
 
 
-_model_classes: dict[str, Any] = {}
-
-
 def _validate(resource: dict[str, Any]) -> str | None:
     from pydantic import ValidationError
 
     rtype = resource["resourceType"]
-    model = _model_classes.get(rtype) or _model_classes.setdefault(rtype, _model_class(rtype))
+    model = _model_class(rtype)
     given = dict(resource)
     keys: dict[str, tuple[str, str, str]] = {}
     for name in _REUSABLE_ELEMENTS:

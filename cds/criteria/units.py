@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,20 +68,13 @@ def normalize_unit(quantity: dict[str, Any]) -> str | None:
         raw = quantity["unit"]
     elif isinstance(quantity.get("code"), str):
         raw = quantity["code"]
-    if raw is None:
-        return None
-    try:
-        return _RECOGNISED[raw]
-    except KeyError:
-        pass
+    return None if raw is None else _recognise(raw)
+
+
+@functools.lru_cache(maxsize=4096)  # a population spells units a few dozen ways
+def _recognise(raw: str) -> str | None:
     key = raw.strip().replace("µ", "u").replace("μ", "u").replace(" ", "").lower()
-    recognised = _SYNONYMS.get(key)
-    if len(_RECOGNISED) < 4096:  # a population spells units a few dozen ways
-        _RECOGNISED[raw] = recognised
-    return recognised
-
-
-_RECOGNISED: dict[str, str | None] = {}
+    return _SYNONYMS.get(key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ KNOWN_SYSTEMS = frozenset(
 _SCHEMA_DIR = Path(__file__).parent / "schema"
 
 
+# Memoised: a population repeats a few thousand codes, and every resource read asks.
+@functools.lru_cache(maxsize=1 << 16)
 def normalize_coding(system: str, code: str) -> tuple[str, str]:
     """The (system, code) key codes are matched on.
 

@@ -81,26 +81,17 @@ def result_line(evaluation: PatientEvaluation) -> str:
     return "".join(parts)
 
 
-#: encoded results without evidence, by content: mostly manual criteria, whose result is the
-#: same for every patient (bounded, as a rule could word one per patient)
-_NO_EVIDENCE: dict[tuple[str, str, str, str, str], str] = {}
-
-
+# Results without evidence are mostly manual criteria, the same for every patient: each is
+# encoded once (bounded, as a rule could word one per patient).
+@functools.lru_cache(maxsize=4096)
 def _no_evidence_json(criterion: CriterionResult) -> str:
-    key = (criterion.id, criterion.kind, criterion.text, criterion.result, criterion.explanation)
-    encoded = _NO_EVIDENCE.get(key)
-    if encoded is None:
-        encoded = (
-            _criterion_head(criterion.id, criterion.kind, criterion.text)
-            + criterion.result.value
-            + '", "evidence": [], "explanation": '
-            + _string(criterion.explanation)
-            + "}"
-        )
-        if len(_NO_EVIDENCE) >= 4096:
-            _NO_EVIDENCE.clear()
-        _NO_EVIDENCE[key] = encoded
-    return encoded
+    return (
+        _criterion_head(criterion.id, criterion.kind, criterion.text)
+        + criterion.result
+        + '", "evidence": [], "explanation": '
+        + _string(criterion.explanation)
+        + "}"
+    )
 
 
 @functools.cache
