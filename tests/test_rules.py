@@ -449,10 +449,10 @@ def test_recorded_grade_and_ki67_follow_the_who_higher_grade_rule(
 
 
 def test_reusing_validated_elements_gives_the_same_verdicts_as_plain_validation() -> None:
-    """Validation hands known-valid repeated elements (code, category, reference range, ...)
-    to pydantic as model objects. Over the fixtures, a generated population and resources
-    broken in and around those elements, every verdict and message equals fhir.resources'
-    own validation of the raw resource."""
+    """Validation hands known-valid repeated elements (code, category, reference range,
+    subject, value, ...) to pydantic as model objects. Over the fixtures, a generated
+    population and resources broken in and around those elements, every verdict and message
+    equals fhir.resources' own validation of the raw resource."""
     import copy
     import json
     from pathlib import Path
@@ -487,7 +487,9 @@ def test_reusing_validated_elements_gives_the_same_verdicts_as_plain_validation(
         bad_code["code"] = {"coding": [{"system": "http://loinc.org", "code": " "}]}
         bad_category = copy.deepcopy(resource)
         bad_category["category"] = [None]
-        broken += [bad_value, bad_code, bad_category]
+        bad_subject = copy.deepcopy(resource)
+        bad_subject["subject"] = {"reference": 7}
+        broken += [bad_value, bad_code, bad_category, bad_subject]
     assert len(broken) > 30
     record_module._validated_elements.clear()
     verdicts: list[str | None] = []

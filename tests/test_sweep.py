@@ -14,6 +14,7 @@ import pytest
 
 import cds.sweep.ndjson as ndjson_module
 import cds.sweep.runner as runner_module
+import cds.sweep.store as store_module
 from cds.cli import main
 from cds.criteria import load_trials
 from cds.errors import FhirError, InputError
@@ -146,6 +147,9 @@ def test_resume_after_interrupt_gives_the_same_totals(
     assert 0 < partial["patients"] < 90
     assert len(sweep_lines(tmp_path)) == partial["patients"]  # what is done is written
     assert "INCOMPLETE" in (tmp_path / "report.html").read_text().upper()
+    # An interrupted sweep's outputs are copies: editing them cannot touch the checkpoint.
+    assert (tmp_path / "results.ndjson").stat().st_nlink == 1
+    (tmp_path / "results.ndjson").write_text("")
 
     monkeypatch.setattr(runner_module, "evaluate_partition", real)
     with pytest.raises(InputError, match="as of"):
@@ -163,15 +167,38 @@ def test_resume_after_interrupt_gives_the_same_totals(
 def test_resume_of_a_complete_sweep_assembles_lost_outputs_again(
     population: dict[str, Path], expected: list[str], tmp_path: Path
 ) -> None:
-    """The assembled outputs are not fsynced (the partitions are): if a crash loses them,
-    --resume rebuilds them from the partitions, evaluating nobody again."""
+    """A one-worker sweep run in one go gives its results segment the name results.ndjson (a
+    hard link: no copy); the other outputs are copies, not fsynced. If a crash loses them,
+    --resume rebuilds them from the checkpoint, evaluating nobody again."""
     first = sweep_ndjson(population["ndjson"], sweep_options(tmp_path, workers=1))
-    (tmp_path / "results.ndjson").write_text("")  # what a power loss could leave
+    assert (tmp_path / "results.ndjson").stat().st_nlink == 2  # one copy on disk
+    (tmp_path / "results.ndjson").unlink()
     (tmp_path / "candidates.csv").unlink()
     again = sweep_ndjson(population["ndjson"], sweep_options(tmp_path, resume=True))
     assert again["complete"] and again["patients"] == first["patients"] == 90
     assert sweep_lines(tmp_path) == expected
     assert (tmp_path / "candidates.csv").read_text().startswith("patient,trial,status")
+
+
+def test_resume_after_results_were_cut_short_in_place_says_so(
+    population: dict[str, Path], tmp_path: Path
+) -> None:
+    """Cutting the linked results file short in place cuts the checkpoint's copy too:
+    reassembling from it is refused with a message, never a shorter results file."""
+    sweep_ndjson(population["ndjson"], sweep_options(tmp_path, workers=1))
+    with open(tmp_path / "results.ndjson", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(InputError, match="sweep again without --resume"):
+        sweep_ndjson(population["ndjson"], sweep_options(tmp_path, resume=True))
+
+
+def test_a_checkpoint_of_another_format_is_not_resumed(
+    population: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweep_ndjson(population["ndjson"], sweep_options(tmp_path, workers=1))
+    monkeypatch.setattr(store_module, "STATE_VERSION", store_module.STATE_VERSION + 1)
+    with pytest.raises(InputError, match="another version of cds sweep"):
+        sweep_ndjson(population["ndjson"], sweep_options(tmp_path, resume=True))
 
 
 def test_resume_without_checkpoint_is_an_input_error(tmp_path: Path) -> None:

@@ -414,7 +414,7 @@ class PatientRecord:
 
 
 # Elements that repeat across a population's resources: a test's code and category, a lab's
-# reference range, a condition's statuses. Their validated model objects are kept, keyed by
+# reference range and value, a condition's statuses, a patient's subject reference. Their validated model objects are kept, keyed by
 # their repr (exact for JSON values: str, int, float, bool and None print apart; the same
 # content in another key order is only a miss), and handed to the next validation in place of
 # the raw element; pydantic takes a model object for a model-typed field as it is
@@ -422,6 +422,8 @@ class PatientRecord:
 # resource around it, so the verdict on the resource is the same, at about a third of the
 # cost (tests compare both ways).
 _REUSABLE_ELEMENTS = (
+    "subject",
+    "valueQuantity",
     "code",
     "category",
     "referenceRange",

@@ -136,7 +136,7 @@ class _Sweep:
         from the partitions done so far (all of them when ``complete``)."""
         done = self.work.done() & set(range(partitions))
         complete = complete and len(done) == partitions
-        self.work.assemble(done)
+        self.work.assemble(done, complete=complete)
         tally = self.work.merged_tally(Tally.for_trials(self.opts.trials), done)
         self.state["elapsed"] = self.state.get("elapsed", 0.0) + time.monotonic() - self.started
         self.started = time.monotonic()
@@ -227,18 +227,22 @@ _MAX_PENDING_COMMITS = 2
 
 
 def _run_inline(work: WorkDir, tasks: list[BucketTask], progress: Progress) -> None:
-    """Evaluate the buckets in this process. Committing a partition is mostly waiting on the
-    disk (writes, fsync), so one background thread commits each partition, in order and with
-    its tally last as always, while the next one is evaluated. Leaving the block (done, or
-    Ctrl-C) waits for every evaluated partition to be committed."""
-    with ThreadPoolExecutor(1, thread_name_prefix="sweep-commit") as committer:
+    """Evaluate the buckets in this process, their outputs appended to one segment (so the
+    outputs of a sweep run in one go need no copying). Committing a partition is mostly
+    waiting on the disk (writes, fsync), so one background thread commits each partition, in
+    order and with its marker last as always, while the next one is evaluated. Leaving the
+    block (done, or Ctrl-C) waits for every evaluated partition to be committed."""
+    if not tasks:
+        return
+    with (
+        work.segment(tasks[0].index) as segment,
+        ThreadPoolExecutor(1, thread_name_prefix="sweep-commit") as committer,
+    ):
         pending: list[Future[None]] = []
         for task in tasks:
             outcomes, tally = evaluate_partition(task)
             pending.append(
-                committer.submit(
-                    work.commit_partition, task.index, encode_partition(outcomes), tally
-                )
+                committer.submit(segment.commit, task.index, encode_partition(outcomes), tally)
             )
             del outcomes
             progress.advance(tally.patients + tally.errors)
@@ -295,8 +299,7 @@ def _sweep_files(sweep: _Sweep, files: Callable[[], list[Path]]) -> JSONDict:
 def _done_patients(sweep: _Sweep) -> int:
     total = 0
     for index in sweep.work.done():
-        with open(sweep.work.part_path(index, "tally.json"), encoding="utf-8") as f:
-            data = json.load(f)
+        data = sweep.work.marker(index)["tally"]
         total += int(data["patients"]) + int(data["errors"])
     return total
 

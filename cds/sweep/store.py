@@ -1,8 +1,11 @@
-"""The sweep's working directory: checkpoint, per-partition outputs, and the final files.
+"""The sweep's working directory: checkpoint, partition outputs, and the final files.
 
-Every file is written to a temporary name and renamed into place (POSIX rename is atomic),
-so a crash or Ctrl-C never leaves a half-written file under a real name. A partition counts as
-done when its tally file exists; that file is written last, after the partition's results.
+A partition's outputs (result lines, CSV rows, errors) are appended to segment files, one per
+kind, that hold one or several consecutive partitions; its marker file, written last and
+only once its bytes are on disk, records its tally and where its bytes lie. A partition
+counts as done when its marker exists. Every other file is written to a temporary name and
+renamed into place (POSIX rename is atomic), so a crash or Ctrl-C never leaves a half-written
+file under a real name.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from cds.sweep.core import CSV_HEADER, PatientOutcome, Tally
 
 JSONDict = dict[str, Any]
 
-STATE_VERSION = 1
+#: 2: partition outputs in segments, located by the partition markers
+STATE_VERSION = 2
 WORK = ".sweep"
 
 
@@ -43,22 +47,31 @@ def atomic_open(path: Path, mode: str = "w", *, durable: bool = True) -> Iterato
     tmp.replace(path)
 
 
-def _append(path: Path, out: IO[bytes]) -> None:
-    """Append a file to ``out`` (flushed, positioned at its end): in the kernel where it can
-    (copy_file_range), through a buffer where it cannot."""
+def _copy_range(path: Path, offset: int, length: int, out: IO[bytes]) -> None:
+    """Append ``length`` bytes of a file, from ``offset``, to ``out`` (flushed, positioned at
+    its end): in the kernel where it can (copy_file_range), through a buffer where it cannot."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
         try:
-            while size > 0:
-                copied = os.copy_file_range(f.fileno(), out.fileno(), size)
+            while length > 0:
+                copied = os.copy_file_range(f.fileno(), out.fileno(), length, offset)
                 if copied == 0:
                     break
-                size -= copied
+                offset += copied
+                length -= copied
         except OSError:
             pass  # another filesystem or kernel: copy what is left in user space
-        if size > 0:
-            shutil.copyfileobj(f, out, 1 << 20)
-            out.flush()
+        f.seek(offset)
+        while length > 0:
+            chunk = f.read(min(length, 1 << 20))
+            if not chunk:
+                raise InputError(
+                    "a partition's output is shorter than its marker says (was an output "
+                    "file cut short in place?); sweep again without --resume",
+                    source=str(path),
+                )
+            out.write(chunk)
+            length -= len(chunk)
+        out.flush()
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -126,6 +139,13 @@ class WorkDir:
         if resume and saved is None:
             raise InputError("nothing to resume: no checkpoint here", source=str(self.out))
         if saved is not None:
+            if saved.get("version") != STATE_VERSION:
+                raise InputError(
+                    f"the checkpoint was written by another version of cds sweep (format "
+                    f"{saved.get('version')!r}, this one reads {STATE_VERSION}); sweep again "
+                    "without --resume",
+                    source=str(self.out),
+                )
             for key, value in identity.items():
                 if saved.get("identity", {}).get(key) != value:
                     raise InputError(
@@ -144,35 +164,42 @@ class WorkDir:
         state["version"] = STATE_VERSION
         write_json(self.state_path, state)
 
-    def part_path(self, index: int, kind: str) -> Path:
-        return self.parts / f"p{index:05d}.{kind}"
+    def marker_path(self, index: int) -> Path:
+        return self.parts / f"p{index:05d}.json"
 
     def done(self) -> set[int]:
-        return {int(p.name[1:6]) for p in self.parts.glob("p*.tally.json") if p.name[1:6].isdigit()}
+        return {int(p.name[1:6]) for p in self.parts.glob("p*.json") if p.name[1:6].isdigit()}
+
+    def marker(self, index: int) -> JSONDict:
+        """A done partition's marker: ``{"tally": ..., "files": {kind: [segment, offset,
+        length]}}``."""
+        path = self.marker_path(index)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data: JSONDict = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"partition marker unreadable ({exc})", source=str(path)) from exc
+        return data
+
+    def segment(self, first: int) -> Segment:
+        """A new segment for partitions committed one after another, from ``first`` on."""
+        return Segment(self, first)
 
     def write_partition(self, index: int, outcomes: Iterable[PatientOutcome], tally: Tally) -> None:
-        """Commit one partition: results, CSV rows, errors, and last the tally (the marker)."""
-        self.commit_partition(index, encode_partition(outcomes), tally)
-
-    def commit_partition(self, index: int, encoded: EncodedPartition, tally: Tally) -> None:
-        """Write an encoded partition's files, each on disk before the next, the tally (which
-        marks the partition done) last. Mostly waiting on the disk, so it can run in a
-        background thread while the next partition is evaluated."""
-        for kind, data in encoded.files():
-            with atomic_open(self.part_path(index, kind), "wb") as f:
-                f.write(data)
-        write_json(self.part_path(index, "tally.json"), tally.to_json())
+        """Commit one partition in a segment of its own."""
+        with self.segment(index) as segment:
+            segment.commit(index, encode_partition(outcomes), tally)
 
     def merged_tally(self, empty: Tally, indices: Iterable[int]) -> Tally:
         total = empty
         for index in sorted(indices):
-            with open(self.part_path(index, "tally.json"), encoding="utf-8") as f:
-                total.merge(Tally.from_json(json.load(f)))
+            total.merge(Tally.from_json(self.marker(index)["tally"]))
         return total
 
-    def assemble(self, indices: Iterable[int]) -> None:
-        """Concatenate the done partitions, in partition order, into the output files."""
-        order = sorted(indices)
+    def assemble(self, indices: Iterable[int], *, complete: bool) -> None:
+        """Write the output files from the done partitions, in partition order. The results
+        of a ``complete`` sweep that are one whole segment are linked, not copied."""
+        files = [self.marker(index)["files"] for index in sorted(indices)]
         header = io.StringIO()
         csv.writer(header).writerow(CSV_HEADER)
         for name, kind, head in (
@@ -180,19 +207,52 @@ class WorkDir:
             ("candidates.csv", "csv", header.getvalue().encode()),
             ("errors.ndjson", "errors", b""),
         ):
-            # Not fsynced: every byte is in the partition files, which are, and a resumed
-            # sweep (--resume, even after a complete one) assembles the outputs again.
+            spans = [(str(f[kind][0]), int(f[kind][1]), int(f[kind][2])) for f in files]
+            if complete and not head and self._link_whole(spans, self.out / name):
+                continue
+            # Not fsynced: every byte is in the segments, which are, and a resumed sweep
+            # (--resume, even after a complete one) assembles the outputs again.
             with atomic_open(self.out / name, "wb", durable=False) as out:
                 out.write(head)
                 out.flush()
-                for index in order:
-                    _append(self.part_path(index, kind), out)
+                for segment, offset, length in spans:
+                    _copy_range(self.parts / segment, offset, length, out)
+
+    def _link_whole(self, spans: list[tuple[str, int, int]], target: Path) -> bool:
+        """When the spans are one whole segment, in order (a sweep run in one go by one
+        worker), give it the output's name too (a hard link: no copy, and one copy on disk)
+        and return True. Only for a complete sweep: the segment is never written again (a
+        resumed sweep starts a new one), and the output file, already on disk, is final.
+        An interrupted sweep's outputs are copies, so that whatever is done to them cannot
+        touch what the resumed sweep reads."""
+        if not spans or len({segment for segment, _, _ in spans}) != 1:
+            return False
+        position = 0
+        for _, offset, length in spans:
+            if offset != position:
+                return False
+            position += length
+        source = self.parts / spans[0][0]
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            if source.stat().st_size != position:
+                return False  # bytes of an interrupted commit after the last partition
+            tmp.unlink(missing_ok=True)
+            os.link(source, tmp)
+        except OSError:
+            return False  # no hard links here: the caller copies
+        tmp.replace(target)
+        return True
 
     def error_samples(self, indices: Iterable[int], limit: int = 20) -> list[JSONDict]:
         found: list[JSONDict] = []
         for index in sorted(indices):
-            with open(self.part_path(index, "errors"), encoding="utf-8") as f:
-                for line in f:
+            segment, offset, length = self.marker(index)["files"]["errors"]
+            if not length:
+                continue
+            with open(self.parts / segment, "rb") as f:
+                f.seek(offset)
+                for line in f.read(length).splitlines():
                     found.append(json.loads(line))
                     if len(found) >= limit:
                         return found
@@ -201,3 +261,52 @@ class WorkDir:
     def clean_inputs(self) -> None:
         """Drop the prepared input (partition buckets, export files) once the sweep is complete."""
         shutil.rmtree(self.input, ignore_errors=True)
+
+
+class Segment:
+    """Segment files (``sNNNNN.results``, ``.csv``, ``.errors``) that consecutive partitions
+    are appended to, each partition then marked done.
+
+    One partition's commit: its bytes appended to each file and put on disk (fsync), then its
+    marker written (atomically, durably) with its tally and where its bytes lie. Bytes after
+    the last marked partition (an interrupted commit) are never read: outputs are assembled
+    from the markers' spans. Commits must come from one thread at a time.
+    """
+
+    _KINDS = ("results", "csv", "errors")
+
+    def __init__(self, work: WorkDir, first: int) -> None:
+        self.work = work
+        self.name = f"s{first:05d}"
+        self._files: dict[str, IO[bytes]] = {}
+        try:
+            for kind in self._KINDS:
+                path = work.parts / f"{self.name}.{kind}"
+                # A segment of the same name can only hold an interrupted commit (its first
+                # partition is not done, so no marker points into it): a new file replaces it.
+                path.unlink(missing_ok=True)
+                self._files[kind] = open(path, "xb")  # noqa: SIM115 - closed in close()
+        except BaseException:
+            self.close()
+            raise
+
+    def commit(self, index: int, encoded: EncodedPartition, tally: Tally) -> None:
+        spans: dict[str, list[Any]] = {}
+        for kind, data in encoded.files():
+            f = self._files[kind]
+            offset = f.tell()
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            spans[kind] = [f"{self.name}.{kind}", offset, len(data)]
+        write_json(self.work.marker_path(index), {"tally": tally.to_json(), "files": spans})
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
