@@ -450,7 +450,7 @@ def test_code_prefilter_keeps_every_line_the_criteria_read() -> None:
     # the whole-block search finds every line the line test keeps
     blocks["Condition"] += odd
     for rtype, lines in blocks.items():
-        candidates = keep.candidate_lines(b"".join(lines))
+        candidates = keep.candidate_lines(b"".join(lines), rtype.encode())
         assert candidates is not None
         kept = {line for line in lines if keep(line)}
         assert kept <= {line for line, _ in candidates}, rtype
@@ -458,8 +458,17 @@ def test_code_prefilter_keeps_every_line_the_criteria_read() -> None:
         assert all(line in kept for line, certain in candidates if certain), rtype
         assert len(candidates) < len(lines), rtype
     assert not keep(b'{"resourceType":"Condition","code":{"coding":[{"code":"I10"}]}}')
+    # a key that only ends in "code" is not the key "code", and hides no real one after it
+    decoy = (
+        b'{"resourceType":"Condition","postalcode":"718-7","code":{"coding":[{"code":"I10"}]}}\n'
+    )
+    assert not keep(decoy) and keep.candidate_lines(decoy, b"Condition") == []
+    real = decoy.replace(b'"I10"', b'"718-7"')
+    assert keep(real) and keep.candidate_lines(real, b"Condition") == [(real, True)]
     # a drug named by reference to a Medication resource is judged once resolved
-    assert keep(b'{"resourceType":"MedicationRequest","medicationReference":{"reference":"x"}}')
+    by_reference = b'{"resourceType":"MedicationRequest","medicationReference":{"reference":"x"}}'
+    assert keep(by_reference)
+    assert keep.candidate_lines(by_reference + b"\n", b"MedicationRequest") is None
 
 
 def test_only_uniform_compact_blocks_skip_the_line_by_line_path() -> None:

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from functools import cache, cached_property
+from functools import cache, cached_property, lru_cache
 from typing import Any
 
 from cds.criteria.valuesets import ICD10CM, ValueSet, normalize_coding
@@ -163,6 +163,23 @@ def codings_of(concept: Any) -> list[CodingKey]:
         and isinstance(c.get("system"), str)
         and isinstance(c.get("code"), str)
     ]
+
+
+def concept_keys(concept: Any) -> tuple[CodingKey, ...]:
+    """:func:`codings_of` as a tuple; the usual one-coding concept is worked out once per code
+    (an index reads a few dozen resources a patient, all coded alike)."""
+    if type(concept) is dict:
+        coding = concept.get("coding")
+        if type(coding) is list and len(coding) == 1 and type(coding[0]) is dict:
+            system, code = coding[0].get("system"), coding[0].get("code")
+            if type(system) is str and type(code) is str:
+                return _one_key(system, code)
+    return tuple(codings_of(concept))
+
+
+@lru_cache(maxsize=1 << 16)
+def _one_key(system: str, code: str) -> tuple[CodingKey]:
+    return (normalize_coding(system, code),)
 
 
 def concept_display(concept: Any) -> str | None:
@@ -340,12 +357,16 @@ class PatientRecord:
                 # The resource's shape is too broken to even read its code: skip it, loudly.
                 record.warnings.append(f"{rtype}/{resource.get('id')} skipped: unreadable ({exc})")
                 continue
-            if entry is None or (relevant is not None and not any(map(relevant, entry.keys))):
+            if entry is None:
+                continue
+            keys = entry.keys
+            if relevant is not None and not (
+                relevant(keys[0]) if len(keys) == 1 else any(map(relevant, keys))
+            ):
                 continue
             record.entries[rtype].append(entry)
             if by_valueset is not None and memberships is not None:
                 # Selections look entries up by value set only: no code index is needed.
-                keys = entry.keys
                 ids = (
                     memberships(keys[0])
                     if len(keys) == 1
@@ -414,13 +435,13 @@ class PatientRecord:
 
 
 # Elements that repeat across a population's resources: a test's code and category, a lab's
-# reference range and value, a condition's statuses, a patient's subject reference. Their validated model objects are kept, keyed by
-# their repr (exact for JSON values: str, int, float, bool and None print apart; the same
-# content in another key order is only a miss), and handed to the next validation in place of
-# the raw element; pydantic takes a model object for a model-typed field as it is
-# (revalidate_instances="never", the default). Validating an element does not depend on the
-# resource around it, so the verdict on the resource is the same, at about a third of the
-# cost (tests compare both ways).
+# reference range and value, a condition's statuses, a patient's subject reference. Their
+# validated model objects are kept, keyed by their repr (exact for JSON values: str, int,
+# float, bool and None print apart; the same content in another key order is only a miss),
+# and handed to the next validation in place of the raw element; pydantic takes a model
+# object for a model-typed field as it is (revalidate_instances="never", the default).
+# Validating an element does not depend on the resource around it, so the verdict on the
+# resource is the same, at about a third of the cost (tests compare both ways).
 _REUSABLE_ELEMENTS = (
     "subject",
     "valueQuantity",
@@ -503,7 +524,7 @@ def _make_entry(
         return Entry(ref, rtype, resource, tuple(keys), concept)
     if rtype in ("Observation", "Procedure"):
         concept = resource.get("code")
-        return Entry(ref, rtype, resource, tuple(codings_of(concept)), concept)
+        return Entry(ref, rtype, resource, concept_keys(concept), concept)
     # Medication resources: the drug is a CodeableConcept or a reference to a Medication
     # (contained, or elsewhere in the record).
     if rtype == "MedicationRequest" and resource.get("intent") in _NON_ORDER_INTENTS:
@@ -511,7 +532,7 @@ def _make_entry(
     concept = resource.get("medicationCodeableConcept")
     if concept is None:
         concept = _resolve_medication(resource, medications)
-    return Entry(ref, rtype, resource, tuple(codings_of(concept)), concept)
+    return Entry(ref, rtype, resource, concept_keys(concept), concept)
 
 
 def _resolve_medication(

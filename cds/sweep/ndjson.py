@@ -178,7 +178,7 @@ class _Partition:
         uniform = _uniform_type(block) if self.keep is not None else None
         candidates = None
         if self.keep is not None and uniform is not None and uniform[0] in _CLINICAL_BYTES:
-            candidates = self.keep.candidate_lines(block)
+            candidates = self.keep.candidate_lines(block, uniform[0])
         if candidates is None:  # mixed, spaced or escaped lines, drug references: one by one
             for raw in io.BytesIO(block):
                 self.line(raw)
@@ -380,8 +380,11 @@ class CodePrefilter:
         self._prefixes = tuple(p.encode() for p in sorted(prefixes))
         # A population repeats a few hundred distinct codes; each is judged once.
         self._memo: dict[bytes, bool] = {}
+        # Without its opening quote: the search then skips ahead to a "c", not to any quote
+        # (one byte in seven of JSON), which makes it about a fifth faster; the quote is
+        # checked on each match.
         self._candidate_re = re.compile(
-            rb'"code"\s*:\s*"\s*('
+            rb'code"\s*:\s*"\s*('
             + _trie_pattern([_code_atoms(c) for c in exact | prefixes])
             + rb")"
         )
@@ -409,19 +412,27 @@ class CodePrefilter:
                 return True
         return False
 
-    def candidate_lines(self, block: bytes) -> list[tuple[bytes, bool]] | None:
-        """The lines of a block (each ending in a newline) that may pass the test, found by one
-        search of the whole block, each with whether it certainly passes (it names one of the
-        codes exactly); ``None`` when the block holds escapes or drug references, which only
-        the line-by-line test judges."""
-        if b"\\" in block or b'"medicationReference"' in block:
+    def candidate_lines(
+        self, block: bytes, resource_type: bytes
+    ) -> list[tuple[bytes, bool]] | None:
+        """The lines of a block of ``resource_type`` resources (each line ending in a newline)
+        that may pass the test, found by one search of the whole block, each with whether it
+        certainly passes (it names one of the codes exactly); ``None`` when the block holds
+        escapes or (in a block of medication resources) drug references, which only the
+        line-by-line test judges."""
+        if b"\\" in block:
+            return None
+        # Only medication resources name their drug by reference (a search of every block
+        # for it cost ~1 % of a sweep).
+        if resource_type.startswith(b"Medication") and b'"medicationReference"' in block:
             return None
         found: list[tuple[bytes, bool]] = []
         after = 0  # end of the last line taken, so each line is taken once
         for m in self._candidate_re.finditer(block):
-            if m.start() < after:
+            key = m.start() - 1
+            if key < after or block[key] != 0x22:  # taken already, or not the key "code"
                 continue
-            start = block.rfind(b"\n", 0, m.start()) + 1
+            start = block.rfind(b"\n", 0, key) + 1
             after = block.index(b"\n", m.end()) + 1
             # Codes that start with a digit are matched exactly (up to the closing quote).
             found.append((block[start:after], m.group(1)[:1].isdigit()))
