@@ -207,6 +207,7 @@ class PatientOutcome:
     patient: str
     line: str | None  # results.ndjson line, None on error
     rows: list[list[str]]
+    #: kept for a caller that tallies later (None on error, or when tallied already)
     evaluation: PatientEvaluation | None
     error: str | None = None
 
@@ -230,9 +231,12 @@ def evaluate_resources(
     return evaluate(record, trials, as_of)
 
 
-def outcome_of(evaluation: PatientEvaluation) -> PatientOutcome:
+def outcome_of(evaluation: PatientEvaluation, *, keep_evaluation: bool = True) -> PatientOutcome:
     return PatientOutcome(
-        evaluation.patient, result_line(evaluation), csv_rows(evaluation), evaluation
+        evaluation.patient,
+        result_line(evaluation),
+        csv_rows(evaluation),
+        evaluation if keep_evaluation else None,
     )
 
 
