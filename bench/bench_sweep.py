@@ -40,7 +40,8 @@ from cds.fhir.bulk import iter_search_pages
 from cds.fhir.client import FhirClient, Timeouts
 from cds.fhir.loader import DEFAULT_TAG, load_bundle_file
 from cds.fhir.queries import build_patient_queries, fetch_patient_resources
-from cds.sweep.runner import RestOptions, SweepOptions, sweep_rest
+from cds.sweep.remote import RestOptions, sweep_rest
+from cds.sweep.runner import SweepOptions
 from cds.synthetic import ANCHOR, Population, write_population
 
 REPO = Path(__file__).resolve().parents[1]

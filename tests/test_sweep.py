@@ -24,7 +24,8 @@ from cds.fhir.bundle import bundle_resources
 from cds.fhir.client import FhirClient, RetryPolicy, Timeouts
 from cds.sweep.core import result_line
 from cds.sweep.progress import Progress
-from cds.sweep.runner import RestOptions, sweep_ndjson, sweep_rest
+from cds.sweep.remote import RestOptions, sweep_rest
+from cds.sweep.runner import sweep_ndjson
 from cds.sweep.writeback import identifier_searchable
 from cds.synthetic import Population, write_population
 from tests.helpers import AS_OF, printed_lines, sweep_lines, sweep_options

@@ -17,7 +17,7 @@ from cds.fhir.bulk import BulkExporter, export_supported
 from cds.fhir.client import FhirClient
 from cds.fhir.loader import DEFAULT_TAG_SYSTEM, load_bundle_file
 from cds.sweep.progress import Progress
-from cds.sweep.runner import RestOptions, sweep_export, sweep_rest
+from cds.sweep.remote import RestOptions, sweep_export, sweep_rest
 from cds.sweep.writeback import SUBJECT_SYSTEM, write_back
 from cds.synthetic import Population, write_population
 from tests.helpers import AS_OF, printed_lines, sweep_lines, sweep_options

@@ -8,12 +8,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import jwt
 import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cds.errors import (
     FhirAuthError,
@@ -21,6 +18,15 @@ from cds.errors import (
     InputError,
 )
 from cds.fhir.trust import check_transport
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    _PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+# jwt and cryptography are imported where a key is loaded or an assertion signed: loading
+# cryptography's bindings costs ~0.1 s warm and over a second cold, and most commands (and
+# every NDJSON sweep) never sign anything.
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +155,8 @@ class SmartBackendAuth:
         headers: dict[str, Any] = {"kid": self._key_id, "typ": "JWT"}
         if self._jku:
             headers["jku"] = self._jku
+        import jwt
+
         try:
             return jwt.encode(claims, self._key, algorithm=self._algorithm, headers=headers)
         except jwt.PyJWTError as exc:
@@ -215,10 +223,10 @@ class SmartBackendAuth:
         return token, lifetime
 
 
-_PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-
-
 def _load_private_key(pem: str | bytes, algorithm: Algorithm) -> _PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     source = "SMART private key"
     data = pem.encode() if isinstance(pem, str) else pem
     try:

@@ -7,24 +7,19 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cds.criteria import load_trials
 from cds.errors import InputError
 from cds.evaluate_command import parse_as_of
-from cds.fhir.auth import SmartBackendAuth, TokenSource
-from cds.fhir.bulk import BulkExporter, export_supported, rate_limited_sessions
-from cds.fhir.client import FhirClient, Timeouts
-from cds.fhir.loader import parse_tag
-from cds.sweep.runner import (
-    RestOptions,
-    SweepOptions,
-    print_summary,
-    sweep_export,
-    sweep_ndjson,
-    sweep_rest,
-)
-from cds.sweep.writeback import write_back
+from cds.sweep.runner import SweepOptions, print_summary, sweep_ndjson
+
+if TYPE_CHECKING:
+    from cds.fhir.auth import TokenSource
+    from cds.fhir.client import FhirClient
+
+# The FHIR client stack (requests, SMART auth, Bulk export, write-back) is imported where a
+# server is used: an NDJSON sweep starts ~0.1 s sooner without it.
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +47,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _tag(value: str) -> tuple[str, str]:
+    from cds.fhir.loader import parse_tag
+
+    return parse_tag(value)
+
+
 def _auth(args: argparse.Namespace) -> TokenSource | None:
+    from cds.fhir.auth import SmartBackendAuth
+
     given = [args.smart_client_id, args.smart_key, args.smart_token_url]
     if not any(given):
         return None
@@ -102,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         summary = sweep_ndjson(args.ndjson, opts)
         client = _client(args) if args.write_back else None
     else:
+        from cds.fhir.bulk import BulkExporter, export_supported
+        from cds.sweep.remote import RestOptions, sweep_export, sweep_rest
+
         base = args.fhir_base or DEFAULT_FHIR_BASE
         auth = _auth(args)
         client = _client(args, base, auth)
@@ -130,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
             summary = sweep_rest(client, opts, rest)
     print_summary(summary, sys.stdout)
     if args.write_back and client is not None:
+        from cds.sweep.writeback import write_back
+
         report = write_back(client, trials, args.out / "candidates.csv", client.capabilities())
         sys.stdout.write(
             f"write-back: ResearchStudy {report.studies_created} created, "
@@ -147,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
 def _client(
     args: argparse.Namespace, base: str | None = None, auth: TokenSource | None = None
 ) -> FhirClient:
+    from cds.fhir.bulk import rate_limited_sessions
+    from cds.fhir.client import FhirClient, Timeouts
+
     base = base or args.fhir_base
     # The operator named this server on the command line: that is the allowlist. Plain http
     # is still refused unless it goes to loopback (a local server).
@@ -226,7 +237,7 @@ def register(subparsers: Any, fixtures_subparsers: Any) -> None:
     )
     parser.add_argument(
         "--tag",
-        type=parse_tag,
+        type=_tag,
         metavar="SYSTEM|CODE",
         help="only patients (and data) with this meta.tag (REST)",
     )

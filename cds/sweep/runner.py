@@ -1,33 +1,27 @@
-"""Running a sweep: partitions out to workers, results committed per partition, resumable."""
+"""Running a sweep: partitions out to workers, results committed per partition, resumable.
+
+The NDJSON front of a sweep lives here; a FHIR server's (REST paging, Bulk $export) in
+:mod:`cds.sweep.remote`, which feeds the same machinery and is imported only when used.
+"""
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import multiprocessing
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
 
 from cds.criteria import TrialSet, load_trials
-from cds.errors import FhirAuthError, FhirError, InputError
-from cds.fhir.bulk import BulkExporter, group_member_ids, iter_search_pages
-from cds.fhir.client import FhirClient
-from cds.fhir.queries import (
-    PatientQuery,
-    build_patient_queries,
-    check_patient_id,
-    escape_token,
-    fetch_patient_resources,
-)
-from cds.sweep.core import PatientOutcome, Tally, error_outcome, evaluate_resources, outcome_of
+from cds.errors import InputError
+from cds.sweep.core import Tally
 from cds.sweep.ndjson import (
     BucketTask,
     CodePrefilter,
@@ -44,18 +38,6 @@ from cds.sweep.store import WorkDir, atomic_open, encode_partition, write_json
 log = logging.getLogger(__name__)
 
 JSONDict = dict[str, Any]
-
-#: the resource types a sweep needs from an export (what the trial-derived queries read)
-EXPORT_TYPES = (
-    "Patient",
-    "Condition",
-    "Procedure",
-    "Observation",
-    "MedicationRequest",
-    "MedicationStatement",
-    "MedicationAdministration",
-    "Medication",
-)
 
 
 @dataclass
@@ -82,22 +64,7 @@ class SweepOptions:
         )
 
 
-@dataclass
-class RestOptions:
-    """How to reach and walk a FHIR server."""
-
-    concurrency: int = 4
-    page_size: int = 100
-    patients_per_partition: int = 100
-    tag: tuple[str, str] | None = None
-    group: str | None = None
-    patient_ids: Sequence[str] = ()
-    #: consecutive patient failures that mean the server itself is failing
-    failure_streak: int = 20
-    queries: tuple[PatientQuery, ...] | None = field(default=None)
-
-
-class _Sweep:
+class Sweep:
     """One sweep's bookkeeping: the work directory, its checkpoint, and the final files."""
 
     def __init__(self, opts: SweepOptions, kind: str, source: JSONDict) -> None:
@@ -130,6 +97,14 @@ class _Sweep:
 
     def save(self) -> None:
         self.work.save_state(self.state)
+
+    def done_patients(self) -> int:
+        """Patients (evaluated or failed) in the partitions done so far."""
+        total = 0
+        for index in self.work.done():
+            data = self.work.marker(index)["tally"]
+            total += int(data["patients"]) + int(data["errors"])
+        return total
 
     def finish(self, partitions: int, *, complete: bool) -> JSONDict:
         """Write results.ndjson, candidates.csv, errors.ndjson, summary.json and report.html
@@ -187,7 +162,7 @@ def _quiet_gc_here() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _run_buckets(sweep: _Sweep, buckets: int, progress: Progress) -> None:
+def _run_buckets(sweep: Sweep, buckets: int, progress: Progress) -> None:
     opts = sweep.opts
     done = sweep.work.done()
     tasks = [
@@ -258,11 +233,11 @@ def sweep_ndjson(
     """Sweep a directory of NDJSON files (a Bulk export, or the generator's output)."""
     directory = directory.resolve()
     source = source or {"key": f"ndjson:{directory}", "description": f"NDJSON files in {directory}"}
-    sweep = _Sweep(opts, "ndjson", source)
-    return _sweep_files(sweep, lambda: ndjson_files(directory))
+    sweep = Sweep(opts, "ndjson", source)
+    return sweep_files(sweep, lambda: ndjson_files(directory))
 
 
-def _sweep_files(sweep: _Sweep, files: Callable[[], list[Path]]) -> JSONDict:
+def sweep_files(sweep: Sweep, files: Callable[[], list[Path]]) -> JSONDict:
     opts = sweep.opts
     buckets = int(sweep.state.get("buckets", 0))
     try:
@@ -285,7 +260,7 @@ def _sweep_files(sweep: _Sweep, files: Callable[[], list[Path]]) -> JSONDict:
                 prepared=True, buckets=buckets, input=stats.to_json(), patients_total=stats.patients
             )
             sweep.save()
-        done_patients = _done_patients(sweep)
+        done_patients = sweep.done_patients()
         bar = opts.progress("evaluating", sweep.state.get("patients_total"))
         bar.set(done_patients)
         _run_buckets(sweep, buckets, bar)
@@ -296,234 +271,15 @@ def _sweep_files(sweep: _Sweep, files: Callable[[], list[Path]]) -> JSONDict:
     return sweep.finish(buckets, complete=True)
 
 
-def _done_patients(sweep: _Sweep) -> int:
-    total = 0
-    for index in sweep.work.done():
-        data = sweep.work.marker(index)["tally"]
-        total += int(data["patients"]) + int(data["errors"])
-    return total
-
-
-# -- Bulk $export -----------------------------------------------------------------------------
-
-
-def sweep_export(
-    exporter: BulkExporter,
-    base_url: str,
-    opts: SweepOptions,
-    *,
-    group: str | None = None,
-) -> JSONDict:
-    """Kick off ``$export`` (system or Group), download the NDJSON, and sweep it."""
-    where = f"Group/{group}/$export" if group else "$export"
-    source = {
-        "key": f"export:{base_url}:{group or ''}",
-        "description": f"Bulk Data {where} of {base_url}",
-    }
-    sweep = _Sweep(opts, "export", source)
-    export_dir = sweep.work.input / "export"
-
-    def download() -> list[Path]:
-        if not sweep.state.get("exported"):
-            stream = opts.stream
-
-            def note(message: str) -> None:
-                if stream is not None:
-                    stream.write(f"export: {message}\n")
-
-            result = exporter.export(export_dir, types=EXPORT_TYPES, group=group, progress=note)
-            sweep.state.update(
-                exported=True,
-                export={
-                    "transaction_time": result.transaction_time,
-                    "polls": result.polls,
-                    "files": len(result.files),
-                    "errors": result.errors,
-                },
-            )
-            sweep.save()
-        return ndjson_files(export_dir)
-
-    return _sweep_files(sweep, download)
-
-
-# -- FHIR REST --------------------------------------------------------------------------------
-
-
-def list_patient_ids(client: FhirClient, rest: RestOptions) -> Iterator[str]:
-    """The patients to sweep: the ids given, a Group's members, or every Patient (by _tag)."""
-    if rest.patient_ids:
-        yield from (check_patient_id(pid) for pid in dict.fromkeys(rest.patient_ids))
-        return
-    if rest.group:
-        yield from group_member_ids(client, rest.group)
-        return
-    params = [("_count", str(rest.page_size))]
-    if rest.tag is not None:
-        params.append(("_tag", f"{escape_token(rest.tag[0])}|{escape_token(rest.tag[1])}"))
-    for page in iter_search_pages(client, "Patient", params):
-        for patient in page:
-            if isinstance(patient.get("id"), str):
-                yield patient["id"]
-
-
-def sweep_rest(client: FhirClient, opts: SweepOptions, rest: RestOptions) -> JSONDict:
-    """Page through the server's patients, fetch each one's data with the trial-derived
-    queries (``concurrency`` patients at a time) and evaluate them as they arrive."""
-    scope = (
-        f"tag {rest.tag[0]}|{rest.tag[1]}"
-        if rest.tag
-        else f"Group/{rest.group}"
-        if rest.group
-        else f"{len(rest.patient_ids)} listed patients"
-        if rest.patient_ids
-        else "all patients"
-    )
-    source = {
-        "key": f"rest:{client.base_url}:{scope}",
-        "description": f"FHIR REST {client.base_url} ({scope})",
-    }
-    sweep = _Sweep(opts, "rest", source)
-    ids_path = sweep.work.input / "ids.json"
-    partitions = int(sweep.state.get("partitions", 0))
-    try:
-        if not sweep.state["prepared"]:
-            ids = list(dict.fromkeys(list_patient_ids(client, rest)))
-            write_json(ids_path, ids)
-            partitions = -(-len(ids) // rest.patients_per_partition)
-            sweep.state.update(
-                prepared=True,
-                partitions=partitions,
-                patients_total=len(ids),
-                per_partition=rest.patients_per_partition,
-                input={"patients": len(ids)},
-            )
-            sweep.save()
-        with open(ids_path, encoding="utf-8") as f:
-            ids = json.load(f)
-        per = int(sweep.state["per_partition"])
-        bar = opts.progress("sweeping", len(ids))
-        bar.set(_done_patients(sweep))
-        _run_rest(client, sweep, rest, ids, per, partitions, bar)
-        bar.close()
-    except KeyboardInterrupt:
-        sweep.finish(partitions, complete=False)
-        raise
-    except FhirError:
-        # The server failed outright: keep what is done, so --resume can pick up from there.
-        sweep.finish(partitions, complete=False)
-        raise
-    return sweep.finish(partitions, complete=True)
-
-
-def _run_rest(
-    client: FhirClient,
-    sweep: _Sweep,
-    rest: RestOptions,
-    ids: list[str],
-    per: int,
-    partitions: int,
-    bar: Progress,
-) -> None:
-    trials = sweep.opts.trials
-    as_of = sweep.as_of
-    queries = rest.queries or build_patient_queries(trials)
-    todo = [i for i in range(partitions) if i not in sweep.work.done()]
-
-    def one(pid: str) -> PatientOutcome:
-        try:
-            fetched = fetch_patient_resources(
-                client,
-                pid,
-                trials,
-                concurrency=1,
-                page_size=rest.page_size,
-                tag=rest.tag,
-                queries=queries,
-            )
-        except FhirAuthError:
-            raise
-        except FhirError as exc:
-            return error_outcome(f"Patient/{pid}", f"{type(exc).__name__}: {exc}")
-        try:
-            evaluation = evaluate_resources(
-                fetched.resources, trials, as_of, warnings=fetched.warnings
-            )
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            return error_outcome(f"Patient/{pid}", f"record unreadable: {exc!r}")
-        return outcome_of(evaluation)
-
-    def work() -> Iterator[tuple[int, int, str]]:
-        for index in todo:
-            chunk = ids[index * per : (index + 1) * per]
-            for position, pid in enumerate(chunk):
-                yield index, position, pid
-
-    slots: dict[int, list[PatientOutcome | None]] = {
-        i: [None] * len(ids[i * per : (i + 1) * per]) for i in todo
-    }
-    streak = 0
-    last_error = ""
-    pool = ThreadPoolExecutor(max_workers=rest.concurrency, thread_name_prefix="sweep")
-    running: dict[Future[PatientOutcome], tuple[int, int]] = {}
-    feed = work()
-    try:
-        while True:
-            while len(running) < rest.concurrency * 2:
-                item = next(feed, None)
-                if item is None:
-                    break
-                index, position, pid = item
-                running[pool.submit(one, pid)] = (index, position)
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                index, position = running.pop(future)
-                outcome = future.result()  # FhirAuthError ends the sweep
-                if outcome.error is not None:
-                    streak += 1
-                    last_error = outcome.error
-                    if streak >= rest.failure_streak:
-                        raise FhirError(
-                            f"{client.base_url} is failing: {streak} patients in a row could "
-                            f"not be fetched (last: {last_error}); stopped, what was done is "
-                            "saved (--resume continues)"
-                        )
-                else:
-                    streak = 0
-                bar.advance()
-                slot = slots[index]
-                slot[position] = outcome
-                if all(o is not None for o in slot):
-                    _commit(sweep, trials, index, [o for o in slot if o is not None])
-                    del slots[index]
-    finally:
-        # Queued fetches are dropped; the ones running finish (a request or two each).
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _commit(sweep: _Sweep, trials: TrialSet, index: int, outcomes: list[PatientOutcome]) -> None:
-    tally = Tally.for_trials(trials)
-    for outcome in outcomes:
-        if outcome.evaluation is not None:
-            tally.add(outcome.evaluation)
-        else:
-            tally.errors += 1
-    sweep.work.write_partition(index, outcomes, tally)
-
-
 def print_summary(summary: JSONDict, stream: TextIO) -> None:
     stream.write(summary_text(summary))
 
 
 __all__ = [
-    "EXPORT_TYPES",
-    "RestOptions",
+    "Sweep",
     "SweepOptions",
     "load_trials",
     "print_summary",
-    "sweep_export",
+    "sweep_files",
     "sweep_ndjson",
-    "sweep_rest",
 ]

@@ -1,0 +1,273 @@
+"""Sweeping a FHIR server: Bulk Data $export (downloaded, then swept as NDJSON) or REST
+paging with the trial-derived queries per patient. Kept apart from :mod:`cds.sweep.runner` so
+that an NDJSON sweep never imports the HTTP client stack."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cds.criteria import TrialSet
+from cds.errors import FhirAuthError, FhirError
+from cds.fhir.bulk import BulkExporter, group_member_ids, iter_search_pages
+from cds.fhir.client import FhirClient
+from cds.fhir.queries import (
+    PatientQuery,
+    build_patient_queries,
+    check_patient_id,
+    escape_token,
+    fetch_patient_resources,
+)
+from cds.sweep.core import PatientOutcome, Tally, error_outcome, evaluate_resources, outcome_of
+from cds.sweep.ndjson import ndjson_files
+from cds.sweep.progress import Progress
+from cds.sweep.runner import Sweep, SweepOptions, sweep_files
+from cds.sweep.store import write_json
+
+log = logging.getLogger(__name__)
+
+JSONDict = dict[str, Any]
+
+#: the resource types a sweep needs from an export (what the trial-derived queries read)
+EXPORT_TYPES = (
+    "Patient",
+    "Condition",
+    "Procedure",
+    "Observation",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicationAdministration",
+    "Medication",
+)
+
+
+@dataclass
+class RestOptions:
+    """How to reach and walk a FHIR server."""
+
+    concurrency: int = 4
+    page_size: int = 100
+    patients_per_partition: int = 100
+    tag: tuple[str, str] | None = None
+    group: str | None = None
+    patient_ids: Sequence[str] = ()
+    #: consecutive patient failures that mean the server itself is failing
+    failure_streak: int = 20
+    queries: tuple[PatientQuery, ...] | None = field(default=None)
+
+
+# -- Bulk $export -----------------------------------------------------------------------------
+
+
+def sweep_export(
+    exporter: BulkExporter,
+    base_url: str,
+    opts: SweepOptions,
+    *,
+    group: str | None = None,
+) -> JSONDict:
+    """Kick off ``$export`` (system or Group), download the NDJSON, and sweep it."""
+    where = f"Group/{group}/$export" if group else "$export"
+    source = {
+        "key": f"export:{base_url}:{group or ''}",
+        "description": f"Bulk Data {where} of {base_url}",
+    }
+    sweep = Sweep(opts, "export", source)
+    export_dir = sweep.work.input / "export"
+
+    def download() -> list[Path]:
+        if not sweep.state.get("exported"):
+            stream = opts.stream
+
+            def note(message: str) -> None:
+                if stream is not None:
+                    stream.write(f"export: {message}\n")
+
+            result = exporter.export(export_dir, types=EXPORT_TYPES, group=group, progress=note)
+            sweep.state.update(
+                exported=True,
+                export={
+                    "transaction_time": result.transaction_time,
+                    "polls": result.polls,
+                    "files": len(result.files),
+                    "errors": result.errors,
+                },
+            )
+            sweep.save()
+        return ndjson_files(export_dir)
+
+    return sweep_files(sweep, download)
+
+
+# -- FHIR REST --------------------------------------------------------------------------------
+
+
+def list_patient_ids(client: FhirClient, rest: RestOptions) -> Iterator[str]:
+    """The patients to sweep: the ids given, a Group's members, or every Patient (by _tag)."""
+    if rest.patient_ids:
+        yield from (check_patient_id(pid) for pid in dict.fromkeys(rest.patient_ids))
+        return
+    if rest.group:
+        yield from group_member_ids(client, rest.group)
+        return
+    params = [("_count", str(rest.page_size))]
+    if rest.tag is not None:
+        params.append(("_tag", f"{escape_token(rest.tag[0])}|{escape_token(rest.tag[1])}"))
+    for page in iter_search_pages(client, "Patient", params):
+        for patient in page:
+            if isinstance(patient.get("id"), str):
+                yield patient["id"]
+
+
+def sweep_rest(client: FhirClient, opts: SweepOptions, rest: RestOptions) -> JSONDict:
+    """Page through the server's patients, fetch each one's data with the trial-derived
+    queries (``concurrency`` patients at a time) and evaluate them as they arrive."""
+    scope = (
+        f"tag {rest.tag[0]}|{rest.tag[1]}"
+        if rest.tag
+        else f"Group/{rest.group}"
+        if rest.group
+        else f"{len(rest.patient_ids)} listed patients"
+        if rest.patient_ids
+        else "all patients"
+    )
+    source = {
+        "key": f"rest:{client.base_url}:{scope}",
+        "description": f"FHIR REST {client.base_url} ({scope})",
+    }
+    sweep = Sweep(opts, "rest", source)
+    ids_path = sweep.work.input / "ids.json"
+    partitions = int(sweep.state.get("partitions", 0))
+    try:
+        if not sweep.state["prepared"]:
+            ids = list(dict.fromkeys(list_patient_ids(client, rest)))
+            write_json(ids_path, ids)
+            partitions = -(-len(ids) // rest.patients_per_partition)
+            sweep.state.update(
+                prepared=True,
+                partitions=partitions,
+                patients_total=len(ids),
+                per_partition=rest.patients_per_partition,
+                input={"patients": len(ids)},
+            )
+            sweep.save()
+        with open(ids_path, encoding="utf-8") as f:
+            ids = json.load(f)
+        per = int(sweep.state["per_partition"])
+        bar = opts.progress("sweeping", len(ids))
+        bar.set(sweep.done_patients())
+        _run_rest(client, sweep, rest, ids, per, partitions, bar)
+        bar.close()
+    except KeyboardInterrupt:
+        sweep.finish(partitions, complete=False)
+        raise
+    except FhirError:
+        # The server failed outright: keep what is done, so --resume can pick up from there.
+        sweep.finish(partitions, complete=False)
+        raise
+    return sweep.finish(partitions, complete=True)
+
+
+def _run_rest(
+    client: FhirClient,
+    sweep: Sweep,
+    rest: RestOptions,
+    ids: list[str],
+    per: int,
+    partitions: int,
+    bar: Progress,
+) -> None:
+    trials = sweep.opts.trials
+    as_of = sweep.as_of
+    queries = rest.queries or build_patient_queries(trials)
+    todo = [i for i in range(partitions) if i not in sweep.work.done()]
+
+    def one(pid: str) -> PatientOutcome:
+        try:
+            fetched = fetch_patient_resources(
+                client,
+                pid,
+                trials,
+                concurrency=1,
+                page_size=rest.page_size,
+                tag=rest.tag,
+                queries=queries,
+            )
+        except FhirAuthError:
+            raise
+        except FhirError as exc:
+            return error_outcome(f"Patient/{pid}", f"{type(exc).__name__}: {exc}")
+        try:
+            evaluation = evaluate_resources(
+                fetched.resources, trials, as_of, warnings=fetched.warnings
+            )
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            return error_outcome(f"Patient/{pid}", f"record unreadable: {exc!r}")
+        return outcome_of(evaluation)
+
+    def work() -> Iterator[tuple[int, int, str]]:
+        for index in todo:
+            chunk = ids[index * per : (index + 1) * per]
+            for position, pid in enumerate(chunk):
+                yield index, position, pid
+
+    slots: dict[int, list[PatientOutcome | None]] = {
+        i: [None] * len(ids[i * per : (i + 1) * per]) for i in todo
+    }
+    streak = 0
+    last_error = ""
+    pool = ThreadPoolExecutor(max_workers=rest.concurrency, thread_name_prefix="sweep")
+    running: dict[Future[PatientOutcome], tuple[int, int]] = {}
+    feed = work()
+    try:
+        while True:
+            while len(running) < rest.concurrency * 2:
+                item = next(feed, None)
+                if item is None:
+                    break
+                index, position, pid = item
+                running[pool.submit(one, pid)] = (index, position)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index, position = running.pop(future)
+                outcome = future.result()  # FhirAuthError ends the sweep
+                if outcome.error is not None:
+                    streak += 1
+                    last_error = outcome.error
+                    if streak >= rest.failure_streak:
+                        raise FhirError(
+                            f"{client.base_url} is failing: {streak} patients in a row could "
+                            f"not be fetched (last: {last_error}); stopped, what was done is "
+                            "saved (--resume continues)"
+                        )
+                else:
+                    streak = 0
+                bar.advance()
+                slot = slots[index]
+                slot[position] = outcome
+                if all(o is not None for o in slot):
+                    _commit(sweep, trials, index, [o for o in slot if o is not None])
+                    del slots[index]
+    finally:
+        # Queued fetches are dropped; the ones running finish (a request or two each).
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _commit(sweep: Sweep, trials: TrialSet, index: int, outcomes: list[PatientOutcome]) -> None:
+    tally = Tally.for_trials(trials)
+    for outcome in outcomes:
+        if outcome.evaluation is not None:
+            tally.add(outcome.evaluation)
+        else:
+            tally.errors += 1
+    sweep.work.write_partition(index, outcomes, tally)
+
+
+__all__ = ["EXPORT_TYPES", "RestOptions", "list_patient_ids", "sweep_export", "sweep_rest"]
