@@ -360,9 +360,7 @@ class PatientRecord:
             if entry is None:
                 continue
             keys = entry.keys
-            if relevant is not None and not (
-                relevant(keys[0]) if len(keys) == 1 else any(map(relevant, keys))
-            ):
+            if relevant is not None and not any(map(relevant, keys)):
                 continue
             record.entries[rtype].append(entry)
             if by_valueset is not None and memberships is not None:

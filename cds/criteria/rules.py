@@ -411,6 +411,10 @@ def _decide(m: Measurement, op: str, limit: float) -> bool | None:
     return False if m.value >= limit else None
 
 
+def _window(lookback_days: int, ctx: Context) -> str:
+    return f"the {lookback_days} days before {ctx.as_of}"
+
+
 def latest_in_window(
     ctx: Context,
     valueset_id: str,
@@ -425,8 +429,7 @@ def latest_in_window(
         return Outcome(
             Result.UNKNOWN,
             (ctx.record.patient_ref,),
-            f"No {label} on record; one from the {lookback_days} days before {ctx.as_of} "
-            "would decide it.",
+            f"No {label} on record; one from {_window(lookback_days, ctx)} would decide it.",
         )
     latest = entries[0]
     assert latest.when is not None  # noqa: S101 - filtered by _usable_observations
@@ -435,7 +438,7 @@ def latest_in_window(
             Result.UNKNOWN,
             (latest.ref,),
             f"Latest {label}: {show(latest) if show else latest.describe() + _when(latest)}, "
-            f"older than the {lookback_days} days before {ctx.as_of}; a new one would decide it.",
+            f"older than {_window(lookback_days, ctx)}; a new one would decide it.",
         )
     if ctx.record.invalid_reason(latest):
         return _malformed_unknown(ctx, [latest], f"The latest {label}")

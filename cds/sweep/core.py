@@ -207,8 +207,6 @@ class PatientOutcome:
     patient: str
     line: str | None  # results.ndjson line, None on error
     rows: list[list[str]]
-    #: kept for a caller that tallies later (None on error, or when tallied already)
-    evaluation: PatientEvaluation | None
     error: str | None = None
 
 
@@ -231,14 +229,10 @@ def evaluate_resources(
     return evaluate(record, trials, as_of)
 
 
-def outcome_of(evaluation: PatientEvaluation, *, keep_evaluation: bool = True) -> PatientOutcome:
-    return PatientOutcome(
-        evaluation.patient,
-        result_line(evaluation),
-        csv_rows(evaluation),
-        evaluation if keep_evaluation else None,
-    )
+def outcome_of(evaluation: PatientEvaluation) -> PatientOutcome:
+    """What an evaluation puts in the outputs (its caller tallies the evaluation itself)."""
+    return PatientOutcome(evaluation.patient, result_line(evaluation), csv_rows(evaluation))
 
 
 def error_outcome(patient: str, reason: str) -> PatientOutcome:
-    return PatientOutcome(patient, None, [], None, reason)
+    return PatientOutcome(patient, None, [], reason)

@@ -554,9 +554,7 @@ def evaluate_partition(task: BucketTask) -> tuple[list[PatientOutcome], Tally]:
             outcome = error_outcome(f"Patient/{item.id}", f"record unreadable: {exc!r}")
             tally.errors += 1
         else:
-            # Tallied here, so the outcome need not keep the evaluation: freed at once, while
-            # it is still in the cache, and the partition's outcomes hold only their lines.
-            outcome = outcome_of(evaluation, keep_evaluation=False)
+            outcome = outcome_of(evaluation)
             tally.add(evaluation)
         outcomes.append(outcome)
     return outcomes, tally

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cds.criteria import TrialSet
+from cds.criteria.model import PatientEvaluation
 from cds.errors import FhirAuthError, FhirError
 from cds.fhir.bulk import BulkExporter, group_member_ids, iter_search_pages
 from cds.fhir.client import FhirClient
@@ -33,17 +34,12 @@ log = logging.getLogger(__name__)
 
 JSONDict = dict[str, Any]
 
-#: the resource types a sweep needs from an export (what the trial-derived queries read)
-EXPORT_TYPES = (
-    "Patient",
-    "Condition",
-    "Procedure",
-    "Observation",
-    "MedicationRequest",
-    "MedicationStatement",
-    "MedicationAdministration",
-    "Medication",
-)
+
+def export_types(trials: TrialSet) -> tuple[str, ...]:
+    """The resource types an export must hold: what the trial-derived queries read (so an
+    export and a REST sweep see the same data), and the Medications their drugs may name."""
+    queried = (query.resource_type for query in build_patient_queries(trials))
+    return (*dict.fromkeys(queried), "Medication")
 
 
 @dataclass
@@ -88,7 +84,8 @@ def sweep_export(
                 if stream is not None:
                     stream.write(f"export: {message}\n")
 
-            result = exporter.export(export_dir, types=EXPORT_TYPES, group=group, progress=note)
+            types = export_types(opts.trials)
+            result = exporter.export(export_dir, types=types, group=group, progress=note)
             sweep.state.update(
                 exported=True,
                 export={
@@ -187,7 +184,8 @@ def _run_rest(
     queries = rest.queries or build_patient_queries(trials)
     todo = [i for i in range(partitions) if i not in sweep.work.done()]
 
-    def one(pid: str) -> PatientOutcome:
+    # Each patient's outcome, and its evaluation to tally (None when it could not be had).
+    def one(pid: str) -> tuple[PatientOutcome, PatientEvaluation | None]:
         try:
             fetched = fetch_patient_resources(
                 client,
@@ -201,14 +199,14 @@ def _run_rest(
         except FhirAuthError:
             raise
         except FhirError as exc:
-            return error_outcome(f"Patient/{pid}", f"{type(exc).__name__}: {exc}")
+            return error_outcome(f"Patient/{pid}", f"{type(exc).__name__}: {exc}"), None
         try:
             evaluation = evaluate_resources(
                 fetched.resources, trials, as_of, warnings=fetched.warnings
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            return error_outcome(f"Patient/{pid}", f"record unreadable: {exc!r}")
-        return outcome_of(evaluation)
+            return error_outcome(f"Patient/{pid}", f"record unreadable: {exc!r}"), None
+        return outcome_of(evaluation), evaluation
 
     def work() -> Iterator[tuple[int, int, str]]:
         for index in todo:
@@ -219,10 +217,11 @@ def _run_rest(
     slots: dict[int, list[PatientOutcome | None]] = {
         i: [None] * len(ids[i * per : (i + 1) * per]) for i in todo
     }
+    tallies = {i: Tally.for_trials(trials) for i in todo}
     streak = 0
     last_error = ""
     pool = ThreadPoolExecutor(max_workers=rest.concurrency, thread_name_prefix="sweep")
-    running: dict[Future[PatientOutcome], tuple[int, int]] = {}
+    running: dict[Future[tuple[PatientOutcome, PatientEvaluation | None]], tuple[int, int]] = {}
     feed = work()
     try:
         while True:
@@ -237,7 +236,11 @@ def _run_rest(
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 index, position = running.pop(future)
-                outcome = future.result()  # FhirAuthError ends the sweep
+                outcome, evaluation = future.result()  # FhirAuthError ends the sweep
+                if evaluation is not None:
+                    tallies[index].add(evaluation)
+                else:
+                    tallies[index].errors += 1
                 if outcome.error is not None:
                     streak += 1
                     last_error = outcome.error
@@ -253,21 +256,12 @@ def _run_rest(
                 slot = slots[index]
                 slot[position] = outcome
                 if all(o is not None for o in slot):
-                    _commit(sweep, trials, index, [o for o in slot if o is not None])
+                    outcomes = [o for o in slot if o is not None]
+                    sweep.work.write_partition(index, outcomes, tallies.pop(index))
                     del slots[index]
     finally:
         # Queued fetches are dropped; the ones running finish (a request or two each).
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _commit(sweep: Sweep, trials: TrialSet, index: int, outcomes: list[PatientOutcome]) -> None:
-    tally = Tally.for_trials(trials)
-    for outcome in outcomes:
-        if outcome.evaluation is not None:
-            tally.add(outcome.evaluation)
-        else:
-            tally.errors += 1
-    sweep.work.write_partition(index, outcomes, tally)
-
-
-__all__ = ["EXPORT_TYPES", "RestOptions", "list_patient_ids", "sweep_export", "sweep_rest"]
+__all__ = ["RestOptions", "export_types", "list_patient_ids", "sweep_export", "sweep_rest"]

@@ -100,19 +100,19 @@ class Sweep:
 
     def done_patients(self) -> int:
         """Patients (evaluated or failed) in the partitions done so far."""
-        total = 0
-        for index in self.work.done():
-            data = self.work.marker(index)["tally"]
-            total += int(data["patients"]) + int(data["errors"])
-        return total
+        tallies = (marker["tally"] for marker in self.work.markers(self.work.done()))
+        return sum(int(t["patients"]) + int(t["errors"]) for t in tallies)
 
     def finish(self, partitions: int, *, complete: bool) -> JSONDict:
         """Write results.ndjson, candidates.csv, errors.ndjson, summary.json and report.html
         from the partitions done so far (all of them when ``complete``)."""
         done = self.work.done() & set(range(partitions))
         complete = complete and len(done) == partitions
-        self.work.assemble(done, complete=complete)
-        tally = self.work.merged_tally(Tally.for_trials(self.opts.trials), done)
+        markers = self.work.markers(done)  # read once, for the outputs, tally and samples
+        self.work.assemble(markers, complete=complete)
+        tally = Tally.for_trials(self.opts.trials)
+        for marker in markers:
+            tally.merge(Tally.from_json(marker["tally"]))
         self.state["elapsed"] = self.state.get("elapsed", 0.0) + time.monotonic() - self.started
         self.started = time.monotonic()
         self.state["complete"] = complete
@@ -123,7 +123,7 @@ class Sweep:
             "partitions": {"done": len(done), "total": partitions},
             "input": self.state.get("input", {}),
             "elapsed_seconds": round(self.state["elapsed"], 3),
-            "error_samples": self.work.error_samples(done),
+            "error_samples": self.work.error_samples(markers),
         }
         summary = build_summary(tally, self.opts.trials, meta)
         write_json(self.opts.out / "summary.json", summary)

@@ -80,16 +80,20 @@ def write_json(path: Path, data: Any) -> None:
         f.write("\n")
 
 
+#: the kinds of output a partition has, each with its segment file and its output file
+KINDS = ("results", "csv", "errors")
+
+
 @dataclass(frozen=True)
 class EncodedPartition:
-    """A partition's output files as bytes, ready to be written."""
+    """A partition's output files as bytes (one field per kind), ready to be written."""
 
     results: bytes
     csv: bytes
     errors: bytes
 
     def files(self) -> tuple[tuple[str, bytes], ...]:
-        return (("results", self.results), ("csv", self.csv), ("errors", self.errors))
+        return tuple((kind, getattr(self, kind)) for kind in KINDS)
 
 
 def encode_partition(outcomes: Iterable[PatientOutcome]) -> EncodedPartition:
@@ -170,6 +174,10 @@ class WorkDir:
     def done(self) -> set[int]:
         return {int(p.name[1:6]) for p in self.parts.glob("p*.json") if p.name[1:6].isdigit()}
 
+    def markers(self, indices: Iterable[int]) -> list[JSONDict]:
+        """The markers of done partitions, in partition order."""
+        return [self.marker(index) for index in sorted(indices)]
+
     def marker(self, index: int) -> JSONDict:
         """A done partition's marker: ``{"tally": ..., "files": {kind: [segment, offset,
         length]}}``."""
@@ -190,24 +198,20 @@ class WorkDir:
         with self.segment(index) as segment:
             segment.commit(index, encode_partition(outcomes), tally)
 
-    def merged_tally(self, empty: Tally, indices: Iterable[int]) -> Tally:
-        total = empty
-        for index in sorted(indices):
-            total.merge(Tally.from_json(self.marker(index)["tally"]))
-        return total
-
-    def assemble(self, indices: Iterable[int], *, complete: bool) -> None:
-        """Write the output files from the done partitions, in partition order. The results
-        of a ``complete`` sweep that are one whole segment are linked, not copied."""
-        files = [self.marker(index)["files"] for index in sorted(indices)]
+    def assemble(self, markers: list[JSONDict], *, complete: bool) -> None:
+        """Write the output files from the done partitions' markers (in partition order).
+        The results of a ``complete`` sweep that are one whole segment are linked, not
+        copied."""
         header = io.StringIO()
         csv.writer(header).writerow(CSV_HEADER)
-        for name, kind, head in (
-            ("results.ndjson", "results", b""),
-            ("candidates.csv", "csv", header.getvalue().encode()),
-            ("errors.ndjson", "errors", b""),
-        ):
-            spans = [(str(f[kind][0]), int(f[kind][1]), int(f[kind][2])) for f in files]
+        outputs = {
+            "results": ("results.ndjson", b""),
+            "csv": ("candidates.csv", header.getvalue().encode()),
+            "errors": ("errors.ndjson", b""),
+        }
+        for kind in KINDS:
+            name, head = outputs[kind]
+            spans = [_span(marker, kind) for marker in markers]
             if complete and not head and self._link_whole(spans, self.out / name):
                 continue
             # Not fsynced: every byte is in the segments, which are, and a resumed sweep
@@ -244,10 +248,10 @@ class WorkDir:
         tmp.replace(target)
         return True
 
-    def error_samples(self, indices: Iterable[int], limit: int = 20) -> list[JSONDict]:
+    def error_samples(self, markers: Iterable[JSONDict], limit: int = 20) -> list[JSONDict]:
         found: list[JSONDict] = []
-        for index in sorted(indices):
-            segment, offset, length = self.marker(index)["files"]["errors"]
+        for marker in markers:
+            segment, offset, length = _span(marker, "errors")
             if not length:
                 continue
             with open(self.parts / segment, "rb") as f:
@@ -263,6 +267,12 @@ class WorkDir:
         shutil.rmtree(self.input, ignore_errors=True)
 
 
+def _span(marker: JSONDict, kind: str) -> tuple[str, int, int]:
+    """Where a partition's output of one kind lies: (segment file, offset, length)."""
+    segment, offset, length = marker["files"][kind]
+    return str(segment), int(offset), int(length)
+
+
 class Segment:
     """Segment files (``sNNNNN.results``, ``.csv``, ``.errors``) that consecutive partitions
     are appended to, each partition then marked done.
@@ -273,14 +283,12 @@ class Segment:
     from the markers' spans. Commits must come from one thread at a time.
     """
 
-    _KINDS = ("results", "csv", "errors")
-
     def __init__(self, work: WorkDir, first: int) -> None:
         self.work = work
         self.name = f"s{first:05d}"
         self._files: dict[str, IO[bytes]] = {}
         try:
-            for kind in self._KINDS:
+            for kind in KINDS:
                 path = work.parts / f"{self.name}.{kind}"
                 # A segment of the same name can only hold an interrupted commit (its first
                 # partition is not done, so no marker points into it): a new file replaces it.
