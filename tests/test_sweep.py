@@ -57,7 +57,7 @@ def test_result_line_is_exactly_what_cds_evaluate_prints() -> None:
     statuses = set()
     for evaluation in evaluations:
         printed = json.dumps(evaluation.to_json(), ensure_ascii=False) + "\n"
-        assert result_line(evaluation) == printed
+        assert result_line(evaluation) == printed.encode()
         statuses.update(t.status for t in evaluation.trials)
     assert len(statuses) == 3
 

@@ -467,7 +467,115 @@ def _model_class(resource_type: str) -> Any:
     return get_fhir_model_class(resource_type)
 
 
+# Top-level elements whose values differ from one resource to the next: its id and metadata,
+# the patient and encounter it belongs to, its dates and its measured value. A resource is
+# validated in two parts: its *shape* (every other element as it is, and which of these it
+# holds, as text or as an object) once per distinct shape, and these elements one by one,
+# each with the validator its field has in the resource's model. That is the same verdict:
+# pydantic validates each field of a model on its own, and the model-level checks of
+# fhir.resources (fhir_core's FHIRAbstractModel: no unknown element, no null in a list of
+# complex elements, one value[x] at most, required primitives present) look only at which
+# elements are present, which the shape holds. A test compares both ways, broken elements
+# included. A population of resources comes in a few hundred shapes, so most validations
+# are a lookup and a few small checks (about a third of the cost of the whole).
+_VARYING_ELEMENTS = frozenset(
+    {
+        "id",
+        "meta",
+        "text",
+        "subject",
+        "encounter",
+        "effectiveDateTime",
+        "effectiveInstant",
+        "effectivePeriod",
+        "issued",
+        "valueQuantity",
+        "onsetDateTime",
+        "onsetPeriod",
+        "abatementDateTime",
+        "abatementPeriod",
+        "recordedDate",
+        "performedDateTime",
+        "performedPeriod",
+        "authoredOn",
+        "dateAsserted",
+        "whenHandedOver",
+        "whenPrepared",
+    }
+)
+_MAX_SHAPES = 4096
+_valid_shapes: set[str] = set()
+
+
 def _validate(resource: dict[str, Any]) -> str | None:
+    shape, varying = _shape(resource)
+    if shape in _valid_shapes and _each_valid(resource["resourceType"], varying):
+        return None
+    reason = _validate_whole(resource)
+    if reason is None:
+        if len(_valid_shapes) >= _MAX_SHAPES:
+            _valid_shapes.clear()
+        _valid_shapes.add(shape)
+    return reason
+
+
+def _shape(resource: dict[str, Any]) -> tuple[str, list[tuple[str, Any]]]:
+    """The resource with its varying elements' values replaced by their kind (the classes
+    ``str`` and ``dict``, which no JSON value prints as), and those elements."""
+    varying: list[tuple[str, Any]] = []
+    parts: list[tuple[str, Any]] = []
+    for key, value in resource.items():
+        kind = type(value)
+        if (kind is str or kind is dict) and key in _VARYING_ELEMENTS:
+            varying.append((key, value))
+            parts.append((key, kind))
+        else:
+            parts.append((key, value))
+    return repr(parts), varying
+
+
+def _each_valid(resource_type: str, varying: list[tuple[str, Any]]) -> bool:
+    from pydantic import ValidationError
+
+    for name, value in varying:
+        validator = _element_validator(resource_type, name)
+        if validator is None:
+            return False
+        key = None
+        if type(value) is dict:
+            # an object element (subject, meta, period, value) often repeats: checked once
+            key = (resource_type, name, repr(value))
+            if key in _validated_elements:
+                continue
+        try:
+            validated = validator.validate_python(value)
+        except ValidationError:
+            return False
+        if key is not None:
+            _remember_element(key, validated)
+    return True
+
+
+@cache
+def _element_validator(resource_type: str, name: str) -> Any:
+    """The validator of one top-level element as the resource's model declares it, or
+    ``None`` if the model has no such element (or constrains it beyond its type: then the
+    whole resource is validated)."""
+    from pydantic import TypeAdapter
+
+    for field_name, info in _model_class(resource_type).model_fields.items():
+        if (info.alias or field_name) == name:
+            return None if info.metadata else TypeAdapter[Any](info.annotation)
+    return None
+
+
+def _remember_element(key: tuple[str, str, str], validated: Any) -> None:
+    if len(_validated_elements) >= _MAX_REUSED:
+        _validated_elements.clear()
+    _validated_elements[key] = validated
+
+
+def _validate_whole(resource: dict[str, Any]) -> str | None:
     from pydantic import ValidationError
 
     rtype = resource["resourceType"]
@@ -488,10 +596,8 @@ def _validate(resource: dict[str, Any]) -> str | None:
     except ValidationError:
         pass
     else:
-        if len(_validated_elements) >= _MAX_REUSED:
-            _validated_elements.clear()
         for name, key in keys.items():
-            _validated_elements[key] = getattr(validated, name)
+            _remember_element(key, getattr(validated, name))
         return None
     # Invalid: validated again as given, so the message is the one fhir.resources gives.
     try:

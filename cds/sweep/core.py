@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -31,75 +31,88 @@ CSV_HEADER = (
 #: rows of the candidates CSV: the patients a coordinator follows up
 CSV_STATUSES = frozenset({TrialStatus.CANDIDATE, TrialStatus.NEEDS_REVIEW})
 
-_string = json.encoder.encode_basestring  # ensure_ascii=False, as evaluate_command prints
+#: ensure_ascii=False, as evaluate_command prints
+_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
-def result_line(evaluation: PatientEvaluation) -> str:
-    """One results.ndjson line: exactly what `cds evaluate --format json` prints, i.e.
-    ``json.dumps(evaluation.to_json(), ensure_ascii=False)`` (default separators).
+def result_line(evaluation: PatientEvaluation) -> bytes:
+    """One results.ndjson line, UTF-8: exactly what `cds evaluate --format json` prints, i.e.
+    ``json.dumps(evaluation.to_json(), ensure_ascii=False)`` (default separators), encoded.
 
     Written out by hand because a sweep writes one per patient and most of each line is
     constant: a criterion's id, kind and verbatim protocol text are encoded once per process.
+    Built as bytes, not text: the criteria's text holds characters beyond Latin-1 ("≥"), which
+    would make every line a two-byte string to encode again (a third of this step's cost).
     A test holds it to the json.dumps form.
     """
     parts = [
-        '{"patient": ',
-        _string(evaluation.patient),
-        ', "as_of": "',
-        evaluation.as_of.isoformat(),
-        '", "trials": [',
+        b'{"patient": ',
+        _utf8(evaluation.patient),
+        b', "as_of": "',
+        evaluation.as_of.isoformat().encode(),
+        b'", "trials": [',
     ]
     for t, trial in enumerate(evaluation.trials):
         if t:
-            parts.append(", ")
+            parts.append(b", ")
         parts += (
-            '{"trial": ',
-            _string(trial.trial),
-            ', "version": ',
-            _string(trial.version),
-            ', "status": "',
-            trial.status,  # a StrEnum: joins as its value
-            '", "criteria": [',
+            b'{"trial": ',
+            _utf8(trial.trial),
+            b', "version": ',
+            _utf8(trial.version),
+            b', "status": "',
+            _ENUM_BYTES[trial.status],
+            b'", "criteria": [',
         )
         for c, criterion in enumerate(trial.criteria):
             if c:
-                parts.append(", ")
+                parts.append(b", ")
             if criterion.evidence:
                 parts += (
                     _criterion_head(criterion.id, criterion.kind, criterion.text),
-                    criterion.result,
-                    '", "evidence": [',
-                    ", ".join(map(_string, criterion.evidence)),
-                    '], "explanation": ',
-                    _string(criterion.explanation),
-                    "}",
+                    _ENUM_BYTES[criterion.result],
+                    b'", "evidence": [',
+                    ", ".join(map(_string, criterion.evidence)).encode(),
+                    b'], "explanation": ',
+                    _utf8(criterion.explanation),
+                    b"}",
                 )
             else:
                 parts.append(_no_evidence_json(criterion))
-        parts.append("]}")
-    parts.append("]}\n")
-    return "".join(parts)
+        parts.append(b"]}")
+    parts.append(b"]}\n")
+    return b"".join(parts)
+
+
+def _utf8(text: str) -> bytes:
+    """A JSON string literal as json.dumps(ensure_ascii=False) writes it, UTF-8 encoded."""
+    return _string(text).encode()
+
+
+_ENUM_BYTES: dict[Result | TrialStatus, bytes] = {
+    member: str(member).encode() for member in (*Result, *TrialStatus)
+}
 
 
 # Results without evidence are mostly manual criteria, the same for every patient: each is
 # encoded once (bounded, as a rule could word one per patient).
 @functools.lru_cache(maxsize=4096)
-def _no_evidence_json(criterion: CriterionResult) -> str:
+def _no_evidence_json(criterion: CriterionResult) -> bytes:
     return (
         _criterion_head(criterion.id, criterion.kind, criterion.text)
-        + criterion.result
-        + '", "evidence": [], "explanation": '
-        + _string(criterion.explanation)
-        + "}"
+        + _ENUM_BYTES[criterion.result]
+        + b'", "evidence": [], "explanation": '
+        + _utf8(criterion.explanation)
+        + b"}"
     )
 
 
 @functools.cache
-def _criterion_head(criterion_id: str, kind: str, text: str) -> str:
+def _criterion_head(criterion_id: str, kind: str, text: str) -> bytes:
     return (
         f'{{"id": {_string(criterion_id)}, "kind": {_string(kind)}, '
         f'"text": {_string(text)}, "result": "'
-    )
+    ).encode()
 
 
 def csv_rows(evaluation: PatientEvaluation) -> list[list[str]]:
@@ -205,7 +218,7 @@ class PatientOutcome:
     """What one patient contributes to the outputs."""
 
     patient: str
-    line: str | None  # results.ndjson line, None on error
+    line: bytes | None  # results.ndjson line (UTF-8), None on error
     rows: list[list[str]]
     error: str | None = None
 

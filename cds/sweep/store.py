@@ -107,9 +107,9 @@ def encode_partition(outcomes: Iterable[PatientOutcome]) -> EncodedPartition:
         for o in outcomes
         if o.error is not None
     )
-    # Result lines are most of the bytes (~20 KB a patient): joined and encoded once.
-    results = "".join(o.line for o in outcomes if o.line is not None)
-    return EncodedPartition(results.encode(), rows.getvalue().encode(), errors.encode())
+    # Result lines are most of the bytes (~20 KB a patient), already encoded.
+    results = b"".join(o.line for o in outcomes if o.line is not None)
+    return EncodedPartition(results, rows.getvalue().encode(), errors.encode())
 
 
 class WorkDir:
