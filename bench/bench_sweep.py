@@ -5,7 +5,8 @@ ndjson (default): N generated patients as NDJSON. Baseline: json.loads of every 
   >= 0.5x the parse rate) and with --workers W; peak RSS of the sweep's process tree (sampled
   from /proc; target < 500 MB and flat in N). Several --patients values show how time grows.
   A paired round also runs the one-worker sweep while this process parses the same lines on the
-  other core, so both rates come from the same seconds of a machine whose speed drifts.
+  other core, so both rates come from the same seconds of a machine whose speed drifts. CPU
+  seconds (user + system) of both sides give a third ratio that leaves out waiting on the disk.
 rest: N generated patients loaded into a fresh local sekmet-fhir. Baseline: a fetch-only crawl
   (Patient paging + the trial-derived queries per patient, same concurrency). Measured: the REST
   sweep. Target: sweep throughput >= 0.8x the crawl's.
@@ -22,6 +23,7 @@ import functools
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -33,7 +35,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from cds.criteria import load_trials
 from cds.fhir.bulk import iter_search_pages
@@ -70,8 +72,21 @@ def _tree_rss(root: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (process tree, sampled every 50 ms) of a command."""
+class Measured(NamedTuple):
+    seconds: float  # wall
+    cpu: float  # user + system seconds of the process tree (the waited-for descendants)
+    rss: int  # peak resident set size of the process tree, bytes
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_measured(cmd: list[str]) -> Measured:
+    """Wall seconds, CPU seconds and peak RSS (process tree, sampled every 50 ms) of a
+    command."""
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
@@ -91,18 +106,19 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
     sampler.join()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err.decode()[-2000:]}")
-    return seconds, peak
+    return Measured(seconds, _children_cpu() - cpu_before, peak)
 
 
-def parse_only(directory: Path) -> tuple[float, int]:
+def parse_only(directory: Path) -> tuple[float, float, int]:
+    """Wall and CPU seconds of json.loads of every line, and the number of lines."""
     lines = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for path in sorted(directory.glob("*.ndjson")):
         with open(path, "rb") as f:
             for line in f:
                 json.loads(line)
                 lines += 1
-    return time.perf_counter() - started, lines
+    return time.perf_counter() - started, time.process_time() - cpu_started, lines
 
 
 def paired_parse_rate(
@@ -166,25 +182,27 @@ def bench_ndjson(args: argparse.Namespace) -> None:
         out1 = root / f"out-{n}-w1"
         # Baseline and sweep alternate, and each keeps its best round: on a shared machine
         # (a VM with noisy neighbours) the speed drifts by tens of percent within minutes.
-        t_parse = t_one = float("inf")
+        t_parse = t_one = cpu_parse = cpu_one = float("inf")
         rss_one = 0
         for _ in range(args.rounds):
-            seconds, lines = parse_only(data)
-            t_parse = min(t_parse, seconds)
+            seconds, cpu, lines = parse_only(data)
+            t_parse, cpu_parse = min(t_parse, seconds), min(cpu_parse, cpu)
             shutil.rmtree(out1, ignore_errors=True)
-            seconds, rss = run_measured([*cli, "--out", str(out1), "--workers", "1"])
-            t_one, rss_one = min(t_one, seconds), max(rss_one, rss)
+            one = run_measured([*cli, "--out", str(out1), "--workers", "1"])
+            t_one, cpu_one = min(t_one, one.seconds), min(cpu_one, one.cpu)
+            rss_one = max(rss_one, one.rss)
         paired_rate = 0.0
         if args.paired and (os.cpu_count() or 1) >= 2:
             shutil.rmtree(out1, ignore_errors=True)
-            (seconds, _), paired_rate = paired_parse_rate(
+            paired, paired_rate = paired_parse_rate(
                 data,
                 lines / n,
                 functools.partial(run_measured, [*cli, "--out", str(out1), "--workers", "1"]),
             )
-            paired_sweep_rate = n / seconds
+            paired_sweep_rate = n / paired.seconds
         outw = root / f"out-{n}-w{args.workers}"
-        t_many, rss_many = run_measured([*cli, "--out", str(outw), "--workers", str(args.workers)])
+        many = run_measured([*cli, "--out", str(outw), "--workers", str(args.workers)])
+        t_many, rss_many = many.seconds, many.rss
         summary = json.loads((outw / "summary.json").read_text())
         assert summary["patients"] == n and summary["errors"] == 0, summary
         parse_rate = n / t_parse
@@ -202,6 +220,13 @@ def bench_ndjson(args: argparse.Namespace) -> None:
             f"  sweep --workers 1:                          {t_one:7.2f} s = "
             f"{rate_one:8.0f} patients/s/core = {rate_one / parse_rate:.2f}x parse "
             f"(target >= 0.5x); peak RSS {rss_one / 1e6:.0f} MB"
+        )
+        # Per core in the strict sense: patients per CPU-second against lines per CPU-second.
+        # Time spent waiting on the disk counts on neither side (at 100k the input no longer
+        # stays in the page cache between rounds, so the baseline's wall time is partly I/O).
+        print(
+            f"  CPU time (user + system):                   parse {cpu_parse:7.2f} s, sweep "
+            f"{cpu_one:7.2f} s = {cpu_parse / cpu_one:.2f}x parse per CPU-second"
         )
         if paired_rate:
             print(
