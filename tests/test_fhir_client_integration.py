@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from cds import cli
+from cds.criteria.reads import CLINICAL_TYPES
 from cds.errors import FhirNotFound
 from cds.fhir.client import FhirClient
 from cds.fhir.loader import FixtureLoadError, load_bundle_file, load_fixtures
@@ -26,10 +27,13 @@ NOT_READ = "8302-2"  # body height: no trial criterion reads it
 
 
 class StandInTrials:
-    """Stands in for cds.criteria's TrialSet until it exists: only codes_for() is used."""
+    """Stands in for cds.criteria's TrialSet: only codes_for() and types_read() are used."""
 
     def __init__(self, codes: dict[str, set[tuple[str, str]]]) -> None:
         self._codes = {k: frozenset(v) for k, v in codes.items()}
+
+    def types_read(self) -> tuple[str, ...]:
+        return CLINICAL_TYPES
 
     def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
         return self._codes.get(resource_type, frozenset())
@@ -149,7 +153,7 @@ def test_chunked_code_queries_give_the_same_resources_once(
 ) -> None:
     one_chunk = fetch_patient_resources(client, paging_patient, TRIALS)
     # A URL limit this small puts each code in its own Observation query.
-    small = build_patient_queries(TRIALS, max_url_length=220, base_url_allowance=100)
+    small = build_patient_queries(TRIALS, max_url_length=226, base_url_allowance=100)
     assert sum(q.resource_type == "Observation" for q in small) == 3
     chunked = fetch_patient_resources(client, paging_patient, TRIALS, queries=small)
     assert sorted(r["id"] for r in chunked.resources) == sorted(

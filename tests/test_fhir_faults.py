@@ -21,6 +21,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from cds.criteria.reads import CLINICAL_TYPES
 from cds.errors import (
     FhirAuthError,
     FhirBadResponse,
@@ -35,7 +36,7 @@ from cds.errors import (
 from cds.fhir.auth import JWT_BEARER_ASSERTION, SmartBackendAuth
 from cds.fhir.bulk import BulkExporter
 from cds.fhir.client import FhirClient, RetryPolicy, Timeouts, parse_retry_after
-from cds.fhir.queries import fetch_patient_resources
+from cds.fhir.queries import build_patient_queries, fetch_patient_resources
 
 SECRET = "s3cr3t-access-token-DO-NOT-LEAK"
 
@@ -760,6 +761,9 @@ def test_smart_auth_validates_its_arguments_before_io(rsa_key):
 
 
 class Trials:
+    def types_read(self) -> tuple[str, ...]:
+        return CLINICAL_TYPES
+
     def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
         if resource_type == "Observation":
             return frozenset({("http://loinc.org", "9811-1")})
@@ -784,23 +788,16 @@ def test_concurrent_fetch_overlaps_slow_queries_and_uses_one_session_per_thread(
     injector.route = route
     client = make_client(session_factory=factory, timeouts=Timeouts(connect=1, read=2))
     started = time.monotonic()
-    result = fetch_patient_resources(client, "p1", Trials(), concurrency=7)
+    planned = len(build_patient_queries(Trials()))
+    result = fetch_patient_resources(client, "p1", Trials(), concurrency=planned)
     elapsed = time.monotonic() - started
-    assert len(result.queries) == 7
-    assert elapsed < 0.2 * 7 / 2  # overlapped: a sequential fetch takes >= 1.4 s
-    assert 1 < len(sessions) <= 7
-    assert {r["resourceType"] for r in result.resources} == {
-        "Patient",
-        "Condition",
-        "Procedure",
-        "Observation",
-        "MedicationRequest",
-        "MedicationStatement",
-        "MedicationAdministration",
-    }
+    assert len(result.queries) == planned == 1 + len(CLINICAL_TYPES)
+    assert elapsed < 0.2 * planned / 2  # overlapped: a sequential fetch takes >= 1.6 s
+    assert 1 < len(sessions) <= planned
+    assert {r["resourceType"] for r in result.resources} == {"Patient", *CLINICAL_TYPES}
     # Sessions are returned to the pool and reused, not created per request.
-    fetch_patient_resources(client, "p1", Trials(), concurrency=7)
-    assert len(sessions) <= 7
+    fetch_patient_resources(client, "p1", Trials(), concurrency=planned)
+    assert len(sessions) <= planned
 
 
 def test_a_failing_query_fails_the_fetch_with_its_own_error(injector, make_client):

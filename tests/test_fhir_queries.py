@@ -6,6 +6,7 @@ from urllib.parse import quote
 
 import pytest
 
+from cds.criteria.reads import CLINICAL_TYPES
 from cds.errors import InputError
 from cds.fhir.queries import (
     PATIENT_PLACEHOLDER,
@@ -19,11 +20,14 @@ LOINC = "http://loinc.org"
 
 
 class StandInTrials:
-    """Stands in for cds.criteria's TrialSet until it exists: only codes_for() is used."""
+    """Stands in for cds.criteria's TrialSet: only codes_for() and types_read() are used."""
 
     def __init__(self, observation_codes: set[tuple[str, str]]) -> None:
         self.observation_codes = frozenset(observation_codes)
         self.asked: list[str] = []
+
+    def types_read(self) -> tuple[str, ...]:
+        return CLINICAL_TYPES
 
     def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
         self.asked.append(resource_type)
@@ -37,10 +41,11 @@ def test_the_query_set_and_its_prefetch_form() -> None:
         "conditions": "Condition?patient={{context.patientId}}",
         "procedures": "Procedure?patient={{context.patientId}}",
         "observations": "Observation?patient={{context.patientId}}"
-        "&code=http://loinc.org|2160-0,http://loinc.org|9811-1",
+        "&combo-code=http://loinc.org|2160-0,http://loinc.org|9811-1",
         "medication-requests": "MedicationRequest?patient={{context.patientId}}",
         "medication-statements": "MedicationStatement?patient={{context.patientId}}",
         "medication-administrations": "MedicationAdministration?patient={{context.patientId}}",
+        "medication-dispenses": "MedicationDispense?patient={{context.patientId}}",
     }
     assert "Observation" in trials.asked
 
@@ -62,7 +67,7 @@ def test_many_codes_are_split_so_every_url_stays_under_the_limit() -> None:
     for query in observation_queries:
         url = f"{base}/{query.for_patient(longest_id)}"
         assert len(quote(url, safe="/:?=&,.-_~")) <= 1800
-        sent.update(query.template.partition("&code=")[2].split(","))
+        sent.update(query.template.partition("&combo-code=")[2].split(","))
     assert sent == {f"{s}|{c}" for s, c in codes}  # every code asked for exactly once
 
 

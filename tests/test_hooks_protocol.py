@@ -90,7 +90,13 @@ def test_d3_d4_prefetch_templates_use_only_2_0_tokens_and_the_query_subset(
             assert not parts.scheme and not parts.netloc and not template.startswith("/")
             assert re.fullmatch(r"[A-Z][A-Za-z]+(/\{\{context\.patientId\}\})?", parts.path)
             for name, _ in parse_qsl(parts.query):
-                assert name in ("patient", "code", "_count", "_sort") or name.endswith(":in")
+                assert name in (
+                    "patient",
+                    "code",
+                    "combo-code",
+                    "_count",
+                    "_sort",
+                ) or name.endswith(":in")
             assert "sort:desc" not in template
 
 

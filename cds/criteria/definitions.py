@@ -11,6 +11,8 @@ from typing import Any
 
 import jsonschema
 
+from cds.criteria import rules as _rules  # noqa: F401 - registers the rule kinds
+from cds.criteria.reads import CLINICAL_TYPES, RELATED_TYPES, RULE_KINDS, rule_schema
 from cds.criteria.units import Analyte
 from cds.criteria.valuesets import LOINC, ValueSet, load_valuesets
 from cds.errors import DefinitionError, InputError
@@ -20,44 +22,6 @@ TRIALS_DIR = PACKAGE_DIR / "trials"
 VALUESETS_DIR = PACKAGE_DIR / "valuesets"
 ANALYTES_FILE = PACKAGE_DIR / "analytes.json"
 ANSWERS_FILE = PACKAGE_DIR / "analyte_answers.json"
-
-# Rule keys that name value sets, by the FHIR resource types they are matched against.
-_VALUESET_KEYS = {
-    "valuesets": ("Condition",),
-    "conditions": ("Condition",),
-    "procedures": ("Procedure",),
-    "ambiguous_procedures": ("Procedure",),
-    "medications": (
-        "MedicationRequest",
-        "MedicationStatement",
-        "MedicationAdministration",
-        "MedicationDispense",
-    ),
-    "related": ("Condition", "Procedure", "Observation"),
-}
-
-_ALL_TYPES = (
-    "Condition",
-    "Observation",
-    "Procedure",
-    "MedicationRequest",
-    "MedicationStatement",
-    "MedicationAdministration",
-    "MedicationDispense",
-)
-
-# Analytes each rule type reads besides a lab rule's own ``analyte``.
-_IMPLIED_ANALYTES = {
-    "grade": ("ki67",),
-    "creatinine_clearance": ("creatinine", "body-weight", "measured-creatinine-clearance"),
-    "pregnancy": (),
-}
-# Observation value sets read directly (not through an analyte) by rule type.
-_IMPLIED_OBSERVATION_VALUESETS = {
-    "grade": ("tumour-grade",),
-    "performance_status": ("ecog",),
-    "pregnancy": ("hcg",),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +120,7 @@ class TrialSet:
     def used_valuesets(self) -> tuple[ValueSet, ...]:
         """Every value set some criterion of these trials reads, whatever the resource type."""
         if self._used_valuesets is None:
-            used = {v for t in _ALL_TYPES for v in self.valueset_ids_for(t)}
+            used = {v for t in CLINICAL_TYPES for v in self.valueset_ids_for(t)}
             self._used_valuesets = tuple(self.valuesets[v] for v in sorted(used))
         return self._used_valuesets
 
@@ -201,6 +165,11 @@ class TrialSet:
         """The FHIR resource types ``criterion``'s rule reads (besides the Patient)."""
         return frozenset(_valuesets_by_type(criterion, self.analytes))
 
+    def types_read(self) -> tuple[str, ...]:
+        """The clinical resource types some criterion reads, in record order (what the FHIR
+        queries, the Bulk ``_type`` list and the NDJSON sweep fetch)."""
+        return tuple(t for t in CLINICAL_TYPES if self.valueset_ids_for(t))
+
     def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
         """The explicit (system, code) pairs the criteria read from ``resource_type``.
 
@@ -217,31 +186,17 @@ class TrialSet:
 
 
 def _valuesets_by_type(criterion: Criterion, analytes: dict[str, Analyte]) -> dict[str, set[str]]:
+    """Resource type -> the value sets ``criterion`` reads, from its rule kind's declaration
+    (cds/criteria/reads.py) or, for a manual criterion, the records it lists."""
     by_type: dict[str, set[str]] = {}
-
-    def add(types: Iterable[str], ids: Iterable[str]) -> None:
-        for t in types:
-            by_type.setdefault(t, set()).update(ids)
-
-    add(_VALUESET_KEYS["related"], criterion.related)
-    rule = criterion.rule
-    if rule is None:
-        return by_type
-    for sub in (rule, rule.get("lab") or {}):
-        for key, types in _VALUESET_KEYS.items():
-            if key in sub and key != "related":
-                add(types, sub[key])
-        analyte_ids = [sub["analyte"]] if "analyte" in sub else []
-        if "unless_within_normal_range" in sub:
-            analyte_ids.append(sub["unless_within_normal_range"])
-        analyte_ids.extend(_IMPLIED_ANALYTES.get(sub.get("type", ""), ()))
-        add(("Observation",), (analytes[a].valueset for a in analyte_ids if a in analytes))
-        add(("Observation",), _IMPLIED_OBSERVATION_VALUESETS.get(sub.get("type", ""), ()))
-    if rule["type"] == "grade":
-        add(
-            ("Condition",),
-            ("poorly-differentiated-net", "net-grade-1", "net-grade-2", "net-grade-3"),
-        )
+    if criterion.related:
+        for rtype in RELATED_TYPES:
+            by_type.setdefault(rtype, set()).update(criterion.related)
+    if criterion.rule is not None:
+        for rtype, ids in (
+            RULE_KINDS[criterion.rule["type"]].reads(criterion.rule, analytes).items()
+        ):
+            by_type.setdefault(rtype, set()).update(ids)
     return by_type
 
 
@@ -251,8 +206,11 @@ def _schema_path(error: jsonschema.ValidationError) -> str:
 
 @cache
 def _trial_validator() -> jsonschema.Draft202012Validator:
+    """The shipped trial schema, its ``rule`` branches built from the rule kinds' declarations."""
     with open(PACKAGE_DIR / "schema" / "trial.schema.json", encoding="utf-8") as f:
-        return jsonschema.Draft202012Validator(json.load(f))
+        schema = json.load(f)
+    schema["$defs"].update(rule_schema())
+    return jsonschema.Draft202012Validator(schema)
 
 
 def _read_json(path: Path) -> Any:
@@ -297,8 +255,11 @@ def parse_trial(
             )
         rule = item.get("rule")
         manual = item.get("manual") or {}
-        _check_references(rule or {}, f"criteria[{i}].rule", file, cid, valuesets, analytes)
-        _check_references(manual, f"criteria[{i}].manual", file, cid, valuesets, analytes)
+        if rule is not None:
+            _check_references(rule, f"criteria[{i}].rule", file, cid, valuesets, analytes)
+        _check_related(
+            manual.get("related", ()), f"criteria[{i}].manual.related", file, cid, valuesets
+        )
         criteria.append(
             Criterion(
                 id=cid,
@@ -339,35 +300,54 @@ def _check_references(
     valuesets: dict[str, ValueSet],
     analytes: dict[str, Analyte],
 ) -> None:
-    for key in _VALUESET_KEYS:
-        for j, vs_id in enumerate(rule.get(key, ())):
-            if vs_id not in valuesets:
+    """Every value set and analyte a rule's parameters name exists, and its limits' units
+    convert to the analyte's (the parameters' roles come from the rule kind's declaration)."""
+    kind = RULE_KINDS[rule["type"]]
+    for param, given, path in kind.walk(rule, where):
+        if param.role == "valuesets":
+            for j, vs_id in enumerate(given):
+                if vs_id not in valuesets:
+                    raise DefinitionError(
+                        f"unknown value set {vs_id!r}",
+                        file=file,
+                        criterion=criterion,
+                        field=f"{path}[{j}]",
+                    )
+        elif param.role == "analyte" and given not in analytes:
+            raise DefinitionError(
+                f"unknown analyte {given!r}", file=file, criterion=criterion, field=path
+            )
+    for sub, path in _rule_and_nested(rule, where):
+        acceptable = sub.get("acceptable", {})
+        if "unit" in acceptable and sub.get("analyte") in analytes:
+            analyte = analytes[sub["analyte"]]
+            if analyte.to_unit(1.0, acceptable["unit"]) is None:
                 raise DefinitionError(
-                    f"unknown value set {vs_id!r}",
+                    f"unit {acceptable['unit']!r} cannot be converted to {analyte.id}'s unit",
                     file=file,
                     criterion=criterion,
-                    field=f"{where}.{key}[{j}]",
+                    field=f"{path}.acceptable.unit",
                 )
-    for key in ("analyte", "unless_within_normal_range"):
-        if key in rule and rule[key] not in analytes:
+
+
+def _rule_and_nested(rule: dict[str, Any], where: str) -> Iterator[tuple[dict[str, Any], str]]:
+    yield rule, where
+    for param in RULE_KINDS[rule["type"]].params:
+        if param.role == "rule" and param.name in rule:
+            yield from _rule_and_nested(rule[param.name], f"{where}.{param.name}")
+
+
+def _check_related(
+    related: Iterable[str], where: str, file: str, criterion: str, valuesets: dict[str, ValueSet]
+) -> None:
+    for j, vs_id in enumerate(related):
+        if vs_id not in valuesets:
             raise DefinitionError(
-                f"unknown analyte {rule[key]!r}",
+                f"unknown value set {vs_id!r}",
                 file=file,
                 criterion=criterion,
-                field=f"{where}.{key}",
+                field=f"{where}[{j}]",
             )
-    acceptable = rule.get("acceptable", {})
-    if "unit" in acceptable and "analyte" in rule and rule["analyte"] in analytes:
-        analyte = analytes[rule["analyte"]]
-        if analyte.to_unit(1.0, acceptable["unit"]) is None:
-            raise DefinitionError(
-                f"unit {acceptable['unit']!r} cannot be converted to {analyte.id}'s unit",
-                file=file,
-                criterion=criterion,
-                field=f"{where}.acceptable.unit",
-            )
-    if "lab" in rule:
-        _check_references(rule["lab"], f"{where}.lab", file, criterion, valuesets, analytes)
 
 
 def load_analytes(path: Path, valuesets: dict[str, ValueSet]) -> dict[str, Analyte]:

@@ -12,19 +12,14 @@ from datetime import date
 from functools import cache, cached_property, lru_cache
 from typing import Any
 
+from cds.criteria.reads import CLINICAL_TYPES, MEDICATION_TYPES
 from cds.criteria.valuesets import ICD10CM, ValueSet, normalize_coding
 
 log = logging.getLogger(__name__)
 
 CodingKey = tuple[str, str]
 
-MEDICATION_TYPES = (
-    "MedicationRequest",
-    "MedicationStatement",
-    "MedicationAdministration",
-    "MedicationDispense",
-)
-CLINICAL_TYPES = ("Condition", "Observation", "Procedure", *MEDICATION_TYPES)
+__all__ = ["CLINICAL_TYPES", "MEDICATION_TYPES", "DateRange", "Entry", "PatientRecord"]
 _CLINICAL = frozenset(CLINICAL_TYPES)
 
 # Records in these states never count (FHIR R4 value sets observation-status, event-status,

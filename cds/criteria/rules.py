@@ -7,12 +7,24 @@ import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from cds.criteria.definitions import Trial, TrialSet
 from cds.criteria.model import Result
-from cds.criteria.record import MEDICATION_TYPES, Entry, PatientRecord, codings_of
+from cds.criteria.reads import (
+    MEDICATION_TYPES,
+    RELATED_TYPES,
+    RULE_KINDS,
+    analyte_param,
+    rule_kind,
+    rule_param,
+    value_param,
+    valuesets_param,
+)
+from cds.criteria.record import Entry, PatientRecord, codings_of
 from cds.criteria.units import Analyte, display_unit, normalize_unit
+
+if TYPE_CHECKING:
+    from cds.criteria.definitions import Trial, TrialSet
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
@@ -175,6 +187,7 @@ def _unconfirmed(items: Sequence[Entry], resolve: str) -> Outcome:
     )
 
 
+@rule_kind("diagnosis_present", valuesets_param("valuesets", ["Condition"], required=True))
 def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A disease-defining inclusion: it must be positively recorded; absence fails."""
     by_state, bad = _conditions_by_state(ctx, rule["valuesets"])
@@ -201,6 +214,13 @@ def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
     )
 
 
+@rule_kind(
+    "condition_absent",
+    valuesets_param("valuesets", ["Condition"], required=True),
+    value_param("on_found", {"enum": ["fail", "unknown"]}, required=True),
+    value_param("on_absent", {"enum": ["pass", "manual"]}),
+    value_param("confirm", {"type": "string"}),
+)
 def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A current condition that must not be present (or, with on_absent=manual, that a
     person must still rule out)."""
@@ -234,6 +254,15 @@ def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     )
 
 
+@rule_kind(
+    "history_absent",
+    valuesets_param("procedures", ["Procedure"]),
+    valuesets_param("medications", MEDICATION_TYPES),
+    valuesets_param("conditions", ["Condition"]),
+    valuesets_param("ambiguous_procedures", ["Procedure"]),
+    value_param("confirm", {"type": "string"}),
+    any_of=("procedures", "medications", "conditions"),
+)
 def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A treatment or procedure that must never have happened; nothing recorded passes."""
     sources: list[tuple[Sequence[str], list[str]]] = [
@@ -482,6 +511,17 @@ def _latest_measurement(
     return measured
 
 
+@rule_kind(
+    "lab",
+    analyte_param("analyte", required=True),
+    value_param("acceptable", {"$ref": "#/$defs/threshold"}, required=True),
+    value_param("lookback_days", {"type": "integer", "minimum": 1}),
+    value_param("correctable_by_transfusion", {"type": "boolean"}),
+    analyte_param(
+        "unless_within_normal_range",
+        description="analyte whose result within its own reference range overrides a fail",
+    ),
+)
 def lab(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A laboratory limit, absolute or as a multiple of the result's own ULN."""
     analyte = ctx.trials.analytes[rule["analyte"]]
@@ -582,6 +622,11 @@ def _normal_range_exception(analyte_id: str, ctx: Context, lookback: int) -> Out
     )
 
 
+@rule_kind(
+    "condition_with_lab",
+    valuesets_param("valuesets", ["Condition"], required=True),
+    rule_param("lab", "lab", required=True),
+)
 def condition_with_lab(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A condition that excludes only when a lab shows it uncontrolled."""
     by_state, bad = _conditions_by_state(ctx, rule["valuesets"])
@@ -615,6 +660,13 @@ def _scale_value(resource: dict[str, Any], answers: dict[str, int]) -> int | Non
     return None
 
 
+@rule_kind(
+    "performance_status",
+    value_param("scale", {"const": "ecog"}, required=True),
+    value_param("max", {"type": "integer", "minimum": 0, "maximum": 5}, required=True),
+    value_param("lookback_days", {"type": "integer", "minimum": 1}),
+    fixed_valuesets={"Observation": ("ecog",)},
+)
 def performance_status(rule: dict[str, Any], ctx: Context) -> Outcome:
     """ECOG performance status at most ``max``, from the latest score in the window."""
     lookback = rule.get("lookback_days", ctx.trial.performance_status_lookback_days)
@@ -655,6 +707,12 @@ def age_years(birth: date, on: date) -> int:
     return years - ((on.month, on.day) < (birth.month, birth.day))
 
 
+@rule_kind(
+    "age",
+    value_param("op", {"enum": [">", ">="]}, required=True),
+    value_param("years", {"type": "integer", "minimum": 0}, required=True),
+    patient_elements=("birthDate",),
+)
 def age(rule: dict[str, Any], ctx: Context) -> Outcome:
     """Age on the as-of date. "> 18 years" is read literally: the 18th birthday has passed."""
     born = ctx.record.birth_date
@@ -686,6 +744,13 @@ def age(rule: dict[str, Any], ctx: Context) -> Outcome:
     return Outcome(Result.FAIL, (ref,), f"{text} is not {limit}.")
 
 
+@rule_kind(
+    "creatinine_clearance",
+    value_param("min_ml_min", {"type": "number"}, required=True),
+    value_param("lookback_days", {"type": "integer", "minimum": 1}),
+    fixed_analytes=("creatinine", "body-weight", "measured-creatinine-clearance"),
+    patient_elements=("birthDate", "gender"),
+)
 def creatinine_clearance(rule: dict[str, Any], ctx: Context) -> Outcome:
     """Cockcroft-Gault creatinine clearance, with a measured clearance as the protocol's
     confirmatory exam: CrCl = (140 - age) x weight[kg] / (72 x Scr[mg/dL]), x 0.85 if female
@@ -768,6 +833,17 @@ def _grade_of_concept(ctx: Context, concept: Any) -> int | None:
     return None
 
 
+@rule_kind(
+    "grade",
+    value_param(
+        "allowed", {"type": "array", "minItems": 1, "items": {"enum": [1, 2, 3]}}, required=True
+    ),
+    fixed_valuesets={
+        "Observation": ("tumour-grade",),
+        "Condition": ("poorly-differentiated-net", "net-grade-1", "net-grade-2", "net-grade-3"),
+    },
+    fixed_analytes=("ki67",),
+)
 def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
     """The NET's histologic grade from, in order of authority: a recorded grade, a poorly
     differentiated diagnosis code, the Ki-67 index (WHO 2019 cut-offs)."""
@@ -882,6 +958,13 @@ def _last_exposure(entry: Entry, as_of: date) -> date | None:
     return min(entry.when.end, as_of) if entry.when else None
 
 
+@rule_kind(
+    "washout",
+    value_param("days", {"type": "integer", "minimum": 1}, required=True),
+    valuesets_param("medications", MEDICATION_TYPES),
+    valuesets_param("procedures", ["Procedure"]),
+    any_of=("medications", "procedures"),
+)
 def washout(rule: dict[str, Any], ctx: Context) -> Outcome:
     """At least ``days`` since the last chemotherapy (and/or radiotherapy) on record."""
     found = ctx.entries(MEDICATION_TYPES, rule.get("medications", [])) + ctx.entries(
@@ -935,6 +1018,13 @@ def washout(rule: dict[str, Any], ctx: Context) -> Outcome:
     )
 
 
+@rule_kind(
+    "pregnancy",
+    valuesets_param("conditions", ["Condition"], required=True),
+    value_param("lookback_days", {"type": "integer", "minimum": 1}),
+    fixed_valuesets={"Observation": ("hcg",)},
+    patient_elements=("gender",),
+)
 def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
     """Pregnancy or lactation: an active condition or a positive hCG in the window excludes."""
     ref = ctx.record.patient_ref
@@ -994,18 +1084,9 @@ def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
     )
 
 
+#: the rule functions by kind, from their declarations
 RULES: dict[str, Callable[[dict[str, Any], Context], Outcome]] = {
-    "diagnosis_present": diagnosis_present,
-    "condition_absent": condition_absent,
-    "history_absent": history_absent,
-    "lab": lab,
-    "age": age,
-    "performance_status": performance_status,
-    "grade": grade,
-    "washout": washout,
-    "creatinine_clearance": creatinine_clearance,
-    "pregnancy": pregnancy,
-    "condition_with_lab": condition_with_lab,
+    name: kind.func for name, kind in RULE_KINDS.items()
 }
 
 
@@ -1017,7 +1098,7 @@ def related_on_record(ctx: Context, valueset_ids: Sequence[str]) -> list[Entry]:
     person deciding it reads these records anyway, and validation (about 100 us a resource)
     is kept for what decides a pass or a fail.
     """
-    found = ctx.entries(("Condition", "Procedure", "Observation"), valueset_ids)
+    found = ctx.entries(RELATED_TYPES, valueset_ids)
     return [
         e for e in found if e.type != "Condition" or _condition_state(e, ctx.as_of) != "inactive"
     ]

@@ -6,7 +6,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from cds.criteria.record import CLINICAL_TYPES, PatientRecord
+from cds.criteria.reads import CLINICAL_TYPES
+from cds.criteria.record import PatientRecord
 from cds.errors import InputError
 
 _BUNDLE_TYPES = {

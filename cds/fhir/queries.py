@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from cds.criteria.reads import MEDICATION_TYPES, REFERENCED_TYPES
 from cds.errors import FhirBadResponse, InputError
 from cds.fhir.client import FhirClient, encode_query
 
@@ -26,16 +27,10 @@ PATIENT_PLACEHOLDER = "{{context.patientId}}"
 #: FHIR R4 id datatype: ``[A-Za-z0-9\-\.]{1,64}``.
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
-#: Resource types read by patient only (the trials' criteria filter them after fetching).
-_BY_PATIENT = (
-    ("conditions", "Condition"),
-    ("procedures", "Procedure"),
-)
-_MEDICATIONS = (
-    ("medication-requests", "MedicationRequest"),
-    ("medication-statements", "MedicationStatement"),
-    ("medication-administrations", "MedicationAdministration"),
-)
+#: Observations are searched by the criteria's codes. ``combo-code`` (FHIR R4 Observation
+#: search parameter: code or component.code) also finds a panel whose components carry the
+#: analytes (a blood count sent as one Observation with a component per count).
+_OBSERVATION_CODE_PARAM = "combo-code"
 
 
 class CodeSource(Protocol):
@@ -43,6 +38,10 @@ class CodeSource(Protocol):
 
     def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
         """(system, code) pairs the criteria read from resources of this type."""
+        ...
+
+    def types_read(self) -> tuple[str, ...]:
+        """The clinical resource types the criteria read, in record order."""
         ...
 
 
@@ -115,19 +114,36 @@ def build_patient_queries(
 ) -> tuple[PatientQuery, ...]:
     """The queries a patient evaluation needs, derived from what the trials' criteria read.
 
-    Patient read; Condition and Procedure by patient; Observation by patient and the
-    criteria's codes, comma-OR'ed (FHIR R4 3.1.1.4.1 token ``system|code``), split into chunks
-    so no URL (with ``base_url_allowance`` characters of base and the longest FHIR id) passes
-    ``max_url_length`` percent-encoded: ~2000 characters is where proxies and servers start
-    refusing URLs; MedicationRequest/-Statement/-Administration by patient. No Observation query
-    when the criteria read no Observation codes.
+    Patient read; then each clinical type the criteria read (``trials.types_read()``), by
+    patient: Observation also by the criteria's codes, comma-OR'ed (FHIR R4 3.1.1.4.1 token
+    ``system|code``), split into chunks so no URL (with ``base_url_allowance`` characters of
+    base and the longest FHIR id) passes ``max_url_length`` percent-encoded: ~2000 characters
+    is where proxies and servers start refusing URLs. No Observation query when the criteria
+    read no Observation codes. No ``_include``: CDS Hooks 2.0 recommends a query subset for
+    prefetch without it, so the Medications that records reference are read afterwards
+    (:func:`referenced_reads`).
     """
     patient = f"patient={PATIENT_PLACEHOLDER}"
     queries = [PatientQuery("patient", "Patient", f"Patient/{PATIENT_PLACEHOLDER}")]
-    queries += [PatientQuery(key, rtype, f"{rtype}?{patient}") for key, rtype in _BY_PATIENT]
+    for rtype in trials.types_read():
+        if rtype == "Observation":
+            queries += _observation_queries(trials, patient, max_url_length, base_url_allowance)
+            continue
+        queries.append(PatientQuery(_query_key(rtype), rtype, f"{rtype}?{patient}"))
+    return tuple(queries)
 
+
+def _query_key(resource_type: str) -> str:
+    """The prefetch key of a type's search: ``MedicationRequest`` -> ``medication-requests``."""
+    words = re.findall(r"[A-Z][a-z]*", resource_type)
+    return "-".join(w.lower() for w in words) + "s"
+
+
+def _observation_queries(
+    trials: CodeSource, patient: str, max_url_length: int, base_url_allowance: int
+) -> list[PatientQuery]:
     codes = sorted(trials.codes_for("Observation"))
-    prefix = f"Observation?{patient}&code="
+    prefix = f"Observation?{patient}&{_OBSERVATION_CODE_PARAM}="
     # The placeholder stands in for an id of up to 64 characters.
     fixed = _encoded_len(prefix) - len(PATIENT_PLACEHOLDER) + 64
     budget = max_url_length - base_url_allowance - fixed
@@ -150,12 +166,14 @@ def build_patient_queries(
         used += cost
     if current:
         chunks.append(current)
-    for number, chunk in enumerate(chunks, start=1):
-        key = "observations" if len(chunks) == 1 else f"observations-{number}"
-        queries.append(PatientQuery(key, "Observation", prefix + ",".join(chunk)))
-
-    queries += [PatientQuery(key, rtype, f"{rtype}?{patient}") for key, rtype in _MEDICATIONS]
-    return tuple(queries)
+    return [
+        PatientQuery(
+            "observations" if len(chunks) == 1 else f"observations-{number}",
+            "Observation",
+            prefix + ",".join(chunk),
+        )
+        for number, chunk in enumerate(chunks, start=1)
+    ]
 
 
 def prefetch_templates(trials: CodeSource, **limits: int) -> dict[str, str]:
@@ -247,6 +265,8 @@ def fetch_patient_resources(
             resources.append(resource)
         if timing.key == "patient" and found and found[0].get("id") != patient_id:
             raise FhirBadResponse(f"asked for Patient/{patient_id}, got another Patient")
+    for rtype, rid in referenced_reads(resources):
+        resources.append(client.read(rtype, rid))
     log.debug(
         "fetched %d resources for one patient with %d queries in %.1f ms",
         len(resources),
@@ -261,6 +281,28 @@ def fetch_patient_resources(
         seconds=seconds,
         concurrency=max(workers, 1),
     )
+
+
+def referenced_reads(resources: Sequence[JSONDict]) -> list[tuple[str, str]]:
+    """(type, id) of each resource the rules read through a reference that is not among
+    ``resources``: a medication record's ``medicationReference`` to a Medication on the
+    server (a contained one, ``#id``, travels with its record)."""
+    have = {(r.get("resourceType"), r.get("id")) for r in resources}
+    wanted: dict[tuple[str, str], None] = {}
+    for resource in resources:
+        if resource.get("resourceType") not in MEDICATION_TYPES:
+            continue
+        reference = resource.get("medicationReference")
+        target = reference.get("reference") if isinstance(reference, dict) else None
+        if not isinstance(target, str) or target.startswith("#"):
+            continue
+        parts = target.split("/_history/", 1)[0].rstrip("/").split("/")
+        if len(parts) < 2 or parts[-2] not in REFERENCED_TYPES:
+            continue
+        key = (parts[-2], parts[-1])
+        if key not in have and _FHIR_ID.fullmatch(key[1]):
+            wanted[key] = None
+    return list(wanted)
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
@@ -305,4 +347,5 @@ __all__ = [
     "check_patient_id",
     "fetch_patient_resources",
     "prefetch_templates",
+    "referenced_reads",
 ]

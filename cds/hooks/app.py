@@ -12,6 +12,7 @@ from flask import Flask, Response, g, request
 
 from cds.config import Settings, load_config
 from cds.criteria import TrialSet, load_trials
+from cds.criteria.reads import REFERENCED_TYPES
 from cds.fhir.queries import build_patient_queries, prefetch_templates
 from cds.hooks import feedback, ops, services
 from cds.hooks.auth import Authenticator, ClientIdentity
@@ -45,9 +46,9 @@ def build_registry(trials: TrialSet) -> ServiceRegistry:
     if len(trials) == 0:
         return ServiceRegistry(())
     templates = prefetch_templates(trials)
+    read = ", ".join(("Patient", *trials.types_read(), *REFERENCED_TYPES))
     usage = (
-        "Reads the patient's Patient, Condition, Observation, Procedure, MedicationRequest,"
-        " MedicationStatement and MedicationAdministration resources, by prefetch or from"
+        f"Reads the patient's {read} resources, by prefetch or from"
         " fhirServer (fhirAuthorization with patient read scopes, or an open server)."
         " Absent data that cannot be fetched: 412. Data missing from the record: criteria"
         " shown as unknown. Past its time budget the service answers with what it can say."

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cds.criteria import TrialSet, load_trials
-from cds.criteria.record import CLINICAL_TYPES
+from cds.criteria.reads import CLINICAL_TYPES, RECORD_TYPES
 from cds.errors import InputError
 from cds.fhir.bundle import patient_reference
 from cds.sweep.core import PatientOutcome, Tally, error_outcome, evaluate_resources, outcome_of
@@ -38,23 +38,8 @@ BUCKET_BYTES = 24 << 20
 MAX_BUCKETS = 2048
 #: the resource types read into a record, in the order a record's resources are presented
 #: (the order the FHIR queries and the generator use, so results match `cds evaluate`)
-TYPE_RANK = {
-    t: i
-    for i, t in enumerate(
-        (
-            "Patient",
-            "Condition",
-            "Procedure",
-            "Observation",
-            "MedicationRequest",
-            "MedicationStatement",
-            "MedicationAdministration",
-            "MedicationDispense",
-            "Medication",
-        )
-    )
-}
-_KEPT = frozenset(CLINICAL_TYPES) | {"Patient", "Medication"}
+TYPE_RANK = {t: i for i, t in enumerate(RECORD_TYPES)}
+_KEPT = frozenset(RECORD_TYPES)
 _CLINICAL_BYTES = frozenset(t.encode() for t in CLINICAL_TYPES)
 
 _TYPE_RE = re.compile(rb'^\s*\{\s*"resourceType"\s*:\s*"([A-Za-z]+)"')

@@ -14,6 +14,7 @@ from typing import Any
 
 from cds.criteria import TrialSet
 from cds.criteria.model import PatientEvaluation
+from cds.criteria.reads import REFERENCED_TYPES
 from cds.errors import FhirAuthError, FhirError
 from cds.fhir.bulk import BulkExporter, group_member_ids, iter_search_pages
 from cds.fhir.client import FhirClient
@@ -39,7 +40,7 @@ def export_types(trials: TrialSet) -> tuple[str, ...]:
     """The resource types an export must hold: what the trial-derived queries read (so an
     export and a REST sweep see the same data), and the Medications their drugs may name."""
     queried = (query.resource_type for query in build_patient_queries(trials))
-    return (*dict.fromkeys(queried), "Medication")
+    return (*dict.fromkeys(queried), *REFERENCED_TYPES)
 
 
 @dataclass

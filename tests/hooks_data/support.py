@@ -163,13 +163,18 @@ def full_prefetch(resources: list[dict[str, Any]], patient_id: str) -> dict[str,
             continue
         matching = [r for r in resources if r["resourceType"] == q.resource_type]
         if q.resource_type == "Observation":
-            wanted = set(parse_qs(urlsplit(q.template).query)["code"][0].split(","))
+            # combo-code: the Observation's code or any component's code
+            wanted = set(parse_qs(urlsplit(q.template).query)["combo-code"][0].split(","))
             matching = [
                 r
                 for r in matching
                 if any(
                     f"{c.get('system')}|{c.get('code')}" in wanted
-                    for c in r.get("code", {}).get("coding", [])
+                    for concept in (
+                        r.get("code", {}),
+                        *(k.get("code", {}) for k in r.get("component", ())),
+                    )
+                    for c in concept.get("coding", [])
                 )
             ]
         prefetch[q.key] = searchset(matching)
