@@ -136,8 +136,8 @@ class RuleKind:
             elif p.role == "analyte":
                 analyte_ids.append(rule[p.name])
             elif p.role == "rule" and p.nested is not None:
-                for rtype, ids in RULE_KINDS[p.nested].reads(rule[p.name], analytes).items():
-                    add((rtype,), ids)
+                for rtype, inner in RULE_KINDS[p.nested].reads(rule[p.name], analytes).items():
+                    add((rtype,), inner)
         add(("Observation",), (analytes[a].valueset for a in analyte_ids if a in analytes))
         return by_type
 
