@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,7 +15,7 @@ from cds.criteria.engine import evaluate
 from cds.criteria.model import PatientEvaluation, Result
 from cds.criteria.record import PatientRecord
 from cds.errors import InputError
-from cds.fhir.bundle import records_from_bundle
+from cds.fhir.bundle import PatientSorter, bundle_resources, records_from_bundle
 
 
 def parse_as_of(value: str) -> date:
@@ -26,6 +26,9 @@ def parse_as_of(value: str) -> date:
         raise InputError(f"{value!r} is not a date (YYYY-MM-DD)", source="--as-of") from exc
 
 
+_NDJSON_HINT = "NDJSON (one resource per line) is read by `cds sweep --ndjson DIR`"
+
+
 def bundle_files(paths: Iterable[str]) -> list[Path]:
     """The files named, with a directory standing for every ``*.json`` in it."""
     files: list[Path] = []
@@ -34,39 +37,63 @@ def bundle_files(paths: Iterable[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(path.glob("*.json"))
             if not found:
-                raise InputError("directory holds no *.json file", source=name)
+                hint = f"; {_NDJSON_HINT}" if any(path.glob("*.ndjson")) else ""
+                raise InputError(f"directory holds no *.json file{hint}", source=name)
             files.extend(found)
         elif path.is_file():
+            if path.suffix == ".ndjson":
+                raise InputError(f"an NDJSON file, not a Bundle: {_NDJSON_HINT}", source=name)
             files.append(path)
         else:
             raise InputError("no such file or directory", source=name)
     return files
 
 
-def read_bundle_file(
-    path: Path, relevant: Callable[[tuple[str, str]], bool] | None = None
-) -> list[PatientRecord]:
+def _load_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as exc:
+        hint = f"; {_NDJSON_HINT}" if exc.msg == "Extra data" and exc.colno == 1 else ""
         raise InputError(
-            f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", source=str(path)
+            f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}){hint}",
+            source=str(path),
         ) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot be read ({exc})", source=str(path)) from exc
-    return records_from_bundle(data, source=str(path), relevant=relevant)
+    except RecursionError as exc:
+        raise InputError("nested too deeply to be read", source=str(path)) from exc
+
+
+def read_bundle_file(path: Path, trials: TrialSet | None = None) -> list[PatientRecord]:
+    """The records of one Bundle file, indexed for ``trials`` (default: every shipped trial)."""
+    return records_from_bundle(
+        _load_json(path), trials if trials is not None else load_trials(), source=str(path)
+    )
+
+
+def sort_files(paths: Iterable[str], trials: TrialSet) -> PatientSorter:
+    """Every file read, checked and sorted into per-patient records before anything is
+    evaluated (bad input never leaves half an answer behind): a patient whose resources are
+    spread over several files (Synthea, SDC test sets) is one record. A file that holds no
+    Patient (Synthea's practitioner and hospital files) is noted and skipped."""
+    paths = list(paths)
+    sorter = PatientSorter(trials)
+    for path in bundle_files(paths):
+        # Each file's parsed JSON is let go once sorted: only what the rules read is kept.
+        content = bundle_resources(_load_json(path), source=str(path))
+        if not sorter.add(content, source=str(path)):
+            sorter.notes.append(
+                f"{path}: holds no Patient; its other resources are kept for any patient they name"
+            )
+    if not sorter.patients:
+        raise InputError("no Patient resource in any file", source=", ".join(paths))
+    return sorter
 
 
 def evaluate_files(paths: Iterable[str], trials: TrialSet, as_of: date) -> list[PatientEvaluation]:
-    # Every file is read and checked before anything is printed, so bad input never leaves
-    # half an answer behind.
-    records = [
-        record
-        for path in bundle_files(paths)
-        for record in read_bundle_file(path, trials.is_relevant)
-    ]
-    return [evaluate(record, trials, as_of) for record in records]
+    """One evaluation per patient across all the files, in the order patients first appear."""
+    return [evaluate(record, trials, as_of) for record in sort_files(paths, trials).records()]
 
 
 _MARK = {
@@ -96,11 +123,15 @@ def write_text(evaluation: PatientEvaluation, trials: TrialSet, out: TextIO) -> 
 def run(args: argparse.Namespace) -> int:
     as_of = parse_as_of(args.as_of) if args.as_of else date.today()
     trials = load_trials(args.trial) if args.trial else load_trials()
-    evaluations = evaluate_files(args.paths, trials, as_of)
+    sorter = sort_files(args.paths, trials)
     fmt = args.format or ("text" if sys.stdout.isatty() else "json")
-    for evaluation in evaluations:
+    warned: set[str] = set()
+    for record in sorter.records():
+        evaluation = evaluate(record, trials, as_of)
         for warning in evaluation.warnings:
-            sys.stderr.write(f"cds: warning: {warning}\n")
+            if warning not in warned:  # a file's notes reach every patient read from it
+                warned.add(warning)
+                sys.stderr.write(f"cds: warning: {warning}\n")
         if fmt == "json":
             sys.stdout.write(json.dumps(evaluation.to_json(), ensure_ascii=False) + "\n")
         else:

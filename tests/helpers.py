@@ -77,7 +77,7 @@ def run(
     trials: TrialSet | None = None,
     pat: dict[str, Any] | None = None,
 ) -> PatientEvaluation:
-    record = PatientRecord.from_resources([pat or patient(), *resources])
+    record = PatientRecord.from_resources([pat or patient(), *resources], trials or load_trials())
     return evaluate(record, trials or load_trials(), as_of)
 
 

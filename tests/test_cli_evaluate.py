@@ -79,7 +79,7 @@ def test_a_directory_means_every_json_file_in_it(capsys: pytest.CaptureFixture[s
         ('{"resourceType": "Patient", "id": "x"}', "not a FHIR Bundle (resourceType 'Patient')"),
         (
             '{"resourceType": "Bundle", "type": "collection", "entry": []}',
-            "no Patient resource in the Bundle",
+            "no Patient resource in any file",
         ),
         ("[1, 2]", "not a FHIR Bundle (resourceType 'list')"),
     ],

@@ -33,6 +33,6 @@ def test_fetched_patient_evaluates_like_its_bundle_file(
     with fhir_server.client() as client:
         fetched = fetch_patient_resources(client, patient_id, trials, tag=fhir_server.tag)
     patient = next(r for r in fetched.resources if r["resourceType"] == "Patient")
-    from_server = PatientRecord.from_resources(fetched.resources, patient=patient)
+    from_server = PatientRecord.from_resources(fetched.resources, trials, patient=patient)
     expected = evaluate(from_file, trials, AS_OF).to_json()
     assert evaluate(from_server, trials, AS_OF).to_json() == expected

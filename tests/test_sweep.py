@@ -319,7 +319,8 @@ def test_synthea_sample_sweeps_without_error_or_candidate(tmp_path: Path) -> Non
     files: dict[str, Any] = {}
     with ExitStack() as stack:
         for path in sorted(SYNTHEA.glob("*.json")):
-            resources, aliases, _ = bundle_resources(json.loads(path.read_text()), source=str(path))
+            content = bundle_resources(json.loads(path.read_text()), source=str(path))
+            resources, aliases = content.resources, content.aliases
             for resource in resources:
                 text = json.dumps(resource)
                 for alias, target in aliases.items():
@@ -431,9 +432,7 @@ def test_code_prefilter_keeps_every_line_the_criteria_read() -> None:
                 continue
             line = _json.dumps(resource, separators=(",", ":")).encode()
             blocks.setdefault(resource["resourceType"], []).append(line + b"\n")
-            record = PatientRecord.from_resources(
-                [resource], patient=patient, relevant=trials.is_relevant
-            )
+            record = PatientRecord.from_resources([resource], trials, patient=patient)
             if any(record.entries.values()):
                 kept_relevant += 1
                 assert keep(line), resource["id"]

@@ -181,7 +181,7 @@ def test_net_cases_reach_every_outcome_of_every_computable_criterion() -> None:
     population = Population(len(NET_VARIANTS), seed=5, net_every=1)
     statuses = Counter()
     for resources in population:
-        evaluation = evaluate(PatientRecord.from_resources(resources), trials, AS_OF)
+        evaluation = evaluate(PatientRecord.from_resources(resources, trials), trials, AS_OF)
         for trial in evaluation.trials:
             statuses[trial.status.value] += 1
             for c in trial.criteria:
@@ -200,7 +200,7 @@ def test_net_cases_reach_every_outcome_of_every_computable_criterion() -> None:
 def test_ordinary_patients_are_not_candidates() -> None:
     trials = load_trials()
     for resources in Population(20, seed=6, net_every=0):
-        evaluation = evaluate(PatientRecord.from_resources(resources), trials, AS_OF)
+        evaluation = evaluate(PatientRecord.from_resources(resources, trials), trials, AS_OF)
         assert all(t.status.value == "excluded" for t in evaluation.trials)
 
 
@@ -215,5 +215,7 @@ def test_big_patient_has_the_exact_volumes_and_is_a_candidate() -> None:
         for t in ("MedicationRequest", "MedicationStatement", "MedicationAdministration")
     )
     assert meds == 100
-    evaluation = evaluate(PatientRecord.from_resources(resources), load_trials(), AS_OF)
+    evaluation = evaluate(
+        PatientRecord.from_resources(resources, load_trials()), load_trials(), AS_OF
+    )
     assert [t.status.value for t in evaluation.trials] == ["candidate", "candidate"]

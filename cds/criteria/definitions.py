@@ -90,6 +90,7 @@ class TrialSet:
         self._relevance: dict[tuple[str, str], bool] = {}
         self._memberships: dict[tuple[str, str], tuple[str, ...]] = {}
         self._titles: dict[tuple[str, ...], str] = {}
+        self._types_read: dict[int, tuple[Criterion, tuple[str, ...]]] = {}
 
     def is_relevant(self, key: tuple[str, str]) -> bool:
         """Whether any criterion of these trials reads a resource coded ``key`` (a normalised
@@ -161,9 +162,15 @@ class TrialSet:
                 found.update(_valuesets_by_type(criterion, self.analytes).get(resource_type, ()))
         return frozenset(found)
 
-    def resource_types_read(self, criterion: Criterion) -> frozenset[str]:
-        """The FHIR resource types ``criterion``'s rule reads (besides the Patient)."""
-        return frozenset(_valuesets_by_type(criterion, self.analytes))
+    def resource_types_read(self, criterion: Criterion) -> tuple[str, ...]:
+        """The FHIR resource types ``criterion`` reads (besides the Patient), in record order.
+        Memoised per criterion."""
+        known = self._types_read.get(id(criterion))
+        if known is None or known[0] is not criterion:
+            read = _valuesets_by_type(criterion, self.analytes)
+            known = (criterion, tuple(t for t in CLINICAL_TYPES if t in read))
+            self._types_read[id(criterion)] = known
+        return known[1]
 
     def types_read(self) -> tuple[str, ...]:
         """The clinical resource types some criterion reads, in record order (what the FHIR

@@ -55,26 +55,32 @@ def _evaluate_criterion(criterion: Criterion, ctx: Context) -> CriterionResult:
         _CONSTANT_RESULTS[id(criterion)] = (criterion, constant)
         return constant
     if criterion.rule is None:
-        outcome = _manual(criterion, ctx)
-    else:
-        try:
-            outcome = RULES[criterion.rule["type"]](criterion.rule, ctx)
-        except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as exc:
-            # Data shaped in a way no rule anticipated must not sink the patient or the
-            # sweep: the criterion becomes unknown and the cause is logged by type only (its
-            # message could quote patient data; the explanation tells the reader instead).
-            log.warning(
-                "criterion %s of %s could not be evaluated: %s",
-                criterion.id,
-                ctx.trial.id,
-                type(exc).__name__,
-            )
-            outcome = Outcome(
-                Result.UNKNOWN,
-                (ctx.record.patient_ref,),
-                "The record could not be evaluated for this criterion (unexpected data shape); "
-                "review the record by hand.",
-            )
+        return _result(criterion, _manual(criterion, ctx))
+    try:
+        outcome = RULES[criterion.rule["type"]](criterion.rule, ctx)
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as exc:
+        # Data shaped in a way no rule anticipated must not sink the patient or the
+        # sweep: the criterion becomes unknown and the cause is logged by type only (its
+        # message could quote patient data; the explanation tells the reader instead).
+        log.warning(
+            "criterion %s of %s could not be evaluated: %s",
+            criterion.id,
+            ctx.trial.id,
+            type(exc).__name__,
+        )
+        outcome = Outcome(
+            Result.UNKNOWN,
+            (ctx.record.patient_ref,),
+            "The record could not be evaluated for this criterion (unexpected data shape); "
+            "review the record by hand.",
+        )
+    incomplete = ctx.record.incomplete
+    if incomplete and outcome.result in (Result.PASS, Result.FAIL):
+        # A pass or a fail read from data we did not get in full is not known: "none on
+        # record" may only mean the search failed.
+        gaps = [incomplete[t] for t in ctx.trials.resource_types_read(criterion) if t in incomplete]
+        if gaps:
+            outcome = Outcome(Result.UNKNOWN, outcome.evidence, gaps[0])
     return _result(criterion, outcome)
 
 

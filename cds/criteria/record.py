@@ -6,14 +6,14 @@ import calendar
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from functools import cache, cached_property, lru_cache
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from cds.criteria.reads import CLINICAL_TYPES, MEDICATION_TYPES
-from cds.criteria.valuesets import ICD10CM, ValueSet, normalize_coding
+from cds.criteria.valuesets import ValueSet, normalize_coding
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ CodingKey = tuple[str, str]
 
 __all__ = ["CLINICAL_TYPES", "MEDICATION_TYPES", "DateRange", "Entry", "PatientRecord"]
 _CLINICAL = frozenset(CLINICAL_TYPES)
+_MEDICATION = frozenset(MEDICATION_TYPES)
 
 # Records in these states never count (FHIR R4 value sets observation-status, event-status,
 # medicationrequest-status, medication-statement-status, medication-admin-status,
@@ -101,6 +102,37 @@ def _parse_date(value: str) -> DateRange | None:
         return DateRange(date(year, 1, 1), date(year, 12, 31))
     except ValueError:
         return None
+
+
+_INSTANT_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})?$"
+)
+
+
+@lru_cache(maxsize=1 << 16)
+def parse_instant(value: str) -> float | None:
+    """Seconds since the epoch of a FHIR dateTime with a time of day (its zone applied; FHIR
+    requires one with a time, so a missing zone is read as UTC), ``None`` for a date alone.
+    Orders results taken on the same day (before and after a transfusion, say)."""
+    m = _INSTANT_RE.match(value)
+    if not m:
+        return None
+    text = value if m.group(1) else value + "Z"
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.astimezone(UTC).timestamp()
+
+
+def _first_value(resource: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> Any:
+    for path in paths:
+        value: Any = resource.get(path[0])
+        for part in path[1:]:
+            value = value.get(part) if isinstance(value, dict) else None
+        if parse_date(value):
+            return value
+    return None
 
 
 def _first_date(resource: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> DateRange | None:
@@ -205,12 +237,14 @@ class Entry:
         "ref",
         "type",
         "resource",
+        "source",
         "keys",
         "fallback_displays",
         "_concept",
         "_when",
         "_until",
         "_display",
+        "_instant",
     )
 
     def __init__(
@@ -220,15 +254,21 @@ class Entry:
         resource: dict[str, Any],
         keys: tuple[CodingKey, ...],
         concept: Any,
+        source: dict[str, Any] | None = None,
     ) -> None:
         self.ref = ref  # "Observation/abc"
         self.type = rtype
+        #: what the rules read: the resource, or for one component of an Observation the
+        #: resource with that component's code, value and reference range in its place
         self.resource = resource
+        #: the resource as sent (validated when it decides a criterion)
+        self.source = resource if source is None else source
         self.keys = keys  # normalised codes of its code (the drug's code for medications)
         self._concept = concept  # the CodeableConcept the keys came from
         self._when: DateRange | None | bool = False  # False: not read yet
         self._until: DateRange | None | bool = False
         self._display: str | None | bool = False
+        self._instant: float | None | Literal[False] = False
         #: displays by code of the value set that selected it, for a record without one
         self.fallback_displays: dict[CodingKey, str] | None = None
 
@@ -238,6 +278,14 @@ class Entry:
         if self._when is False:
             self._when = _first_date(self.resource, _DATE_PATHS[self.type][0])
         return self._when  # type: ignore[return-value]
+
+    @property
+    def instant(self) -> float | None:
+        """The moment of its date when the record gives a time of day (UTC seconds)."""
+        if self._instant is False:
+            value = _first_value(self.resource, _DATE_PATHS[self.type][0])
+            self._instant = parse_instant(value) if isinstance(value, str) else None
+        return self._instant
 
     @property
     def until(self) -> DateRange | None:
@@ -266,6 +314,36 @@ class Entry:
         return f"{name} ({self.ref})"
 
 
+class RecordIndex(Protocol):
+    """What a record needs from the trials to index a patient's resources
+    (:class:`cds.criteria.TrialSet` has it)."""
+
+    def is_relevant(self, key: CodingKey) -> bool:
+        """Whether any criterion reads a resource coded ``key``."""
+        ...
+
+    def valuesets_of(self, key: CodingKey) -> tuple[str, ...]:
+        """The ids of the value sets holding ``key``."""
+        ...
+
+
+#: US Core sex extensions read when Patient.gender is absent or neither male nor female
+#: (US Core 6.1 us-core-sex: SNOMED 248153007 male, 248152002 female; US Core
+#: us-core-birthsex: M, F)
+_SEX_EXTENSIONS = {
+    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-sex": "sex",
+    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex": "birth sex",
+}
+_SEX_CODES = {
+    "248153007": "male",
+    "248152002": "female",
+    "M": "male",
+    "F": "female",
+    "male": "male",
+    "female": "female",
+}
+
+
 @dataclass
 class PatientRecord:
     """A patient's resources, indexed for the rules. Built once, read by every criterion."""
@@ -273,14 +351,14 @@ class PatientRecord:
     patient: dict[str, Any]
     entries: dict[str, list[Entry]] = field(default_factory=lambda: defaultdict(list))
     warnings: list[str] = field(default_factory=list)
-    _index: dict[CodingKey, list[Entry]] = field(default_factory=lambda: defaultdict(list))
-    #: the ICD-10-CM part of the index: the only codes matched by prefix (is-a families)
-    _icd_index: dict[CodingKey, list[Entry]] = field(default_factory=lambda: defaultdict(list))
+    #: resource type -> why its data may be incomplete (a search that reported an error):
+    #: a criterion reading it cannot pass or fail on what is there
+    incomplete: dict[str, str] = field(default_factory=dict)
     _validity: dict[str, str | None] = field(default_factory=dict)
     _match_cache: dict[tuple[tuple[str, ...], str], list[Entry]] = field(default_factory=dict)
-    #: entries by the id of each value set holding one of their codes, when the record was
-    #: built with ``memberships`` (then a selection is a lookup, not a walk over codes)
-    _by_valueset: dict[str, list[Entry]] | None = None
+    #: entries by the id of each value set holding one of their codes: a selection is a
+    #: lookup, not a walk over codes
+    _by_valueset: dict[str, list[Entry]] = field(default_factory=lambda: defaultdict(list))
     #: the rules' as-of-filtered, newest-first selections and the measurements read from them
     #: (see rules.Context.entries and rules.latest_measurement)
     selection_cache: dict[Any, Any] = field(default_factory=dict)
@@ -295,34 +373,58 @@ class PatientRecord:
         return f"Patient/{self.patient_id}"
 
     @cached_property
-    def gender(self) -> str | None:
+    def sex(self) -> tuple[str | None, str]:
+        """(male | female | None, where it was read): ``gender``, or when that is absent or
+        neither male nor female, a US Core sex or birth-sex extension."""
         gender = self.patient.get("gender")
-        return gender if isinstance(gender, str) else None
+        if gender in ("male", "female"):
+            return gender, "gender"
+        for ext in self.patient.get("extension") or ():
+            if not isinstance(ext, dict) or ext.get("url") not in _SEX_EXTENSIONS:
+                continue
+            code = ext.get("valueCode")
+            if code is None and isinstance(ext.get("valueCoding"), dict):
+                code = ext["valueCoding"].get("code")
+            if isinstance(code, str) and code in _SEX_CODES:
+                return _SEX_CODES[code], _SEX_EXTENSIONS[ext["url"]]
+        return None, "gender"
+
+    @property
+    def gender(self) -> str | None:
+        return self.sex[0]
 
     @cached_property
     def birth_date(self) -> DateRange | None:
         return parse_date(self.patient.get("birthDate"))
 
+    def deceased(self) -> tuple[bool, DateRange | None]:
+        """(recorded as deceased, the date when given): FHIR R4 Patient.deceased[x]."""
+        if self.patient.get("deceasedBoolean") is True:
+            return True, None
+        when = parse_date(self.patient.get("deceasedDateTime"))
+        return when is not None, when
+
     @classmethod
     def from_resources(
         cls,
         resources: Iterable[dict[str, Any]],
+        index: RecordIndex,
         *,
         patient: dict[str, Any] | None = None,
         warnings: list[str] | None = None,
         aliases: dict[str, str] | None = None,
-        relevant: Callable[[CodingKey], bool] | None = None,
-        memberships: Callable[[CodingKey], tuple[str, ...]] | None = None,
+        incomplete: dict[str, str] | None = None,
     ) -> PatientRecord:
         """Index one patient's resources. ``patient`` defaults to the Patient among them.
 
         Resources that never count (entered in error, refuted, not done, cancelled) are dropped
         here, so no rule can see them. ``aliases`` maps Bundle fullUrls (urn:uuid:...) to
-        ``Type/id`` so that references between resources resolve. ``relevant`` (usually
-        :meth:`TrialSet.is_relevant`) lets the record skip resources none of whose codes any
-        criterion reads: most of a large record, and never a change to any result.
-        ``memberships`` (usually :meth:`TrialSet.valuesets_of`) indexes entries by value set
-        as they are read, which makes every later selection a lookup.
+        ``Type/id`` so that references between resources resolve. ``index`` (the trials)
+        says which codes any criterion reads, and in which value sets: resources none of whose
+        codes any criterion reads are skipped (most of a large record, and never a change to
+        any result), and the rest are indexed by value set, which makes every later selection
+        a lookup. An Observation is indexed by its own code and, one entry each, by the codes
+        of its components (a panel that carries the analytes as components).
         """
         resources = list(resources)
         if patient is None:
@@ -330,101 +432,134 @@ class PatientRecord:
             if not patients:
                 raise ValueError("no Patient resource among the resources")
             patient = patients[0]
-        record = cls(patient=patient, warnings=list(warnings or []))
-        by_valueset: dict[str, list[Entry]] | None = None
-        if memberships is not None:
-            by_valueset = record._by_valueset = defaultdict(list)
-        medications = {
-            f"Medication/{r.get('id')}": r
-            for r in resources
-            if r.get("resourceType") == "Medication"
-        }
-        for alias, target in (aliases or {}).items():
-            if target in medications:
-                medications[alias] = medications[target]
-        for resource in resources:
-            rtype = resource.get("resourceType")
-            if rtype not in _CLINICAL:
-                continue
-            try:
-                entry = _make_entry(rtype, resource, medications)
-            except (AttributeError, TypeError, ValueError) as exc:
-                # The resource's shape is too broken to even read its code: skip it, loudly.
-                record.warnings.append(f"{rtype}/{resource.get('id')} skipped: unreadable ({exc})")
-                continue
-            if entry is None:
-                continue
-            keys = entry.keys
-            if relevant is not None and not any(map(relevant, keys)):
-                continue
-            record.entries[rtype].append(entry)
-            if by_valueset is not None and memberships is not None:
-                # Selections look entries up by value set only: no code index is needed.
-                ids = (
-                    memberships(keys[0])
-                    if len(keys) == 1
-                    else {v for key in keys for v in memberships(key)}
-                )
-                for valueset_id in ids:
-                    by_valueset[valueset_id].append(entry)
-                continue
-            for key in entry.keys:
-                record._index[key].append(entry)
-                if key[0] == ICD10CM:
-                    record._icd_index[key].append(entry)
-        return record
+        builder = RecordBuilder(index)
+        builder.add_all(resources, aliases)
+        return builder.build(patient, warnings=warnings, incomplete=incomplete)
 
     def may_hold(self, valueset_ids: Sequence[str]) -> bool:
-        """False only when the record certainly holds no entry of these value sets (known
-        when it is indexed by value set): most selections of most patients' records."""
-        by_valueset = self._by_valueset
-        return by_valueset is None or not by_valueset.keys().isdisjoint(valueset_ids)
+        """False when the record certainly holds no entry of these value sets: most
+        selections of most patients' records."""
+        return not self._by_valueset.keys().isdisjoint(valueset_ids)
 
     def matching(self, types: Iterable[str], valueset: ValueSet) -> list[Entry]:
         """Entries of the given types with a code in ``valueset`` (each entry once)."""
         types = tuple(types)
         cache_key = (types, valueset.id)
         cached = self._match_cache.get(cache_key)
-        if cached is not None:
-            return cached
-        if self._by_valueset is not None:
-            result = [e for e in self._by_valueset.get(valueset.id, ()) if e.type in types]
-            self._match_cache[cache_key] = result
-            return result
-        found: dict[int, Entry] = {}
-        # Walk the smaller side: a value set may hold hundreds of codes, a record's index
-        # (relevant codes only) usually a few dozen.
-        if len(valueset.codes) <= len(self._index):
-            keys: Iterable[CodingKey] = valueset.codes
-        else:
-            keys = [k for k in self._index if k in valueset.codes]
-        for key in keys:
-            for entry in self._index.get(key, ()):
-                if entry.type in types:
-                    found[id(entry)] = entry
-        if valueset.prefixes:
-            for key, entries in self._icd_index.items():
-                if valueset.contains_key(key):
-                    for entry in entries:
-                        if entry.type in types:
-                            found[id(entry)] = entry
-        result = list(found.values())
-        self._match_cache[cache_key] = result
-        return result
+        if cached is None:
+            cached = [e for e in self._by_valueset.get(valueset.id, ()) if e.type in types]
+            self._match_cache[cache_key] = cached
+        return cached
 
     def invalid_reason(self, entry: Entry) -> str | None:
-        """Why ``entry`` is not a valid FHIR R4 resource, or ``None`` if it is.
+        """Why ``entry``'s resource is not a valid FHIR R4 resource, or ``None`` if it is.
 
         Validation with fhir.resources costs about 25x a JSON parse, so it runs only on the
         resources that decide a criterion, once each.
         """
         if entry.ref in self._validity:
             return self._validity[entry.ref]
-        reason = _validate(entry.resource)
+        reason = _validate(entry.source)
         self._validity[entry.ref] = reason
         if reason:
             self.warnings.append(f"{entry.ref} skipped: not valid FHIR R4 ({reason})")
         return reason
+
+
+class RecordBuilder:
+    """One patient's record built as its resources arrive, from one Bundle or several files:
+    each clinical resource is indexed (or dropped, when no criterion reads it) as it comes, so
+    what is held is what the rules read, whatever the size of the input. A medication record
+    that names its drug by a reference waits for :meth:`build`, when every Medication has come.
+    """
+
+    def __init__(self, index: RecordIndex) -> None:
+        self.index = index
+        self._entries: list[Entry] = []
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._medications: dict[str, dict[str, Any]] = {}
+        self._aliases: dict[str, str] = {}
+        self._seen: set[tuple[str, Any]] = set()
+        self.warnings: list[str] = []
+
+    def add_all(
+        self, resources: Iterable[dict[str, Any]], aliases: dict[str, str] | None = None
+    ) -> None:
+        if aliases:
+            self._aliases.update(aliases)
+        for resource in resources:
+            self.add(resource)
+
+    def add_medication(self, resource: dict[str, Any], aliases: Iterable[str] = ()) -> None:
+        """A Medication that records may reference, by ``Medication/id`` or an alias."""
+        self._medications[f"Medication/{resource.get('id')}"] = resource
+        for alias in aliases:
+            self._medications[alias] = resource
+
+    def add(self, resource: dict[str, Any]) -> None:
+        rtype = resource.get("resourceType")
+        if rtype == "Medication":
+            self.add_medication(resource)
+            return
+        if rtype not in _CLINICAL:
+            return
+        key = (rtype, resource.get("id"))
+        if key[1] is not None:
+            if key in self._seen:
+                return  # the same resource from two files or two searches: read once
+            self._seen.add(key)
+        if rtype in _MEDICATION and resource.get("medicationCodeableConcept") is None:
+            self._pending.append((rtype, resource))
+            return
+        self._index(rtype, resource, self._medications)
+
+    def _index(
+        self, rtype: str, resource: dict[str, Any], medications: dict[str, dict[str, Any]]
+    ) -> None:
+        try:
+            made = _make_entries(rtype, resource, medications)
+        except (AttributeError, TypeError, ValueError) as exc:
+            # The resource's shape is too broken to even read its code: skip it, loudly.
+            self.warnings.append(f"{rtype}/{resource.get('id')} skipped: unreadable ({exc})")
+            return
+        relevant = self.index.is_relevant
+        self._entries.extend(e for e in made if any(map(relevant, e.keys)))
+        if made and not made[0].keys and not isinstance(made[0]._concept, dict | None):
+            # a code that is not a CodeableConcept: what it names cannot be known
+            self.warnings.append(f"{made[0].ref} skipped: its code is not a CodeableConcept")
+
+    def build(
+        self,
+        patient: dict[str, Any],
+        *,
+        warnings: Iterable[str] | None = None,
+        incomplete: dict[str, str] | None = None,
+    ) -> PatientRecord:
+        medications = dict(self._medications)
+        for alias, target in self._aliases.items():
+            if target in medications:
+                medications[alias] = medications[target]
+        for rtype, resource in self._pending:
+            self._index(rtype, resource, medications)
+        self._pending.clear()
+        record = PatientRecord(
+            patient=patient,
+            warnings=[*(warnings or ()), *self.warnings],
+            incomplete=dict(incomplete or {}),
+        )
+        memberships = self.index.valuesets_of
+        by_valueset = record._by_valueset
+        for entry in self._entries:
+            record.entries[entry.type].append(entry)
+            keys = entry.keys
+            ids = (
+                memberships(keys[0])
+                if len(keys) == 1
+                else {v for key in keys for v in memberships(key)}
+            )
+            for valueset_id in ids:
+                by_valueset[valueset_id].append(entry)
+        return record
 
 
 # Elements that repeat across a population's resources: a test's code and category, a lab's
@@ -604,34 +739,64 @@ def _validate_whole(resource: dict[str, Any]) -> str | None:
     return None  # pragma: no cover - a resource is invalid either way
 
 
-def _make_entry(
+# The elements of an Observation a component carries in its own right (FHIR R4
+# Observation.component: code, value[x], dataAbsentReason, interpretation, referenceRange).
+_COMPONENT_ELEMENTS = ("code", "dataAbsentReason", "interpretation", "referenceRange")
+
+
+def _component_view(resource: dict[str, Any], component: dict[str, Any]) -> dict[str, Any]:
+    """The Observation as the rules read one of its components: the component's code, value
+    and reference range in place of the Observation's, its status, dates and subject kept."""
+    view = {
+        k: v
+        for k, v in resource.items()
+        if k != "component" and not k.startswith("value") and k not in _COMPONENT_ELEMENTS
+    }
+    view.update(
+        (k, v) for k, v in component.items() if k.startswith("value") or k in _COMPONENT_ELEMENTS
+    )
+    return view
+
+
+def _make_entries(
     rtype: str, resource: dict[str, Any], medications: dict[str, dict[str, Any]]
-) -> Entry | None:
+) -> list[Entry]:
     ref = f"{rtype}/{resource.get('id')}"
     status = resource.get("status")
     if status in _VOID_STATUS.get(rtype, ()):
-        return None
+        return []
     if rtype == "Condition":
         if _status_code(resource.get("verificationStatus")) in _VOID_VERIFICATION:
-            return None
+            return []
         concept = resource.get("code")
         keys = codings_of(concept)
         # mCODE carries ICD-O-3 morphology (grade, differentiation) in an extension.
         for ext in resource.get("extension") or ():
             if isinstance(ext, dict) and "valueCodeableConcept" in ext:
                 keys.extend(codings_of(ext["valueCodeableConcept"]))
-        return Entry(ref, rtype, resource, tuple(keys), concept)
-    if rtype in ("Observation", "Procedure"):
+        return [Entry(ref, rtype, resource, tuple(keys), concept)]
+    if rtype == "Procedure":
         concept = resource.get("code")
-        return Entry(ref, rtype, resource, concept_keys(concept), concept)
+        return [Entry(ref, rtype, resource, concept_keys(concept), concept)]
+    if rtype == "Observation":
+        concept = resource.get("code")
+        made = [Entry(ref, rtype, resource, concept_keys(concept), concept)]
+        components = resource.get("component")
+        if type(components) is list:
+            for component in components:
+                if isinstance(component, dict):
+                    inner = component.get("code")
+                    view = _component_view(resource, component)
+                    made.append(Entry(ref, rtype, view, concept_keys(inner), inner, resource))
+        return made
     # Medication resources: the drug is a CodeableConcept or a reference to a Medication
     # (contained, or elsewhere in the record).
     if rtype == "MedicationRequest" and resource.get("intent") in _NON_ORDER_INTENTS:
-        return None
+        return []
     concept = resource.get("medicationCodeableConcept")
     if concept is None:
         concept = _resolve_medication(resource, medications)
-    return Entry(ref, rtype, resource, concept_keys(concept), concept)
+    return [Entry(ref, rtype, resource, concept_keys(concept), concept)]
 
 
 def _resolve_medication(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from cds.criteria.reads import CLINICAL_TYPES
-from cds.criteria.record import PatientRecord
+from cds.criteria.record import PatientRecord, RecordBuilder, RecordIndex
 from cds.errors import InputError
 
 _BUNDLE_TYPES = {
@@ -45,28 +45,73 @@ def patient_reference(resource: dict[str, Any], aliases: dict[str, str]) -> str 
     return None
 
 
-def bundle_resources(
-    bundle: Any, *, source: str
-) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
-    """The resources of a Bundle, the fullUrl aliases (urn:uuid -> Type/id) and warnings."""
+#: OperationOutcome severities that mean a search failed (FHIR R4 issue-severity: error and
+#: fatal; information and warning do not)
+_FAILED_SEVERITIES = frozenset({"error", "fatal"})
+
+
+def outcome_failed(resource: dict[str, Any]) -> bool:
+    """Whether an OperationOutcome inside a search Bundle reports a failed search (FHIR R4
+    3.1.1.5.4: ``search.mode`` outcome). One with no readable issue is taken as failed."""
+    issues = resource.get("issue")
+    if not isinstance(issues, list) or not issues:
+        return True
+    return any(isinstance(i, dict) and i.get("severity") in _FAILED_SEVERITIES for i in issues)
+
+
+@dataclass
+class BundleContent:
+    """What a Bundle holds for the record builders."""
+
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    #: Bundle fullUrls (urn:uuid:...) -> ``Type/id``
+    aliases: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    #: messages of OperationOutcomes that report a failed search: the data is incomplete
+    failures: list[str] = field(default_factory=list)
+
+
+def bundle_resources(bundle: Any, *, source: str) -> BundleContent:
+    """The resources of a Bundle (a message Bundle's inner Bundles unwrapped), its fullUrl
+    aliases, warnings, and the failed searches it reports."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         found = bundle.get("resourceType") if isinstance(bundle, dict) else type(bundle).__name__
         raise InputError(f"not a FHIR Bundle (resourceType {found!r})", source=source)
+    content = BundleContent()
+    _read_bundle(bundle, source, content, depth=0)
+    return content
+
+
+#: how deep Bundles may nest in a message (a message Bundle wraps a searchset, say)
+_MAX_NESTING = 4
+
+
+def _read_bundle(bundle: dict[str, Any], source: str, content: BundleContent, depth: int) -> None:
     if bundle.get("type") not in _BUNDLE_TYPES:
         raise InputError(f"unsupported Bundle.type {bundle.get('type')!r}", source=source)
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise InputError("Bundle.entry is not a list", source=source)
-    resources: list[dict[str, Any]] = []
-    aliases: dict[str, str] = {}
-    warnings: list[str] = []
     for i, entry in enumerate(entries):
+        where = f"{source}: Bundle.entry[{i}]"
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            warnings.append(f"{source}: Bundle.entry[{i}] has no resource; skipped")
+            content.warnings.append(f"{where} has no resource; skipped")
             continue
-        if resource["resourceType"] == "OperationOutcome":
-            warnings.append(f"{source}: Bundle.entry[{i}] is an OperationOutcome; not data")
+        rtype = resource["resourceType"]
+        if rtype == "Bundle":
+            if depth >= _MAX_NESTING:
+                content.warnings.append(f"{where} is a Bundle nested too deep; skipped")
+            else:
+                _read_bundle(resource, f"{where}", content, depth + 1)
+            continue
+        if rtype == "OperationOutcome":
+            mode = (entry.get("search") or {}).get("mode")
+            if outcome_failed(resource):
+                content.failures.append(f"{where}: {_outcome_text(resource)}")
+            else:
+                kind = "a search outcome" if mode == "outcome" else "an OperationOutcome"
+                content.warnings.append(f"{where} is {kind} ({_outcome_text(resource)}); not data")
             continue
         rid = resource.get("id")
         full_url = entry.get("fullUrl")
@@ -76,68 +121,115 @@ def bundle_resources(
                 rid = full_url.removeprefix("urn:uuid:")
                 resource = {**resource, "id": rid}
             else:
-                warnings.append(f"{source}: Bundle.entry[{i}] {resource['resourceType']} has no id")
+                content.warnings.append(f"{where} {rtype} has no id")
                 continue
         if isinstance(full_url, str):
-            aliases[full_url] = f"{resource['resourceType']}/{rid}"
-        resources.append(resource)
-    return resources, aliases, warnings
+            content.aliases[full_url] = f"{rtype}/{rid}"
+        content.resources.append(resource)
 
 
-def group_by_patient(
-    resources: Iterable[dict[str, Any]],
-    aliases: dict[str, str],
-    *,
-    source: str,
-    warnings: list[str] | None = None,
-    relevant: Callable[[tuple[str, str]], bool] | None = None,
-) -> Iterator[PatientRecord]:
-    """One PatientRecord per Patient, holding the clinical resources that name it.
+def _outcome_text(outcome: dict[str, Any]) -> str:
+    texts = [
+        str(i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code"))
+        for i in outcome.get("issue") or ()
+        if isinstance(i, dict)
+    ]
+    return "; ".join(texts) or "no issue given"
 
-    Medication resources name no patient; every record gets them so references resolve.
+
+def failed_search_reason(failures: list[str]) -> str:
+    """The sentence a criterion fed by a failed search explains itself with."""
+    return (
+        "A search for this patient's data reported an error ("
+        + "; ".join(failures[:2])
+        + "), so what is on record may be incomplete; a complete search would decide it."
+    )
+
+
+class PatientSorter:
+    """Resources from one or more Bundles sorted into per-patient record builders.
+
+    Clinical resources go to the builder of the patient they name; Medications (which name no
+    patient) go to every builder, so references resolve wherever the Medication came from.
+    A file's failed searches make every record read from that file incomplete.
     """
-    patients: dict[str, dict[str, Any]] = {}
-    by_patient: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    shared: list[dict[str, Any]] = []
-    orphans = 0
-    for resource in resources:
-        rtype = resource["resourceType"]
-        if rtype == "Patient":
-            patients[f"Patient/{resource['id']}"] = resource
-        elif rtype == "Medication":
-            shared.append(resource)
-        elif rtype in CLINICAL_TYPES:
-            ref = patient_reference(resource, aliases)
-            if ref is None:
-                orphans += 1
-            else:
-                by_patient[ref].append(resource)
-    if not patients:
-        raise InputError("no Patient resource in the Bundle", source=source)
-    notes = list(warnings or [])
-    if orphans:
-        notes.append(f"{source}: {orphans} clinical resource(s) name no patient; ignored")
-    for ref in by_patient.keys() - patients.keys():
-        notes.append(f"{source}: {len(by_patient[ref])} resource(s) for {ref}, not in the Bundle")
-    for ref, patient in patients.items():
-        yield PatientRecord.from_resources(
-            [*by_patient.get(ref, []), *shared],
-            patient=patient,
-            warnings=notes,
-            aliases=aliases,
-            relevant=relevant,
-        )
+
+    def __init__(self, index: RecordIndex) -> None:
+        self.index = index
+        self.patients: dict[str, dict[str, Any]] = {}
+        self.builders: dict[str, RecordBuilder] = {}
+        self.medications: list[tuple[dict[str, Any], list[str]]] = []
+        self.notes: list[str] = []
+        self.failures: dict[str, list[str]] = {}
+
+    def add(self, content: BundleContent, *, source: str) -> int:
+        """Sort one Bundle's content; the number of Patients it holds."""
+        aliases = content.aliases
+        by_target: dict[str, list[str]] = {}
+        for alias, target in aliases.items():
+            by_target.setdefault(target, []).append(alias)
+        patients = 0
+        orphans = 0
+        touched: set[str] = set()
+        for resource in content.resources:
+            rtype = resource["resourceType"]
+            if rtype == "Patient":
+                ref = f"Patient/{resource['id']}"
+                self.patients.setdefault(ref, resource)
+                self._builder(ref)
+                touched.add(ref)
+                patients += 1
+            elif rtype == "Medication":
+                self.medications.append(
+                    (resource, by_target.get(f"Medication/{resource['id']}", []))
+                )
+            elif rtype in CLINICAL_TYPES:
+                named = patient_reference(resource, aliases)
+                if named is None:
+                    orphans += 1
+                    continue
+                self._builder(named).add_all((resource,), aliases)
+                touched.add(named)
+        self.notes += content.warnings
+        if orphans:
+            self.notes.append(f"{source}: {orphans} clinical resource(s) name no patient; ignored")
+        if content.failures:
+            for ref in touched:
+                self.failures.setdefault(ref, []).extend(content.failures)
+        return patients
+
+    def _builder(self, ref: str) -> RecordBuilder:
+        builder = self.builders.get(ref)
+        if builder is None:
+            builder = self.builders[ref] = RecordBuilder(self.index)
+        return builder
+
+    def records(self) -> Iterator[PatientRecord]:
+        """One record per Patient, in the order the Patients were first met; each builder is
+        let go once its record is built."""
+        for ref in list(self.builders):
+            if ref not in self.patients:
+                count = len(self.builders[ref]._entries) + len(self.builders[ref]._pending)
+                self.notes.append(
+                    f"{count} relevant resource(s) for {ref}, whose Patient is absent"
+                )
+                del self.builders[ref]
+        for ref, patient in self.patients.items():
+            builder = self.builders.pop(ref)
+            for medication, aliases in self.medications:
+                builder.add_medication(medication, aliases)
+            failures = self.failures.get(ref)
+            incomplete = (
+                dict.fromkeys(CLINICAL_TYPES, failed_search_reason(failures)) if failures else None
+            )
+            yield builder.build(patient, warnings=self.notes, incomplete=incomplete)
 
 
 def records_from_bundle(
-    bundle: Any,
-    *,
-    source: str = "bundle",
-    relevant: Callable[[tuple[str, str]], bool] | None = None,
+    bundle: Any, index: RecordIndex, *, source: str = "bundle"
 ) -> list[PatientRecord]:
-    """Every patient's record in one Bundle. ``relevant`` (:meth:`TrialSet.is_relevant`)
-    drops what no criterion reads."""
-    resources, aliases, warnings = bundle_resources(bundle, source=source)
-    return list(
-        group_by_patient(resources, aliases, source=source, warnings=warnings, relevant=relevant)
-    )
+    """Every patient's record in one Bundle, indexed for ``index`` (the trials)."""
+    sorter = PatientSorter(index)
+    if not sorter.add(bundle_resources(bundle, source=source), source=source):
+        raise InputError("no Patient resource in the Bundle", source=source)
+    return list(sorter.records())

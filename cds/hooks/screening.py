@@ -148,10 +148,9 @@ def screen(call: HookCall, trial_ids: Iterable[str] | None = None) -> PatientEva
         patients = [{"resourceType": "Patient", "id": call.patient_id}]
     record = PatientRecord.from_resources(
         [r for r in resources if r.get("resourceType") != "Patient"],
+        st.trials,
         patient=patients[0],
         warnings=data.warnings,
-        relevant=st.trials.is_relevant,
-        memberships=st.trials.valuesets_of,
     )
     trials = st.trials if trial_ids is None else st.trials.only(trial_ids)
     evaluation = evaluate(record, trials, call.card_context().as_of)

@@ -232,13 +232,7 @@ def evaluate_resources(
     warnings: list[str] | None = None,
 ) -> PatientEvaluation:
     """The pure map function: one patient's FHIR resources, the trials and the date in."""
-    record = PatientRecord.from_resources(
-        resources,
-        patient=patient,
-        warnings=warnings,
-        relevant=trials.is_relevant,
-        memberships=trials.valuesets_of,
-    )
+    record = PatientRecord.from_resources(resources, trials, patient=patient, warnings=warnings)
     return evaluate(record, trials, as_of)
 
 
