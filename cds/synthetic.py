@@ -444,6 +444,10 @@ def _no_birth_date(p: PatientBuilder, r: Roles) -> None:
     del p.patient["birthDate"]
 
 
+def _deceased(p: PatientBuilder, r: Roles) -> None:
+    p.patient["deceasedDateTime"] = p.day(30)
+
+
 def _pregnant(p: PatientBuilder, r: Roles) -> None:
     p.patient["gender"] = "female"
     p.patient["birthDate"] = "1990-03-02"
@@ -515,6 +519,7 @@ NET_VARIANTS: tuple[tuple[str, Callable[[PatientBuilder, Roles], None]], ...] = 
     ("pregnant", _pregnant),
     ("age-17", _too_young),
     ("no-birth-date", _no_birth_date),
+    ("deceased", _deceased),
 )
 
 

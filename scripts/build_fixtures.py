@@ -941,6 +941,350 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         },
     )
 
+    # --- shapes hospitals send (issue 15): each read as the base's own shape would be ---
+
+    p, r = base("component-panel")
+    for role in ("plt", "wbc", "hb"):
+        p.remove(r[role])
+    panel = p.lab("58410-2", "CBC panel - Blood by Automated count", None, None, LAB_DAY)
+    panel["component"] = [
+        {
+            "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
+            "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
+            "referenceRange": [
+                {
+                    "low": {"value": low, "unit": unit, "system": UCUM, "code": unit},
+                    "high": {"value": high, "unit": unit, "system": UCUM, "code": unit},
+                }
+            ],
+        }
+        for code, display, value, unit, low, high in (
+            ("777-3", "Platelets", 210, "10*3/uL", 150, 400),
+            ("6690-2", "Leukocytes", 6.2, "10*3/uL", 4.0, 11.0),
+            ("718-7", "Hemoglobin", 13.5, "g/dL", 13.0, 17.5),
+        )
+    ]
+    scenario(
+        "component-panel",
+        "platelets, white cells and haemoglobin sent as components of one blood-count panel "
+        "Observation (as Epic and Oracle Health send panels): read like separate results",
+        p,
+        {
+            A: {"status": "candidate", "inc-platelets": "pass"},
+            B: {"status": "candidate", "exc-hemoglobin": "pass", "exc-wbc": "pass"},
+        },
+    )
+
+    p, r = base("value-strings", gender="female")
+    for role, text in (("bili", "<0.2 mg/dL"), ("alb", "4.1 g/dL"), ("ki67", "15%")):
+        del r[role]["valueQuantity"]
+        r[role]["valueString"] = text
+    del r["inr"]["valueQuantity"]
+    r["inr"]["valueRatio"] = {"numerator": {"value": 1.0}, "denominator": {"value": 1}}
+    hcg = p.lab(
+        "2106-3",
+        "Choriogonadotropin (pregnancy test) [Presence] in Urine",
+        None,
+        None,
+        "2026-10-28",
+    )
+    hcg["valueString"] = "Negative"
+    scenario(
+        "value-strings",
+        "results as text and ratios: bilirubin '<0.2 mg/dL' (a bound that settles the limit), "
+        "albumin '4.1 g/dL', Ki-67 '15%', INR as a ratio 1.0:1 and a urine hCG 'Negative' for "
+        "a woman: all read, a candidate for both",
+        p,
+        {
+            A: {
+                "status": "candidate",
+                "inc-bilirubin": "pass",
+                "inc-albumin": "pass",
+                "inc-inr": "pass",
+                "inc-grade-2": "pass",
+                "exc-pregnancy": "pass",
+            },
+            B: {"status": "candidate"},
+        },
+    )
+
+    p, r = base("data-absent")
+    del r["plt"]["valueQuantity"]
+    r["plt"]["dataAbsentReason"] = {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                "code": "error",
+                "display": "Error",
+            }
+        ]
+    }
+    scenario(
+        "data-absent",
+        "a platelet count reported with dataAbsentReason 'error' and no value: unknown, saying why",
+        p,
+        {A: {"status": "needs-review", "inc-platelets": "unknown"}},
+    )
+
+    p, r = base("effective-period-issued")
+    bili_day = r["bili"].pop("effectiveDateTime")
+    r["bili"]["effectivePeriod"] = {"start": bili_day, "end": bili_day}
+    del r["alt"]["effectiveDateTime"]
+    r["alt"]["issued"] = "2026-10-20T14:02:00-05:00"
+    scenario(
+        "effective-period-issued",
+        "a bilirubin dated by effectivePeriod and an ALT dated only by issued: both in the "
+        "window, a candidate for both",
+        p,
+        {A: {"status": "candidate", "inc-bilirubin": "pass", "inc-alt": "pass"}},
+    )
+
+    p, r = base("same-day-transfusion")
+    p.remove(r["plt"])
+    before = p.lab(
+        "777-3",
+        "Platelets",
+        60,
+        "10*3/uL",
+        "2026-10-20T08:10:00-05:00",
+        high=400,
+        low=150,
+        rid="same-day-transfusion-plt-z-before",
+    )
+    after = p.lab(
+        "777-3",
+        "Platelets",
+        140,
+        "10*3/uL",
+        "2026-10-20T21:30:00Z",
+        high=400,
+        low=150,
+        rid="same-day-transfusion-plt-a-after",
+    )
+    del before, after
+    scenario(
+        "same-day-transfusion",
+        "two platelet counts on one day, 60 at 08:10 (UTC-5) and 140 at 21:30 UTC after a "
+        "transfusion, with ids that sort the other way: the later one by the instant decides",
+        p,
+        {A: {"status": "candidate", "inc-platelets": "pass"}},
+    )
+
+    p, r = base("lab-units")
+    for role, unit, ucum in (
+        ("plt", "x10E3/uL", False),
+        ("wbc", "G/L", False),
+        ("creat", "umol/L", True),
+        ("alb", "g/L", True),
+    ):
+        q = r[role]["valueQuantity"]
+        if role == "creat":
+            q["value"] = 80
+        if role == "alb":
+            q["value"] = 40
+        q["unit"] = unit
+        if ucum:
+            q["code"] = unit
+        else:
+            q.pop("code", None)
+            q.pop("system", None)
+        r[role].pop("referenceRange", None)
+    del r["hb"]["valueQuantity"]["unit"]
+    del r["hb"]["valueQuantity"]["code"]
+    del r["hb"]["valueQuantity"]["system"]
+    scenario(
+        "lab-units",
+        "units as labs write them (platelets 'x10E3/uL', white cells 'G/L' as giga per litre, "
+        "creatinine µmol/L, albumin g/L) are converted; a haemoglobin sent without a unit is "
+        "unknown, not a guess",
+        p,
+        {
+            A: {
+                "status": "candidate",
+                "inc-platelets": "pass",
+                "inc-creatinine": "pass",
+                "inc-albumin": "pass",
+            },
+            B: {"status": "needs-review", "exc-wbc": "pass", "exc-hemoglobin": "unknown"},
+        },
+    )
+
+    p, r = base("grade-other-tumour")
+    p.remove(r["ki67"])
+    colon = p.condition(
+        [(ICD10, "C18.7", "Malignant neoplasm of sigmoid colon")],
+        "2015-03-01",
+        clinical="resolved",
+    )
+    colon["abatementDateTime"] = "2016-01-10"
+    old_grade = p.coded_obs(
+        "21858-6", "Grade Cancer", (SNOMED, "61026006", "G3 grade (finding)"), "2015-03-20"
+    )
+    old_grade["focus"] = [{"reference": f"Condition/{colon['id']}"}]
+    scenario(
+        "grade-other-tumour",
+        "the only grade on record is a G3 whose focus is a resolved colon cancer: it never "
+        "decides the NET's grade, which stays unknown",
+        p,
+        {
+            A: {"status": "needs-review", "inc-grade-2": "unknown"},
+            B: {"status": "needs-review", "inc-grade-1-2": "unknown"},
+        },
+    )
+
+    p, r = base("deceased")
+    p.patient["deceasedDateTime"] = "2026-10-28"
+    scenario(
+        "deceased",
+        "an otherwise eligible patient recorded as deceased on 2026-10-28: excluded from both "
+        "(the service's living-patient precondition), and no card",
+        p,
+        {
+            A: {"status": "excluded", "inc-living-patient": "fail"},
+            B: {"status": "excluded", "inc-living-patient": "fail"},
+        },
+    )
+
+    p, r = base("birthdate-partial", birth="1968")
+    scenario(
+        "birthdate-partial",
+        "a birth date given as a year only: the age limit is settled (over 18 whatever the "
+        "day), the Cockcroft-Gault clearance, which needs the exact age, is unknown",
+        p,
+        {
+            A: {"status": "candidate", "inc-age": "pass"},
+            B: {"status": "needs-review", "inc-age": "pass", "exc-renal-function": "unknown"},
+        },
+    )
+
+    p, r = base("sex-extension")
+    p.patient["gender"] = "unknown"
+    p.patient["extension"] = [
+        {
+            "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex",
+            "valueCode": "F",
+        }
+    ]
+    scenario(
+        "sex-extension",
+        "Patient.gender 'unknown' with the US Core birth-sex extension F: Cockcroft-Gault uses "
+        "female and says where it read it",
+        p,
+        {B: {"status": "candidate", "exc-renal-function": "pass"}},
+    )
+
+    p, r = base("pregnancy-status", gender="female", birth="1990-03-02")
+    p.coded_obs("82810-3", "Pregnancy status", (LOINC, "LA15173-0", "Pregnant"), "2026-10-25")
+    scenario(
+        "pregnancy-status",
+        "a pregnancy-status observation (LOINC 82810-3) answered 'Pregnant', with no "
+        "pregnancy condition or hCG: excluded from both",
+        p,
+        {
+            A: {"status": "excluded", "exc-pregnancy": "fail"},
+            B: {"status": "excluded", "exc-pregnancy": "fail"},
+        },
+    )
+
+    p, r = base("search-outcome-error")
+    b = p.bundle("searchset")
+    for e in b["entry"]:
+        e["search"] = {"mode": "match"}
+    b["entry"].append(
+        {
+            "resource": {
+                "resourceType": "OperationOutcome",
+                "id": "search-outcome-error-oo",
+                "issue": [
+                    {
+                        "severity": "error",
+                        "code": "timeout",
+                        "diagnostics": "the Procedure search timed out",
+                    }
+                ],
+            },
+            "search": {"mode": "outcome"},
+        }
+    )
+    scenario(
+        "search-outcome-error",
+        "a searchset whose outcome entry reports an error: what is on record may be "
+        "incomplete, so nothing read from it passes or fails (needs review, not a candidate)",
+        p,
+        {
+            A: {
+                "status": "needs-review",
+                "exc-prior-liver-embolization": "unknown",
+                "inc-bilirubin": "unknown",
+                "inc-age": "pass",
+            },
+            B: {"status": "needs-review"},
+        },
+        bundle=b,
+    )
+
+    p, r = base("message-bundle")
+    inner = p.bundle("collection")
+    message = {
+        "resourceType": "Bundle",
+        "id": "fixture-message-bundle",
+        "type": "message",
+        "entry": [
+            {
+                "fullUrl": "MessageHeader/message-bundle-header",
+                "resource": {
+                    "resourceType": "MessageHeader",
+                    "id": "message-bundle-header",
+                    "eventCoding": {"system": "urn:example:events", "code": "patient-data"},
+                    "source": {"endpoint": "urn:example:sender"},
+                },
+            },
+            {"resource": inner},
+            {"fullUrl": "urn:uuid:00000000-0000-4000-8000-00000000abcd"},
+        ],
+    }
+    scenario(
+        "message-bundle",
+        "a message Bundle that wraps the patient's Bundle, with one entry that holds no "
+        "resource (skipped with a warning): read as the inner Bundle, a candidate for both",
+        p,
+        {A: {"status": "candidate"}, B: {"status": "candidate"}},
+        bundle=message,
+    )
+
+    p, r = base("medication-reference")
+    medication = {
+        "resourceType": "Medication",
+        "id": "medication-reference-capecitabine",
+        "code": {
+            "coding": [
+                {"system": RXNORM, "code": "200328", "display": "capecitabine 500 MG Oral Tablet"}
+            ]
+        },
+    }
+    p.resources.append(medication)
+    p.resources.append(
+        {
+            "resourceType": "MedicationDispense",
+            "id": "medication-reference-dispense",
+            "status": "completed",
+            "medicationReference": {"reference": "Medication/medication-reference-capecitabine"},
+            "subject": {"reference": "Patient/medication-reference"},
+            "whenHandedOver": "2026-10-15",
+            "daysSupply": {"value": 14, "unit": "day", "system": UCUM, "code": "d"},
+        }
+    )
+    scenario(
+        "medication-reference",
+        "the only capecitabine record is a MedicationDispense that names its drug by a "
+        "reference to a Medication: found by every door, the washouts fail",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {"status": "excluded", "exc-prior-capecitabine-temozolomide": "fail"},
+        },
+    )
+
     # A transaction bundle with urn:uuid references, as an EHR export or a test tool sends.
     p, r = base("transaction-urn-uuid")
     p.med_admin("200328", "capecitabine 500 MG Oral Tablet", "2026-10-20")
@@ -987,6 +1331,16 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
     )
 
 
+def _first_patient(bundle: dict[str, Any]) -> str:
+    for entry in bundle["entry"]:
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Patient":
+            return str(resource["id"])
+        if resource.get("resourceType") == "Bundle":
+            return _first_patient(resource)
+    raise ValueError(f"no Patient in {bundle['id']}")
+
+
 def main() -> None:
     build()
     OUT.mkdir(exist_ok=True)
@@ -1012,11 +1366,7 @@ def main() -> None:
         with open(OUT / name, "w", encoding="utf-8") as f:
             json.dump(s["bundle"], f, indent=1, ensure_ascii=False)
             f.write("\n")
-        first_patient = next(
-            e["resource"]["id"]
-            for e in s["bundle"]["entry"]
-            if e["resource"]["resourceType"] == "Patient"
-        )
+        first_patient = _first_patient(s["bundle"])
         expectations[name] = {
             "as_of": AS_OF,
             "patient": f"Patient/{first_patient}",

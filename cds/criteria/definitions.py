@@ -53,6 +53,21 @@ class Criterion:
         )
 
 
+#: The service's own precondition, put first in every trial: the registry text assumes a
+#: living patient and never says so, but a record may say otherwise (Patient.deceased[x]).
+LIVING_PATIENT = Criterion(
+    id="inc-living-patient",
+    kind="inclusion",
+    label="Living patient",
+    text="Screening precondition (not registry text): the patient is alive on the screening date.",
+    context=None,
+    note="Added by the screening service to every trial; not part of the protocol.",
+    rule={"type": "alive"},
+    manual_reason=None,
+    related=(),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Trial:
     """A trial's identity, registry facts and criteria in protocol order."""
@@ -249,8 +264,8 @@ def parse_trial(
         raise DefinitionError(
             first.message, file=file, criterion=criterion, field=_schema_path(first) or "(root)"
         )
-    seen: set[str] = set()
-    criteria: list[Criterion] = []
+    seen: set[str] = {LIVING_PATIENT.id}
+    criteria: list[Criterion] = [LIVING_PATIENT]
     for i, item in enumerate(data["criteria"]):
         cid = item["id"]
         if cid in seen:

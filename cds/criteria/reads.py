@@ -122,6 +122,8 @@ class RuleKind:
 
         def add(types: Iterable[str], ids: Iterable[str]) -> None:
             kept = tuple(ids)
+            if not kept:
+                return
             for t in types:
                 by_type.setdefault(t, set()).update(kept)
 

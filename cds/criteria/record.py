@@ -397,12 +397,16 @@ class PatientRecord:
     def birth_date(self) -> DateRange | None:
         return parse_date(self.patient.get("birthDate"))
 
-    def deceased(self) -> tuple[bool, DateRange | None]:
-        """(recorded as deceased, the date when given): FHIR R4 Patient.deceased[x]."""
+    def deceased(self) -> tuple[bool | None, DateRange | None]:
+        """(recorded as deceased, the date when given): FHIR R4 Patient.deceased[x]; ``None``
+        for a death date that cannot be read."""
         if self.patient.get("deceasedBoolean") is True:
             return True, None
-        when = parse_date(self.patient.get("deceasedDateTime"))
-        return when is not None, when
+        given = self.patient.get("deceasedDateTime")
+        if given is None:
+            return False, None
+        when = parse_date(given)
+        return (None, None) if when is None else (True, when)
 
     @classmethod
     def from_resources(

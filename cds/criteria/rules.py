@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import operator
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cds.criteria.model import Result
@@ -20,7 +21,7 @@ from cds.criteria.reads import (
     value_param,
     valuesets_param,
 )
-from cds.criteria.record import Entry, PatientRecord, codings_of
+from cds.criteria.record import Entry, PatientRecord, codings_of, concept_display
 from cds.criteria.units import Analyte, display_unit, normalize_unit
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class Context:
         cached: list[Entry] | None = self.record.selection_cache.get(cache_key)
         if cached is not None:
             return cached
-        seen: dict[str, Entry] = {}
+        seen: dict[int, Entry] = {}
         for vs_id in valueset_ids:
             valueset = self.trials.valueset(vs_id)
             for entry in self.record.matching(types, valueset):
@@ -96,7 +97,8 @@ class Context:
                 if when is None or when.start <= self.as_of:
                     # Without a display in the record, it is named by the value set's.
                     entry.fallback_displays = entry.fallback_displays or valueset.displays
-                    seen[entry.ref] = entry
+                    # by identity: each component of a panel is an entry of its own
+                    seen[id(entry)] = entry
         selected = sorted(seen.values(), key=_sort_key, reverse=True)
         self.record.selection_cache[cache_key] = selected
         return selected
@@ -121,8 +123,19 @@ def _days_before(day: date, days: int) -> date:
     return day - timedelta(days=days)
 
 
-def _sort_key(entry: Entry) -> tuple[date, str]:
-    return (entry.when.end if entry.when else date.min, entry.ref)
+def _sort_key(entry: Entry) -> tuple[float, str]:
+    """Order in time: by the instant when the record gives a time of day (two platelet counts
+    on one day, before and after a transfusion), else by the last day its date covers; the
+    reference only breaks exact ties."""
+    instant = entry.instant
+    if instant is None:
+        instant = _day_start(entry.when.end) if entry.when else float("-inf")
+    return (instant, entry.ref)
+
+
+@functools.cache
+def _day_start(day: date) -> float:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
 
 
 def _when(entry: Entry) -> str:
@@ -322,9 +335,64 @@ class Measurement(NamedTuple):
 
 def _quantity(resource: dict[str, Any]) -> dict[str, Any] | None:
     quantity = resource.get("valueQuantity")
-    if isinstance(quantity, dict) and isinstance(quantity.get("value"), int | float):
+    if isinstance(quantity, dict) and _is_number(quantity.get("value")):
         return quantity
     return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# A number as labs write it in valueString: an optional bound, the number (a dot for the
+# decimal point; "1,000" is ambiguous between locales and is not read), an optional unit.
+_NUMBER_TEXT = re.compile(r"^\s*(<=|>=|≤|≥|<|>)?\s*([-+]?\d+(?:\.\d+)?)\s*([^\d\s,.][^,]*)?\s*$")
+_TEXT_COMPARATOR = {"≤": "<=", "≥": ">="}
+
+
+def observed_quantity(resource: dict[str, Any]) -> dict[str, Any] | str:
+    """An Observation's value as a FHIR Quantity (value, unit or code, comparator), whatever
+    element carries it, or why it has none.
+
+    FHIR R4 Observation.value[x]: ``valueQuantity``; ``valueInteger``; ``valueString``
+    holding a number, a bound ("<0.2", ">20%") and perhaps a unit; ``valueRatio`` with a
+    denominator of 1. ``dataAbsentReason`` says why there is no value, and is quoted.
+    """
+    quantity = _quantity(resource)
+    if quantity is not None:
+        return quantity
+    integer = resource.get("valueInteger")
+    if _is_number(integer):
+        return {"value": integer}
+    text = resource.get("valueString")
+    if isinstance(text, str):
+        m = _NUMBER_TEXT.match(text)
+        if m is None:
+            return f"reports {text.strip()[:40]!r}, not a number"
+        number = m.group(2)
+        parsed: dict[str, Any] = {"value": float(number) if "." in number else int(number)}
+        if m.group(1):
+            parsed["comparator"] = _TEXT_COMPARATOR.get(m.group(1), m.group(1))
+        if m.group(3):
+            parsed["unit"] = m.group(3).strip()
+        return parsed
+    ratio = resource.get("valueRatio")
+    if isinstance(ratio, dict):
+        numerator, denominator = ratio.get("numerator"), ratio.get("denominator")
+        if (
+            isinstance(numerator, dict)
+            and _is_number(numerator.get("value"))
+            and isinstance(denominator, dict)
+            and denominator.get("value") == 1
+            and not (denominator.get("unit") or denominator.get("code"))
+        ):
+            return numerator
+        return "reports a ratio that is not a single quantity"
+    absent = resource.get("dataAbsentReason")
+    if absent is not None:
+        reason = concept_display(absent) or next(iter(codings_of(absent)), ("", "unstated"))[1]
+        return f"was reported without a value (data absent: {reason})"
+    return "has no numeric value"
 
 
 def _usable_observations(ctx: Context, valueset_id: str) -> list[Entry]:
@@ -344,14 +412,20 @@ def _usable_observations(ctx: Context, valueset_id: str) -> list[Entry]:
 
 def measure(analyte: Analyte, entry: Entry) -> Measurement | str:
     """Read and convert an Observation's value, or say why it cannot be used."""
-    quantity = _quantity(entry.resource)
-    if quantity is None:
-        return f"{entry.describe()}{_when(entry)} has no numeric value"
+    quantity = observed_quantity(entry.resource)
+    if isinstance(quantity, str):
+        return f"{entry.describe()}{_when(entry)} {quantity}"
     unit = normalize_unit(quantity)
     raw_unit = display_unit(unit) if unit else (quantity.get("unit") or quantity.get("code") or "")
     raw = f"{quantity['value']} {raw_unit}".strip()
     value = analyte.to_unit(float(quantity["value"]), unit)
     if value is None:
+        if not raw_unit:
+            # The LOINC code fixes what is measured but not the unit it is reported in.
+            return (
+                f"{analyte.label} {raw}{_when(entry)} ({entry.ref}) has no unit, so it cannot "
+                f"be read as {display_unit(analyte.unit)}"
+            )
         return (
             f"{analyte.label} {raw}{_when(entry)} ({entry.ref}) is in a unit that cannot be "
             f"converted to {display_unit(analyte.unit) or 'a ratio'}"
@@ -388,7 +462,8 @@ def _bound(q: Any, m: Measurement, analyte: Analyte) -> float | None:
         if unit is None:
             return None
     else:
-        unit = normalize_unit(_quantity(m.entry.resource) or {})
+        own = observed_quantity(m.entry.resource)
+        unit = normalize_unit(own) if isinstance(own, dict) else None
     return analyte.to_unit(float(q["value"]), unit)
 
 
@@ -695,6 +770,24 @@ def performance_status(rule: dict[str, Any], ctx: Context) -> Outcome:
 # --- demographics and derived values ----------------------------------------------------
 
 
+@rule_kind("alive", patient_elements=("deceasedBoolean", "deceasedDateTime"))
+def alive(rule: dict[str, Any], ctx: Context) -> Outcome:
+    """The service's precondition: a patient recorded as deceased (FHIR R4
+    Patient.deceased[x]) on or before the screening date is never a candidate."""
+    ref = ctx.record.patient_ref
+    deceased, when = ctx.record.deceased()
+    if deceased is None:
+        return Outcome(
+            Result.UNKNOWN,
+            (ref,),
+            f"A death date is recorded but cannot be read ({ref}); confirm the patient is alive.",
+        )
+    if deceased and (when is None or when.start <= ctx.as_of):
+        on = f" on {when}" if when else ""
+        return Outcome(Result.FAIL, (ref,), f"Recorded as deceased{on} ({ref}).")
+    return Outcome(Result.PASS, (ref,), f"No death recorded on or before {ctx.as_of} ({ref}).")
+
+
 def _add_years(day: date, years: int) -> date:
     try:
         return day.replace(year=day.year + years)
@@ -720,6 +813,13 @@ def age(rule: dict[str, Any], ctx: Context) -> Outcome:
     if born is None:
         return Outcome(
             Result.UNKNOWN, (ref,), f"No birth date on {ref}; a birth date would decide it."
+        )
+    if ctx.as_of < born.start:
+        return Outcome(
+            Result.UNKNOWN,
+            (ref,),
+            f"Birth date {born} ({ref}) is after the screening date {ctx.as_of}; a correct "
+            "birth date or screening date would decide it.",
         )
     years = rule["years"]
     strict = rule["op"] == ">"
@@ -788,8 +888,11 @@ def creatinine_clearance(rule: dict[str, Any], ctx: Context) -> Outcome:
         )
     clearance = (140 - years) * weight.value / (72 * creatinine.value) * (0.85 if female else 1.0)
     evidence += [weight.entry.ref, creatinine.entry.ref]
+    sex, sex_source = record.sex
+    if sex_source != "gender":
+        sex = f"{sex} (from the {sex_source} extension)"
     inputs = (
-        f"age {years}, {record.gender}, weight {_fmt(weight.value)} kg{_when(weight.entry)} "
+        f"age {years}, {sex}, weight {_fmt(weight.value)} kg{_when(weight.entry)} "
         f"({weight.entry.ref}), creatinine {_fmt(creatinine.value)} mg/dL"
         f"{_when(creatinine.entry)} ({creatinine.entry.ref})"
     )
@@ -833,6 +936,34 @@ def _grade_of_concept(ctx: Context, concept: Any) -> int | None:
     return None
 
 
+#: the Conditions that name the NET a grade or Ki-67 result may be about
+_NET_CONDITIONS = (
+    "net-diagnosis",
+    "pancreatic-net",
+    "poorly-differentiated-net",
+    "net-grade-1",
+    "net-grade-2",
+    "net-grade-3",
+)
+
+
+def _about_another_tumour(ctx: Context, entry: Entry) -> bool:
+    """Whether an Observation's ``focus`` names something other than a NET on record (FHIR R4
+    Observation.focus: what the result is about when not the subject itself), such as a
+    resolved colon cancer's grade: such a result never decides the NET's grade."""
+    focus = entry.resource.get("focus")
+    if not isinstance(focus, list) or not focus:
+        return False
+    nets = {e.ref for e in ctx.entries(("Condition",), _NET_CONDITIONS)}
+    for target in focus:
+        reference = target.get("reference") if isinstance(target, dict) else None
+        if isinstance(reference, str):
+            parts = reference.split("/_history/", 1)[0].rstrip("/").split("/")
+            if "/".join(parts[-2:]) in nets:
+                return False
+    return True
+
+
 @rule_kind(
     "grade",
     value_param(
@@ -840,19 +971,37 @@ def _grade_of_concept(ctx: Context, concept: Any) -> int | None:
     ),
     fixed_valuesets={
         "Observation": ("tumour-grade",),
-        "Condition": ("poorly-differentiated-net", "net-grade-1", "net-grade-2", "net-grade-3"),
+        "Condition": (
+            "net-diagnosis",
+            "pancreatic-net",
+            "poorly-differentiated-net",
+            "net-grade-1",
+            "net-grade-2",
+            "net-grade-3",
+        ),
     },
     fixed_analytes=("ki67",),
 )
 def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
     """The NET's histologic grade from, in order of authority: a recorded grade, a poorly
-    differentiated diagnosis code, the Ki-67 index (WHO 2019 cut-offs)."""
+    differentiated diagnosis code, the Ki-67 index (WHO 2019 cut-offs). A grade or Ki-67
+    result about another tumour (its ``focus``) is set aside and said so."""
     allowed = set(rule["allowed"])
     evidence: list[str] = []
     notes: list[str] = []
     explicit: tuple[int, Entry] | None = None
+    set_aside: list[Entry] = []
+
+    def about_the_net(entries: list[Entry]) -> list[Entry]:
+        kept: list[Entry] = []
+        for e in entries:
+            (set_aside if _about_another_tumour(ctx, e) else kept).append(e)
+        return kept
+
     for entry in ctx.readable(
-        [e for e in ctx.entries(("Observation",), ["tumour-grade"]) if e.status in _USABLE]
+        about_the_net(
+            [e for e in ctx.entries(("Observation",), ["tumour-grade"]) if e.status in _USABLE]
+        )
     )[0]:
         found = _grade_of_concept(ctx, entry.resource.get("valueCodeableConcept"))
         if found is not None:
@@ -877,7 +1026,7 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
                 break
     poorly = ctx.readable(ctx.entries(("Condition",), ["poorly-differentiated-net"]))[0]
     ki67: tuple[int, Measurement] | None = None
-    ki_entries = _usable_observations(ctx, "ki67")
+    ki_entries = about_the_net(_usable_observations(ctx, "ki67"))
     if ki_entries and not ctx.record.invalid_reason(ki_entries[0]):
         m = measure(ctx.trials.analytes["ki67"], ki_entries[0])
         if isinstance(m, Measurement) and m.comparator is None:
@@ -908,11 +1057,16 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
             "by the WHO 2019 cut-offs (G1 < 3 %, G2 3-20 %, G3 > 20 %)"
         )
     if decided is None:
+        aside = (
+            f" ({_listing(set_aside)} is about another tumour, not a NET on record)"
+            if set_aside
+            else ""
+        )
         return Outcome(
             Result.UNKNOWN,
-            (ctx.record.patient_ref,),
-            "No histologic grade, Ki-67 index or differentiation recorded for the NET; "
-            "the pathology grade would decide it.",
+            (ctx.record.patient_ref, *_refs(set_aside)),
+            "No histologic grade, Ki-67 index or differentiation recorded for the NET"
+            f"{aside}; the pathology grade would decide it.",
         )
     if ki67 is not None and explicit is not None and ki67[0] > decided:
         # WHO assigns the higher of the two indices: a recorded grade below what the Ki-67
@@ -1022,7 +1176,7 @@ def washout(rule: dict[str, Any], ctx: Context) -> Outcome:
     "pregnancy",
     valuesets_param("conditions", ["Condition"], required=True),
     value_param("lookback_days", {"type": "integer", "minimum": 1}),
-    fixed_valuesets={"Observation": ("hcg",)},
+    fixed_valuesets={"Observation": ("hcg", "pregnancy-status")},
     patient_elements=("gender",),
 )
 def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
@@ -1038,8 +1192,13 @@ def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
         return _unconfirmed(by_state["unconfirmed"], "confirm or refute it")
     lookback = rule.get("lookback_days", ctx.trial.lab_lookback_days)
     start = ctx.window_start(lookback)
-    positive = set(ctx.trials.answers.get("qualitative_positive", []))
-    negative = set(ctx.trials.answers.get("qualitative_negative", []))
+    answers = ctx.trials.answers
+    positive = set(answers.get("qualitative_positive", []))
+    negative = set(answers.get("qualitative_negative", []))
+    words = answers.get("qualitative_text", {})
+    status = _pregnancy_status(ctx, start, answers.get("pregnancy_status", {}))
+    if status is not None and status.result is not Result.PASS:
+        return status  # pregnant, or a status that cannot be read
     hcg = [
         e
         for e in ctx.entries(("Observation",), ["hcg"])
@@ -1054,6 +1213,12 @@ def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
             for concept in entry.resource.get("interpretation") or []
             for _, c in codings_of(concept)
         }
+        text = entry.resource.get("valueString")
+        word = text.strip().casefold() if isinstance(text, str) else None
+        if word in words.get("positive", ()):
+            codes.add(next(iter(positive), ""))
+        elif word in words.get("negative", ()):
+            codes.add(next(iter(negative), ""))
         if codes & positive or interpretation & {"POS", "H", "HH", "A"}:
             return Outcome(
                 Result.FAIL,
@@ -1076,6 +1241,8 @@ def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
         )
     if bad:
         return _malformed_unknown(ctx, bad, "A pregnancy or lactation record")
+    if status is not None:
+        return status  # recorded as not pregnant, and no pregnancy test says otherwise
     return Outcome(
         Result.PASS,
         (ref,),
@@ -1085,6 +1252,38 @@ def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
 
 
 #: the rule functions by kind, from their declarations
+def _pregnancy_status(ctx: Context, start: date, meaning: dict[str, str]) -> Outcome | None:
+    """The latest final "Pregnancy status" observation in the window, when it says pregnant
+    (a fail) or not pregnant (a pass); ``None`` when there is none; an answer that cannot be
+    read is unknown."""
+    latest = next(
+        (
+            e
+            for e in ctx.entries(("Observation",), ["pregnancy-status"])
+            if e.status in _FINAL and e.when is not None and e.when.end >= start
+        ),
+        None,
+    )
+    if latest is None:
+        return None
+    if ctx.record.invalid_reason(latest):
+        return _malformed_unknown(ctx, [latest], "The latest pregnancy status")
+    said = {
+        meaning.get(f"{s}|{c}") for s, c in codings_of(latest.resource.get("valueCodeableConcept"))
+    } - {None}
+    shown = f"{latest.describe()}{_when(latest)}"
+    if said == {"pregnant"}:
+        return Outcome(Result.FAIL, (latest.ref,), f"Recorded as pregnant: {shown}.")
+    if said == {"not pregnant"}:
+        return Outcome(Result.PASS, (latest.ref,), f"Recorded as not pregnant: {shown}.")
+    return Outcome(
+        Result.UNKNOWN,
+        (latest.ref,),
+        f"Pregnancy status {shown} has no answer the service can read; a recorded status "
+        "or a pregnancy test would decide it.",
+    )
+
+
 RULES: dict[str, Callable[[dict[str, Any], Context], Outcome]] = {
     name: kind.func for name, kind in RULE_KINDS.items()
 }

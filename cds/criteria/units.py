@@ -27,10 +27,13 @@ _SYNONYMS = {
     "x10^3/ul": "10*3/uL",
     "x10*3/ul": "10*3/uL",
     "10e3/ul": "10*3/uL",
+    "x10e3/ul": "10*3/uL",
     "k/ul": "10*3/uL",
     "thou/ul": "10*3/uL",
     "10*3/mm3": "10*3/mm3",
     "10^3/mm3": "10*3/mm3",
+    "k/mm3": "10*3/mm3",
+    "thou/mm3": "10*3/mm3",
     "10*9/l": "10*9/L",
     "10^9/l": "10*9/L",
     "x10^9/l": "10*9/L",
@@ -71,8 +74,16 @@ def normalize_unit(quantity: dict[str, Any]) -> str | None:
     return None if raw is None else _recognise(raw)
 
 
+# Spellings whose case carries their meaning, read before the case-folded table: "G/L" is
+# giga (10^9) per litre, the cell-count unit of French and Swiss labs, where "g/L" is grams.
+_CASE_SENSITIVE = {"G/L": "10*9/L"}
+
+
 @functools.lru_cache(maxsize=4096)  # a population spells units a few dozen ways
 def _recognise(raw: str) -> str | None:
+    exact = _CASE_SENSITIVE.get(raw.strip())
+    if exact is not None:
+        return exact
     key = raw.strip().replace("µ", "u").replace("μ", "u").replace(" ", "").lower()
     return _SYNONYMS.get(key)
 

@@ -108,7 +108,8 @@ def _read_bundle(bundle: dict[str, Any], source: str, content: BundleContent, de
         if rtype == "OperationOutcome":
             mode = (entry.get("search") or {}).get("mode")
             if outcome_failed(resource):
-                content.failures.append(f"{where}: {_outcome_text(resource)}")
+                # said the same whatever door the record came through: no file name
+                content.failures.append(_outcome_text(resource))
             else:
                 kind = "a search outcome" if mode == "outcome" else "an OperationOutcome"
                 content.warnings.append(f"{where} is {kind} ({_outcome_text(resource)}); not data")
