@@ -13,6 +13,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from cds.criteria.reads import RECORD_TYPES
 from cds.errors import InputError
 
 JSONDict = dict[str, Any]
@@ -130,16 +131,8 @@ _NOISE_MEDICATIONS = (
 _GIVEN = ("Alex", "Sam", "Maria", "Jon", "Aiko", "Lena", "Omar", "Rita", "Tom", "Ines", "Kofi")
 _FAMILY = ("Synth", "Moreau", "Okafor", "Silva", "Novak", "Tanaka", "Berg", "Costa", "Haddad")
 
-#: order of resource types in bundles and NDJSON: the order the FHIR queries return them in
-TYPE_ORDER = (
-    "Patient",
-    "Condition",
-    "Procedure",
-    "Observation",
-    "MedicationRequest",
-    "MedicationStatement",
-    "MedicationAdministration",
-)
+#: order of resource types in bundles and NDJSON: the order records present them in
+TYPE_ORDER = RECORD_TYPES
 
 
 class PatientBuilder:

@@ -290,14 +290,9 @@ def _fixture_expectations(tag: tuple[str, str]) -> dict[str, set[str]]:
     from cds.criteria import load_trials
     from cds.fhir.loader import FIXTURES_DIR, bundle_files, prepare_entries
 
-    codes = load_trials().codes_for("Observation")
-    covered = {
-        "Condition",
-        "Procedure",
-        "MedicationRequest",
-        "MedicationStatement",
-        "MedicationAdministration",
-    }
+    trials = load_trials()
+    codes = trials.codes_for("Observation")
+    covered = set(trials.types_read()) - {"Observation"}
     expected: dict[str, set[str]] = {}
     resources = []
     for path in bundle_files(FIXTURES_DIR):
@@ -313,12 +308,15 @@ def _fixture_expectations(tag: tuple[str, str]) -> dict[str, set[str]]:
         ref = (resource.get("subject") or resource.get("patient") or {}).get("reference", "")
         if not ref.startswith("Patient/") or ref[8:] not in expected:
             continue
-        codings = {
-            (c.get("system"), c.get("code"))
-            for c in (resource.get("code") or {}).get("coding") or []
-        }
+        # the Observation's code or a component's (combo-code)
+        concepts = [resource.get("code") or {}]
+        concepts += [c.get("code") or {} for c in resource.get("component") or ()]
+        codings = {(c.get("system"), c.get("code")) for k in concepts for c in k.get("coding", ())}
         if rtype in covered or (rtype == "Observation" and codings & codes):
             expected[ref[8:]].add(f"{rtype}/{resource['id']}")
+            medication = (resource.get("medicationReference") or {}).get("reference")
+            if medication:  # read after the searches
+                expected[ref[8:]].add(medication)
     return expected
 
 

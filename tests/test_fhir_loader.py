@@ -62,11 +62,34 @@ def test_every_resource_is_tagged_once() -> None:
     assert {"system": "urn:t", "code": "run-1"} in entry.resource["meta"]["tag"]
 
 
+def test_entries_without_a_resource_are_skipped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    entries = [
+        {"resource": {"id": "x"}},
+        {"fullUrl": "urn:uuid:00000000-0000-4000-8000-000000000001"},
+        {"resource": {"resourceType": "Patient", "id": "p1"}},
+    ]
+    prepared = prepare_entries(bundle(*entries), file="dir/x.json", tag=DEFAULT_TAG)
+    assert [e.reference for e in prepared] == ["Patient/p1"]
+    skipped = [r.getMessage() for r in caplog.records if "has no resource" in r.getMessage()]
+    assert skipped == [
+        "dir/x.json: entry 0: has no resource with a resourceType; skipped",
+        "dir/x.json: entry 1: has no resource with a resourceType; skipped",
+    ]
+
+
+def test_a_message_bundle_is_unwrapped() -> None:
+    inner = bundle({"resource": {"resourceType": "Patient", "id": "p1"}})
+    outer = bundle({"resource": {"resourceType": "MessageHeader", "id": "h1"}}, {"resource": inner})
+    prepared = prepare_entries(outer, file="m.json", tag=DEFAULT_TAG)
+    assert [e.reference for e in prepared] == ["MessageHeader/h1", "Patient/p1"]
+
+
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
         ([{"resource": {"resourceType": "Patient"}}], "entry 0: Patient has no usable id"),
-        ([{"resource": {"id": "x"}}], "entry 0: has no resource"),
         (
             [
                 {"resource": {"resourceType": "Patient", "id": "p1"}},

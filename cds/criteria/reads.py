@@ -143,14 +143,13 @@ class RuleKind:
         add(("Observation",), (analytes[a].valueset for a in analyte_ids if a in analytes))
         return by_type
 
-    def analytes_read(self, rule: Mapping[str, Any]) -> tuple[str, ...]:
-        found = list(self.fixed_analytes)
+    def patient_elements_read(self, rule: Mapping[str, Any]) -> frozenset[str]:
+        """The Patient elements a rule of this kind reads, its nested rules' included."""
+        found = set(self.patient_elements)
         for p in self.params:
-            if p.name in rule and p.role == "analyte":
-                found.append(rule[p.name])
-            elif p.name in rule and p.role == "rule" and p.nested is not None:
-                found.extend(RULE_KINDS[p.nested].analytes_read(rule[p.name]))
-        return tuple(found)
+            if p.name in rule and p.role == "rule" and p.nested is not None:
+                found |= RULE_KINDS[p.nested].patient_elements_read(rule[p.name])
+        return frozenset(found)
 
     def walk(self, rule: Mapping[str, Any], where: str) -> Iterator[tuple[Param, Any, str]]:
         """Every (parameter, value, path) of a rule, nested rules included."""

@@ -19,7 +19,14 @@ log = logging.getLogger(__name__)
 
 CodingKey = tuple[str, str]
 
-__all__ = ["CLINICAL_TYPES", "MEDICATION_TYPES", "DateRange", "Entry", "PatientRecord"]
+__all__ = [
+    "CLINICAL_TYPES",
+    "MEDICATION_TYPES",
+    "SEX_ELEMENTS",
+    "DateRange",
+    "Entry",
+    "PatientRecord",
+]
 _CLINICAL = frozenset(CLINICAL_TYPES)
 _MEDICATION = frozenset(MEDICATION_TYPES)
 
@@ -334,6 +341,8 @@ _SEX_EXTENSIONS = {
     "http://hl7.org/fhir/us/core/StructureDefinition/us-core-sex": "sex",
     "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex": "birth sex",
 }
+#: the Patient elements the patient's sex is read from
+SEX_ELEMENTS = ("gender", "extension")
 _SEX_CODES = {
     "248153007": "male",
     "248152002": "female",

@@ -21,7 +21,7 @@ from cds.criteria.reads import (
     value_param,
     valuesets_param,
 )
-from cds.criteria.record import Entry, PatientRecord, codings_of, concept_display
+from cds.criteria.record import SEX_ELEMENTS, Entry, PatientRecord, codings_of, concept_display
 from cds.criteria.units import Analyte, display_unit, normalize_unit
 
 if TYPE_CHECKING:
@@ -596,6 +596,8 @@ def _latest_measurement(
         "unless_within_normal_range",
         description="analyte whose result within its own reference range overrides a fail",
     ),
+    # a reference range may apply to one sex (Observation.referenceRange.appliesTo)
+    patient_elements=SEX_ELEMENTS,
 )
 def lab(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A laboratory limit, absolute or as a multiple of the result's own ULN."""
@@ -849,7 +851,7 @@ def age(rule: dict[str, Any], ctx: Context) -> Outcome:
     value_param("min_ml_min", {"type": "number"}, required=True),
     value_param("lookback_days", {"type": "integer", "minimum": 1}),
     fixed_analytes=("creatinine", "body-weight", "measured-creatinine-clearance"),
-    patient_elements=("birthDate", "gender"),
+    patient_elements=("birthDate", *SEX_ELEMENTS),
 )
 def creatinine_clearance(rule: dict[str, Any], ctx: Context) -> Outcome:
     """Cockcroft-Gault creatinine clearance, with a measured clearance as the protocol's
@@ -1177,7 +1179,7 @@ def washout(rule: dict[str, Any], ctx: Context) -> Outcome:
     valuesets_param("conditions", ["Condition"], required=True),
     value_param("lookback_days", {"type": "integer", "minimum": 1}),
     fixed_valuesets={"Observation": ("hcg", "pregnancy-status")},
-    patient_elements=("gender",),
+    patient_elements=SEX_ELEMENTS,
 )
 def pregnancy(rule: dict[str, Any], ctx: Context) -> Outcome:
     """Pregnancy or lactation: an active condition or a positive hCG in the window excludes."""

@@ -219,6 +219,11 @@ class BulkExporter:
         self._max_poll_interval = max_poll_interval
         self._sleep = sleep
 
+    @property
+    def client(self) -> FhirClient:
+        """The client the export speaks through (trusted base, auth, retries)."""
+        return self._client
+
     def export(
         self,
         out_dir: Path,

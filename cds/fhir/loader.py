@@ -104,28 +104,35 @@ def parse_tag(text: str) -> tuple[str, str]:
     return system, code
 
 
-def prepare_entries(bundle: Any, *, file: str, tag: tuple[str, str]) -> list[PreparedEntry]:
+def prepare_entries(
+    bundle: Any,
+    *,
+    file: str,
+    tag: tuple[str, str],
+    identifiers: Mapping[str, str] | None = None,
+) -> list[PreparedEntry]:
     """The bundle's resources with stable ids, references as ``Type/id`` and the tag stamped.
 
     Entries keep their ids (from ``resource.id``, else from a ``urn:uuid:`` or
     ``[base]/Type/id`` fullUrl), so a PUT to ``Type/id`` (FHIR R4 3.1.0.4 update, "update as
     create") writes the same resource every time. References to a fullUrl in the bundle
     (``urn:uuid:...`` included, R4 2.36.4.1) are rewritten to ``Type/id``, since the entries
-    are no longer resolved against each other's fullUrls once they are PUT by id.
+    are no longer resolved against each other's fullUrls once they are PUT by id; conditional
+    references (``Type?identifier=system|value``, R4 3.1.0.11.2) to a resource of the load
+    (``identifiers``, from :func:`identifier_index`) are rewritten to it too, so what is sent
+    is what the server keeps, and a second load finds it unchanged. A Bundle inside an entry
+    (a message Bundle's content) is unwrapped; an entry without a resource is skipped with a
+    warning.
     """
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise InputError("not a FHIR Bundle", source=file)
-    raw_entries = bundle.get("entry") or []
-    if not isinstance(raw_entries, list):
-        raise InputError("Bundle.entry is not a list", source=file)
-
     staged: list[tuple[int, str, str, JSONDict]] = []
     full_urls: dict[str, str] = {}
-    for index, entry in enumerate(raw_entries):
-        where = f"{file}: entry {index}"
+    for index, entry, where in _flat_entries(bundle, file):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            raise InputError("has no resource with a resourceType", source=where)
+            log.warning("%s: has no resource with a resourceType; skipped", where)
+            continue
         method = str((entry.get("request") or {}).get("method", "PUT")).upper()
         if method not in ("PUT", "POST"):
             raise InputError(f"request.method {method} cannot be loaded as a fixture", source=where)
@@ -146,6 +153,7 @@ def prepare_entries(bundle: Any, *, file: str, tag: tuple[str, str]) -> list[Pre
             full_urls[full_url] = f"{rtype}/{rid}"
         staged.append((index, rtype, rid, resource))
 
+    known = {**(identifiers or {}), **full_urls}
     prepared: list[PreparedEntry] = []
     seen: dict[str, int] = {}
     for index, rtype, rid, resource in staged:
@@ -156,10 +164,48 @@ def prepare_entries(bundle: Any, *, file: str, tag: tuple[str, str]) -> list[Pre
         seen[reference] = index
         copied = copy.deepcopy(resource)  # never change the caller's bundle
         copied["id"] = rid
-        _rewrite_references(copied, full_urls, where)
+        _rewrite_references(copied, known, where)
         _stamp_tag(copied, tag)
         prepared.append(PreparedEntry(index, rtype, rid, copied))
     return prepared
+
+
+def _flat_entries(bundle: JSONDict, file: str) -> list[tuple[int, Any, str]]:
+    """(index, entry, where) of a Bundle's entries, a nested Bundle's entries in its place."""
+    raw_entries = bundle.get("entry") or []
+    if not isinstance(raw_entries, list):
+        raise InputError("Bundle.entry is not a list", source=file)
+    flat: list[tuple[int, Any, str]] = []
+    for index, entry in enumerate(raw_entries):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
+            flat += [
+                (index, inner, f"{file}: entry {index}: {where.rpartition(': ')[2]}")
+                for _, inner, where in _flat_entries(resource, file)
+            ]
+        else:
+            flat.append((index, entry, f"{file}: entry {index}"))
+    return flat
+
+
+def identifier_index(bundles: Iterable[JSONDict]) -> dict[str, str]:
+    """``Type?identifier=system|value`` -> ``Type/id`` for every identified resource of the
+    bundles: what Synthea's conditional references to practitioners and hospitals name."""
+    index: dict[str, str] = {}
+    for bundle in bundles:
+        for _, entry, _ in _flat_entries(bundle, "bundle"):
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict):
+                continue
+            rtype = resource.get("resourceType")
+            rid = resource.get("id") or _id_from_full_url(entry.get("fullUrl"), str(rtype))
+            if not isinstance(rid, str):
+                continue
+            for identifier in resource.get("identifier") or ():
+                if isinstance(identifier, dict) and identifier.get("value"):
+                    key = f"{rtype}?identifier={identifier.get('system', '')}|{identifier['value']}"
+                    index.setdefault(key, f"{rtype}/{rid}")
+    return index
 
 
 def transaction_bundle(entries: Sequence[PreparedEntry]) -> JSONDict:
@@ -174,14 +220,7 @@ def transaction_bundle(entries: Sequence[PreparedEntry]) -> JSONDict:
     }
 
 
-def load_bundle_file(
-    client: FhirClient,
-    path: Path,
-    *,
-    tag: tuple[str, str] = DEFAULT_TAG,
-    skip_unchanged: bool = True,
-) -> FileReport:
-    """Load one bundle file as one transaction; resources already identical are not sent."""
+def read_bundle(path: Path) -> JSONDict:
     file = str(path)
     try:
         bundle = json.loads(path.read_text(encoding="utf-8"))
@@ -189,7 +228,27 @@ def load_bundle_file(
         raise InputError(f"cannot read: {exc.strerror}", source=file) from exc
     except ValueError as exc:
         raise InputError(f"not JSON: {exc}", source=file) from exc
-    entries = prepare_entries(bundle, file=file, tag=tag)
+    except RecursionError as exc:
+        raise InputError("nested too deeply to be read", source=file) from exc
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise InputError("not a FHIR Bundle", source=file)
+    return bundle
+
+
+def load_bundle_file(
+    client: FhirClient,
+    path: Path,
+    *,
+    tag: tuple[str, str] = DEFAULT_TAG,
+    skip_unchanged: bool = True,
+    bundle: JSONDict | None = None,
+    identifiers: Mapping[str, str] | None = None,
+) -> FileReport:
+    """Load one bundle file as one transaction; resources already identical are not sent."""
+    file = str(path)
+    if bundle is None:
+        bundle = read_bundle(path)
+    entries = prepare_entries(bundle, file=file, tag=tag, identifiers=identifiers)
     report = FileReport(file=file, counts=Counter(e.resource_type for e in entries))
     to_send = list(entries)
     if skip_unchanged and entries:
@@ -238,6 +297,28 @@ def bundle_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*.json") if p.is_file())
 
 
+def files_of(paths: Iterable[Path]) -> list[Path]:
+    """The files named, a directory standing for every ``*.json`` under it."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += bundle_files(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError("no such file or directory", source=str(path))
+    return files
+
+
+def _holds_patient(bundle: JSONDict) -> bool:
+    return any(
+        isinstance(entry, dict)
+        and isinstance(entry.get("resource"), dict)
+        and entry["resource"].get("resourceType") == "Patient"
+        for _, entry, _ in _flat_entries(bundle, "bundle")
+    )
+
+
 def load_fixtures(
     client: FhirClient,
     directory: Path = FIXTURES_DIR,
@@ -246,11 +327,27 @@ def load_fixtures(
     skip_unchanged: bool = True,
     files: Iterable[Path] | None = None,
 ) -> LoadReport:
-    """Load every ``*.json`` Bundle of a directory (default ``fhir_fixtures/``), one
-    transaction per file, in file-name order. Running it twice changes nothing on the server."""
+    """Load every ``*.json`` Bundle of a directory (default ``fhir_fixtures/``), or the
+    ``files`` given, one transaction per file. Bundles without a Patient (Synthea's
+    practitioner and hospital information, which patients' bundles reference conditionally)
+    go first, then the rest in file-name order. Running it twice changes nothing on the
+    server."""
+    paths = list(files) if files is not None else bundle_files(directory)
+    bundles = {path: read_bundle(path) for path in paths}
+    identifiers = identifier_index(bundles.values())
+    ordered = sorted(paths, key=lambda p: (_holds_patient(bundles[p]), str(p)))
     report = LoadReport()
-    for path in files if files is not None else bundle_files(directory):
-        report.files.append(load_bundle_file(client, path, tag=tag, skip_unchanged=skip_unchanged))
+    for path in ordered:
+        report.files.append(
+            load_bundle_file(
+                client,
+                path,
+                tag=tag,
+                skip_unchanged=skip_unchanged,
+                bundle=bundles.pop(path),
+                identifiers=identifiers,
+            )
+        )
     return report
 
 
@@ -265,11 +362,12 @@ def register(
     load = fixtures_subparsers.add_parser(
         "load",
         help="upload fixture bundles to a FHIR server (idempotent PUT transactions)",
-        description="Upload every *.json Bundle of DIR (default: the repository's fhir_fixtures/) "
-        "as transactions of PUT Type/id entries, each resource tagged, so that ids stay stable "
-        "and loading twice changes nothing.",
+        description="Upload every *.json Bundle of the files and directories given (default: "
+        "the repository's fhir_fixtures/) as transactions of PUT Type/id entries, each resource "
+        "tagged, so that ids stay stable and loading twice changes nothing. A Synthea output "
+        "directory loads as it is (practitioner and hospital bundles first).",
     )
-    load.add_argument("directory", nargs="?", type=Path, default=FIXTURES_DIR, metavar="DIR")
+    load.add_argument("paths", nargs="*", type=Path, default=[FIXTURES_DIR], metavar="FILE_OR_DIR")
     _server_arguments(load)
     load.add_argument(
         "--tag",
@@ -327,12 +425,12 @@ def _cli_client(args: argparse.Namespace) -> FhirClient:
 
 
 def _load_command(args: argparse.Namespace) -> int:
-    files = bundle_files(args.directory)
+    files = files_of(args.paths)
     if not files:
-        raise InputError("no *.json bundles here", source=str(args.directory))
+        raise InputError("no *.json bundles here", source=", ".join(map(str, args.paths)))
     with _cli_client(args) as client:
         report = load_fixtures(
-            client, args.directory, tag=args.tag, skip_unchanged=not args.always_send, files=files
+            client, tag=args.tag, skip_unchanged=not args.always_send, files=files
         )
     for item in report.files:
         per_type = ", ".join(f"{t} {n}" for t, n in sorted(item.counts.items()))
@@ -504,6 +602,8 @@ __all__ = [
     "FixtureLoadError",
     "LoadReport",
     "PreparedEntry",
+    "files_of",
+    "identifier_index",
     "load_bundle_file",
     "load_fixtures",
     "parse_tag",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cds.config import Settings
+from cds.criteria.reads import MEDICATION_TYPES
 from cds.errors import (
     FhirAuthError,
     FhirBadResponse,
@@ -19,7 +20,12 @@ from cds.errors import (
     UntrustedFhirServer,
 )
 from cds.fhir.client import FhirClient, RetryPolicy, Timeouts
-from cds.fhir.queries import CodeSource, PatientQuery, fetch_patient_resources
+from cds.fhir.queries import (
+    CodeSource,
+    PatientQuery,
+    fetch_patient_resources,
+    referenced_reads,
+)
 
 __all__ = ["PrefetchResult", "gather"]
 
@@ -56,7 +62,8 @@ class PrefetchResult:
 @dataclass
 class _Plan:
     query: PatientQuery
-    #: "have" (prefetch complete), "fetch" (ask fhirServer), "pages" (follow next links)
+    #: "have" (prefetch complete), "fetch" (ask fhirServer), "pages" (follow next links),
+    #: "read" (a resource the others reference, ``query.template`` being ``Type/id``)
     action: str
     next_url: str | None = None
     #: OperationOutcome-based refetches may degrade instead of 412 when they cannot run
@@ -171,6 +178,28 @@ def gather(
             settings,
             deadline,
         )
+    # What the records reference and no search returns (a medication record's Medication,
+    # not part of the patient compartment) is read afterwards; when it cannot be, the
+    # medication searches count as incomplete, so no washout passes on an unnamed drug.
+    reads = [
+        _Plan(PatientQuery(f"{rtype}/{rid}", rtype, f"{rtype}/{rid}"), "read", optional=True)
+        for rtype, rid in referenced_reads(result.resources)
+    ]
+    if reads:
+        _run(
+            reads,
+            result,
+            trials,
+            patient_id,
+            fhir_server,
+            access_token,
+            trusted,
+            settings,
+            deadline,
+        )
+        read_keys = {plan.query.key for plan in reads}
+        if read_keys & set(result.incomplete):
+            result.incomplete += [q.key for q in queries if q.resource_type in MEDICATION_TYPES]
     return result
 
 
@@ -225,6 +254,8 @@ def _run(
         for plan in plans:
             if plan.action == "fetch":
                 futures[pool.submit(_fetch, client, patient_id, trials, plan.query)] = plan
+            elif plan.action == "read":
+                futures[pool.submit(_read, client, plan.query)] = plan
             else:
                 futures[pool.submit(_pages, client, plan.next_url or "", settings)] = plan
         done, _pending = wait(futures, timeout=max(deadline - time.monotonic(), 0.0))
@@ -280,6 +311,12 @@ def _fetch(
     )
     calls = sum(t.pages for t in fetched.queries)
     return fetched.resources, calls, time.perf_counter() - started
+
+
+def _read(client: FhirClient, query: PatientQuery) -> tuple[list[JSONDict], int, float]:
+    started = time.perf_counter()
+    rtype, _, rid = query.template.partition("/")
+    return [client.read(rtype, rid)], 1, time.perf_counter() - started
 
 
 def _pages(client: FhirClient, url: str, settings: Settings) -> tuple[list[JSONDict], int, float]:

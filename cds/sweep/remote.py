@@ -14,7 +14,7 @@ from typing import Any
 
 from cds.criteria import TrialSet
 from cds.criteria.model import PatientEvaluation
-from cds.criteria.reads import REFERENCED_TYPES
+from cds.criteria.reads import MEDICATION_TYPES, REFERENCED_TYPES
 from cds.errors import FhirAuthError, FhirError
 from cds.fhir.bulk import BulkExporter, group_member_ids, iter_search_pages
 from cds.fhir.client import FhirClient
@@ -24,6 +24,7 @@ from cds.fhir.queries import (
     check_patient_id,
     escape_token,
     fetch_patient_resources,
+    referenced_reads,
 )
 from cds.sweep.core import PatientOutcome, Tally, error_outcome, evaluate_resources, outcome_of
 from cds.sweep.ndjson import ndjson_files
@@ -87,6 +88,9 @@ def sweep_export(
 
             types = export_types(opts.trials)
             result = exporter.export(export_dir, types=types, group=group, progress=note)
+            # A Group or Patient export holds the patient compartment, which a Medication
+            # is not part of: the ones medication records name are read one by one.
+            read_referenced(exporter.client, export_dir)
             sweep.state.update(
                 exported=True,
                 export={
@@ -100,6 +104,30 @@ def sweep_export(
         return ndjson_files(export_dir)
 
     return sweep_files(sweep, download)
+
+
+def read_referenced(client: FhirClient, export_dir: Path) -> int:
+    """Read the resources that exported records reference but the export lacks (a
+    medication record's Medication) into ``referenced.ndjson``; how many were read."""
+    resources: list[JSONDict] = []
+    for path in sorted(export_dir.glob("*.ndjson")):
+        stem = path.stem.split(".")[0].split("_")[0].split("-")[0]
+        if stem not in MEDICATION_TYPES and stem not in REFERENCED_TYPES:
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    resource = json.loads(line)
+                except ValueError:
+                    continue  # the sweep reports unreadable lines itself
+                if isinstance(resource, dict):
+                    resources.append(resource)
+    wanted = referenced_reads(resources)
+    if wanted:
+        with open(export_dir / "Medication.referenced.ndjson", "w", encoding="utf-8") as f:
+            for rtype, rid in wanted:
+                f.write(json.dumps(client.read(rtype, rid), separators=(",", ":")) + "\n")
+    return len(wanted)
 
 
 # -- FHIR REST --------------------------------------------------------------------------------
