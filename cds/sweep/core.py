@@ -230,9 +230,13 @@ def evaluate_resources(
     *,
     patient: JSONDict | None = None,
     warnings: list[str] | None = None,
+    incomplete: dict[str, str] | None = None,
 ) -> PatientEvaluation:
-    """The pure map function: one patient's FHIR resources, the trials and the date in."""
-    record = PatientRecord.from_resources(resources, trials, patient=patient, warnings=warnings)
+    """The pure map function: one patient's FHIR resources, the trials and the date in.
+    ``incomplete``: resource type -> why its data may be incomplete (see PatientRecord)."""
+    record = PatientRecord.from_resources(
+        resources, trials, patient=patient, warnings=warnings, incomplete=incomplete
+    )
     return evaluate(record, trials, as_of)
 
 

@@ -81,6 +81,8 @@ class PartitionStats:
     shared: int = 0
     skipped_types: dict[str, int] = field(default_factory=dict)
     unreadable: int = 0
+    #: JSON objects that are not FHIR resources (a Bulk export's log lines): not data, not bad
+    non_resource: int = 0
     orphans: int = 0
     bytes: int = 0
     #: clinical resources no criterion reads, left out before they were parsed or bucketed
@@ -94,6 +96,7 @@ class PartitionStats:
             "shared_medications": self.shared,
             "skipped_types": self.skipped_types,
             "unreadable_lines": self.unreadable,
+            "non_resource_lines": self.non_resource,
             "resources_naming_no_patient": self.orphans,
             "irrelevant_resources": self.irrelevant,
         }
@@ -137,6 +140,7 @@ def partition_ndjson(
         partition = _Partition(handles, shared, keep)
         stats = partition.stats
         for path in files:
+            partition.source, partition.line_no = str(path), 0
             with open(path, "rb") as f:
                 while block := f.read(BLOCK_BYTES):
                     if not block.endswith(b"\n"):
@@ -158,6 +162,9 @@ class _Partition:
         self.shared = shared
         self.keep = keep
         self.stats = PartitionStats()
+        #: the file being read and the number of its last line read, for reports
+        self.source = ""
+        self.line_no = 0
 
     def block(self, block: bytes) -> None:
         uniform = _uniform_type(block) if self.keep is not None else None
@@ -182,7 +189,7 @@ class _Partition:
             pid = _fast_patient_id(line)
             if pid is None:
                 self._flush(pending)  # keep the input order within each bucket
-                self.line(line)  # counts itself
+                self.line(line, numbered=False)  # counts itself
                 continue
             kept += 1
             share = pending.get(bucket := zlib.crc32(pid) % buckets)
@@ -190,20 +197,44 @@ class _Partition:
                 share = pending[bucket] = []
             share += (pid, b"\t", line)
         self._flush(pending)
+        self.line_no += uniform[1]
         skipped = uniform[1] - len(candidates) + irrelevant
         stats = self.stats
         stats.lines += skipped + kept
         stats.irrelevant += skipped
         stats.resources += kept
 
+    def _unreadable(self, line: bytes) -> None:
+        """A line that is not a readable resource: reported with its file and line number,
+        and, when the patient it names can still be read from it, marked in that patient's
+        data so the patient is never evaluated as if the line held nothing."""
+        where = f"{self.source} line {self.line_no}"
+        log.warning("%s: not a readable FHIR resource; skipped", where)
+        refs = {r for r in _REF_RE.findall(line) if _reference_id(r.decode(errors="replace"))}
+        if len(refs) != 1:
+            return
+        pid = _reference_id(refs.pop().decode(errors="replace"))
+        if pid is None:
+            return
+        mark = {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "structure", "diagnostics": where}],
+        }
+        encoded = pid.encode()
+        self.handles[zlib.crc32(encoded) % len(self.handles)].write(
+            encoded + b"\t" + json.dumps(mark).encode() + b"\n"
+        )
+
     def _flush(self, pending: dict[int, list[bytes]]) -> None:
         for bucket, lines in pending.items():
             self.handles[bucket].write(b"".join(lines))
         pending.clear()
 
-    def line(self, raw: bytes) -> None:
+    def line(self, raw: bytes, *, numbered: bool = True) -> None:
         stats = self.stats
         stats.lines += 1
+        if numbered:
+            self.line_no += 1
         if raw[:1] == b"{" and raw[-2:] == b"}\n":
             line = raw
             m = _TYPE_RE.match(line)
@@ -233,6 +264,9 @@ class _Partition:
             kind, pid = "parse", None
         if pid is None and kind != "Medication":
             kind, pid = _parse_route(line, stats, self.keep)
+        if kind == "unreadable":
+            self._unreadable(line)
+            return
         if kind is None:
             return
         if kind == "irrelevant":
@@ -303,10 +337,13 @@ def _parse_route(
         resource = json.loads(line)
     except ValueError:
         stats.unreadable += 1
+        return "unreadable", None
+    if isinstance(resource, dict) and "resourceType" not in resource:
+        stats.non_resource += 1  # a log line of a Bulk export, say
         return None, None
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         stats.unreadable += 1
-        return None, None
+        return "unreadable", None
     rtype = resource["resourceType"]
     if rtype not in _KEPT:
         stats.skipped_types[rtype] = stats.skipped_types.get(rtype, 0) + 1
@@ -463,6 +500,8 @@ class BucketPatient:
     resources: list[JSONDict]
     #: why the patient's data cannot be trusted whole (a line that is not JSON), if it cannot
     unreadable: str | None = None
+    #: input lines naming this patient that could not be read ("FILE line N")
+    lost: list[str] = field(default_factory=list)
 
 
 def read_bucket(path: Path) -> Iterator[BucketPatient]:
@@ -490,12 +529,18 @@ def read_bucket(path: Path) -> Iterator[BucketPatient]:
                     unreadable = unreadable or f"resource {number} of its input is not JSON ({exc})"
         patient: JSONDict | None = None
         resources: list[JSONDict] = []
+        lost: list[str] = []
         for resource in parsed:
-            if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
+            if not isinstance(resource, dict):
+                continue
+            rtype = resource.get("resourceType")
+            if rtype == "Patient":
                 patient = resource
-            elif isinstance(resource, dict):
+            elif rtype == "OperationOutcome":  # the partition's mark of a line it could not read
+                lost += [str(i.get("diagnostics")) for i in resource.get("issue", ())]
+            else:
                 resources.append(resource)
-        yield BucketPatient(key.decode(), patient, resources, unreadable)
+        yield BucketPatient(key.decode(), patient, resources, unreadable, lost)
 
 
 def read_shared(path: Path) -> list[JSONDict]:
@@ -528,12 +573,20 @@ def evaluate_partition(task: BucketTask) -> tuple[list[PatientOutcome], Tally]:
             tally.errors += 1
             outcomes.append(outcome)
             continue
+        incomplete = None
+        if item.lost:
+            reason = (
+                f"Part of this patient's data could not be read ({'; '.join(item.lost[:2])}), "
+                "so what is on record may be incomplete; the readable data would decide it."
+            )
+            incomplete = dict.fromkeys(CLINICAL_TYPES, reason)
         try:
             evaluation = evaluate_resources(
                 [*item.resources, *shared] if shared else item.resources,
                 trials,
                 task.as_of,
                 patient=item.patient,
+                incomplete=incomplete,
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             outcome = error_outcome(f"Patient/{item.id}", f"record unreadable: {exc!r}")
