@@ -189,7 +189,7 @@ class PatientSorter:
                 if named is None:
                     orphans += 1
                     continue
-                self._builder(named).add_all((resource,), aliases)
+                self._builder(named).add(resource)
                 touched.add(named)
         self.notes += content.warnings
         if orphans:
