@@ -106,3 +106,38 @@ def sweep_options(out: Path, **kw: Any) -> SweepOptions:
 def sweep_lines(out: Path) -> list[str]:
     """A finished sweep's results.ndjson lines, sorted."""
     return sorted((out / "results.ndjson").read_text(encoding="utf-8").splitlines(True))
+
+
+def put_group(client: Any, group_id: str, patients: list[str]) -> None:
+    """PUT a Group of these patients (``Patient/id``), for Group/$export."""
+    group = {
+        "resourceType": "Group",
+        "id": group_id,
+        "type": "person",
+        "actual": True,
+        "member": [{"entity": {"reference": ref}} for ref in patients],
+    }
+    client.transaction(
+        {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {"resource": group, "request": {"method": "PUT", "url": f"Group/{group_id}"}}
+            ],
+        }
+    )
+
+
+def write_ndjson(files: list[Path], tag: tuple[str, str], out: Path) -> Path:
+    """Bundle files as a Bulk export would write them: one NDJSON file per resource type,
+    references as Type/id (the loader's preparation, as loaded onto a server)."""
+    from cds.fhir.loader import prepare_entries
+
+    by_type: dict[str, list[str]] = {}
+    for path in files:
+        for e in prepare_entries(json.loads(path.read_text()), file=str(path), tag=tag):
+            by_type.setdefault(e.resource_type, []).append(json.dumps(e.resource))
+    out.mkdir(parents=True, exist_ok=True)
+    for rtype, lines in by_type.items():
+        (out / f"{rtype}.ndjson").write_text("\n".join(lines) + "\n")
+    return out

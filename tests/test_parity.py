@@ -23,7 +23,7 @@ from cds.fhir.queries import build_patient_queries
 from cds.hooks.cards import CardContext, screening_card, trial_infos
 from cds.sweep.remote import RestOptions, sweep_export, sweep_rest
 from cds.sweep.runner import sweep_ndjson
-from tests.helpers import AS_OF, sweep_lines, sweep_options
+from tests.helpers import AS_OF, put_group, sweep_lines, sweep_options, write_ndjson
 from tests.hooks_data.support import PV, hook_body, post, without_uuids
 from tests.plugins.fhir_server import FhirTestServer
 
@@ -69,17 +69,8 @@ def test_every_fixture_patient_is_compared() -> None:
 
 
 def test_ndjson_sweep_prints_what_cds_evaluate_prints(tmp_path: Path) -> None:
-    by_type: dict[str, list[str]] = {}
-    for path in bundle_files(FIXTURES):
-        if path.name in BUNDLE_ONLY:
-            continue
-        # references as Type/id, as a Bulk export writes them
-        for e in prepare_entries(json.loads(path.read_text()), file=str(path), tag=DEFAULT_TAG):
-            by_type.setdefault(e.resource_type, []).append(json.dumps(e.resource))
-    source = tmp_path / "ndjson"
-    source.mkdir()
-    for rtype, lines in by_type.items():
-        (source / f"{rtype}.ndjson").write_text("\n".join(lines) + "\n")
+    files = [p for p in bundle_files(FIXTURES) if p.name not in BUNDLE_ONLY]
+    source = write_ndjson(files, DEFAULT_TAG, tmp_path / "ndjson")
     out = tmp_path / "out"
     summary = sweep_ndjson(source, sweep_options(out))
     assert summary["complete"] and summary["errors"] == 0
@@ -101,26 +92,8 @@ def test_export_sweep_prints_what_cds_evaluate_prints(
     fhir_server: FhirTestServer, loaded_fhir_base_url: str, tmp_path: Path
 ) -> None:
     group = f"{fhir_server.id_prefix}parity-group"
-    members = [{"entity": {"reference": ref}} for ref in sorted(CARRIED)]
     with fhir_server.client() as client:
-        client.transaction(
-            {
-                "resourceType": "Bundle",
-                "type": "transaction",
-                "entry": [
-                    {
-                        "resource": {
-                            "resourceType": "Group",
-                            "id": group,
-                            "type": "person",
-                            "actual": True,
-                            "member": members,
-                        },
-                        "request": {"method": "PUT", "url": f"Group/{group}"},
-                    }
-                ],
-            }
-        )
+        put_group(client, group, sorted(CARRIED))
         summary = sweep_export(
             BulkExporter(client), fhir_server.base_url, sweep_options(tmp_path), group=group
         )

@@ -20,7 +20,7 @@ from cds.sweep.progress import Progress
 from cds.sweep.remote import RestOptions, sweep_export, sweep_rest
 from cds.sweep.writeback import SUBJECT_SYSTEM, write_back
 from cds.synthetic import Population, write_population
-from tests.helpers import AS_OF, printed_lines, sweep_lines, sweep_options
+from tests.helpers import AS_OF, printed_lines, put_group, sweep_lines, sweep_options
 from tests.plugins.fhir_server import FhirTestServer
 
 pytestmark = pytest.mark.integration
@@ -58,24 +58,7 @@ def loaded(fhir_server: FhirTestServer, tmp_path_factory: pytest.TempPathFactory
             )
         ids = [population.patient_id(i) for i in range(PATIENTS)]
         group = f"{fhir_server.id_prefix}sweep-group"
-        client.transaction(
-            {
-                "resourceType": "Bundle",
-                "type": "transaction",
-                "entry": [
-                    {
-                        "resource": {
-                            "resourceType": "Group",
-                            "id": group,
-                            "type": "person",
-                            "actual": True,
-                            "member": [{"entity": {"reference": f"Patient/{i}"}} for i in ids],
-                        },
-                        "request": {"method": "PUT", "url": f"Group/{group}"},
-                    }
-                ],
-            }
-        )
+        put_group(client, group, [f"Patient/{i}" for i in ids])
     evaluations = evaluate_files([str(root)], load_trials(), AS_OF)
     return Loaded(fhir_server, tag, ids, group, printed_lines(evaluations))
 

@@ -13,10 +13,10 @@ from flask.testing import FlaskClient
 from cds.criteria import load_trials
 from cds.evaluate_command import evaluate_files
 from cds.fhir.bulk import BulkExporter
-from cds.fhir.loader import DEFAULT_TAG_SYSTEM, files_of, load_fixtures, prepare_entries
+from cds.fhir.loader import DEFAULT_TAG_SYSTEM, files_of, load_fixtures
 from cds.sweep.remote import RestOptions, sweep_export, sweep_rest
 from cds.sweep.runner import sweep_ndjson
-from tests.helpers import AS_OF, printed_lines, sweep_lines, sweep_options
+from tests.helpers import AS_OF, printed_lines, put_group, sweep_lines, sweep_options, write_ndjson
 from tests.hooks_data.support import PV, hook_body, post
 from tests.plugins.fhir_server import FhirTestServer
 
@@ -61,38 +61,14 @@ def test_every_door_agrees_on_synthea_current(
 
         ids = sorted(json.loads(line)["patient"] for line in reference)
         group = f"{fhir_server.id_prefix}synthea-current"
-        client.transaction(
-            {
-                "resourceType": "Bundle",
-                "type": "transaction",
-                "entry": [
-                    {
-                        "resource": {
-                            "resourceType": "Group",
-                            "id": group,
-                            "type": "person",
-                            "actual": True,
-                            "member": [{"entity": {"reference": ref}} for ref in ids],
-                        },
-                        "request": {"method": "PUT", "url": f"Group/{group}"},
-                    }
-                ],
-            }
-        )
+        put_group(client, group, ids)
         export = sweep_export(
             BulkExporter(client), fhir_server.base_url, sweep_options(tmp_path / "x"), group=group
         )
         assert export["complete"] and export["errors"] == 0
         assert sweep_lines(tmp_path / "x") == reference
 
-    by_type: dict[str, list[str]] = {}
-    for path in files_of([SYNTHEA]):
-        for e in prepare_entries(json.loads(path.read_text()), file=str(path), tag=tag):
-            by_type.setdefault(e.resource_type, []).append(json.dumps(e.resource))
-    source = tmp_path / "ndjson"
-    source.mkdir()
-    for rtype, lines in by_type.items():
-        (source / f"{rtype}.ndjson").write_text("\n".join(lines) + "\n")
+    source = write_ndjson(files_of([SYNTHEA]), tag, tmp_path / "ndjson")
     ndjson = sweep_ndjson(source, sweep_options(tmp_path / "nd"))
     assert ndjson["complete"] and ndjson["errors"] == 0
     assert sweep_lines(tmp_path / "nd") == reference

@@ -327,14 +327,7 @@ def _check_references(
     kind = RULE_KINDS[rule["type"]]
     for param, given, path in kind.walk(rule, where):
         if param.role == "valuesets":
-            for j, vs_id in enumerate(given):
-                if vs_id not in valuesets:
-                    raise DefinitionError(
-                        f"unknown value set {vs_id!r}",
-                        file=file,
-                        criterion=criterion,
-                        field=f"{path}[{j}]",
-                    )
+            _check_related(given, path, file, criterion, valuesets)
         elif param.role == "analyte" and given not in analytes:
             raise DefinitionError(
                 f"unknown analyte {given!r}", file=file, criterion=criterion, field=path
@@ -362,6 +355,8 @@ def _rule_and_nested(rule: dict[str, Any], where: str) -> Iterator[tuple[dict[st
 def _check_related(
     related: Iterable[str], where: str, file: str, criterion: str, valuesets: dict[str, ValueSet]
 ) -> None:
+    """Every value set named (by a rule's parameter or a manual criterion's ``related``)
+    exists."""
     for j, vs_id in enumerate(related):
         if vs_id not in valuesets:
             raise DefinitionError(

@@ -971,17 +971,8 @@ def _about_another_tumour(ctx: Context, entry: Entry) -> bool:
     value_param(
         "allowed", {"type": "array", "minItems": 1, "items": {"enum": [1, 2, 3]}}, required=True
     ),
-    fixed_valuesets={
-        "Observation": ("tumour-grade",),
-        "Condition": (
-            "net-diagnosis",
-            "pancreatic-net",
-            "poorly-differentiated-net",
-            "net-grade-1",
-            "net-grade-2",
-            "net-grade-3",
-        ),
-    },
+    # the NET Conditions: differentiation and grade codes, and what a result's focus may name
+    fixed_valuesets={"Observation": ("tumour-grade",), "Condition": _NET_CONDITIONS},
     fixed_analytes=("ki67",),
 )
 def grade(rule: dict[str, Any], ctx: Context) -> Outcome:

@@ -166,18 +166,9 @@ def gather(
             result.used.append(query.key)
         else:
             result.empty.append(query.key)
+    where = (patient_id, fhir_server, access_token, trusted, settings, deadline)
     if plans:
-        _run(
-            plans,
-            result,
-            trials,
-            patient_id,
-            fhir_server,
-            access_token,
-            trusted,
-            settings,
-            deadline,
-        )
+        _run(plans, result, trials, *where)
     # What the records reference and no search returns (a medication record's Medication,
     # not part of the patient compartment) is read afterwards; when it cannot be, the
     # medication searches count as incomplete, so no washout passes on an unnamed drug.
