@@ -1274,15 +1274,42 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
             "daysSupply": {"value": 14, "unit": "day", "system": UCUM, "code": "d"},
         }
     )
+    p.resources.append(
+        {
+            "resourceType": "MedicationRequest",
+            "id": "medication-reference-contained",
+            "status": "completed",
+            "intent": "order",
+            "contained": [
+                {
+                    "resourceType": "Medication",
+                    "id": "tmz",
+                    "code": {
+                        "coding": [{"system": RXNORM, "code": "37776", "display": "temozolomide"}]
+                    },
+                }
+            ],
+            "medicationReference": {"reference": "#tmz"},
+            "subject": {"reference": "Patient/medication-reference"},
+            "authoredOn": "2024-03-01",
+        }
+    )
+    b = p.bundle("searchset")
+    for e in b["entry"]:
+        # the Medication comes as a searchset's included resource, the rest as matches
+        included = e["resource"]["resourceType"] == "Medication"
+        e["search"] = {"mode": "include" if included else "match"}
     scenario(
         "medication-reference",
-        "the only capecitabine record is a MedicationDispense that names its drug by a "
-        "reference to a Medication: found by every door, the washouts fail",
+        "a searchset whose capecitabine is a MedicationDispense naming its drug by reference "
+        "to a Medication (an included entry), and an older temozolomide order with its "
+        "Medication contained: found by every door, the washouts fail",
         p,
         {
             A: {"status": "excluded", "inc-washout": "fail"},
             B: {"status": "excluded", "exc-prior-capecitabine-temozolomide": "fail"},
         },
+        bundle=b,
     )
 
     # A transaction bundle with urn:uuid references, as an EHR export or a test tool sends.
