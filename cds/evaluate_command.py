@@ -129,13 +129,15 @@ def run(args: argparse.Namespace) -> int:
     for record in sorter.records():
         evaluation = evaluate(record, trials, as_of)
         for warning in evaluation.warnings:
-            if warning not in warned:  # a file's notes reach every patient read from it
+            if warning not in warned:  # a file's notes reach each patient read from it
                 warned.add(warning)
                 sys.stderr.write(f"cds: warning: {warning}\n")
         if fmt == "json":
             sys.stdout.write(json.dumps(evaluation.to_json(), ensure_ascii=False) + "\n")
         else:
             write_text(evaluation, trials, sys.stdout)
+    for note in sorter.notes:  # about the input as a whole: said once
+        sys.stderr.write(f"cds: warning: {note}\n")
     return 0
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import calendar
 import logging
 import re
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections import ChainMap, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import cache, cached_property, lru_cache
@@ -503,16 +503,10 @@ class RecordBuilder:
         for resource in resources:
             self.add(resource)
 
-    def add_medication(self, resource: dict[str, Any], aliases: Iterable[str] = ()) -> None:
-        """A Medication that records may reference, by ``Medication/id`` or an alias."""
-        self._medications[f"Medication/{resource.get('id')}"] = resource
-        for alias in aliases:
-            self._medications[alias] = resource
-
     def add(self, resource: dict[str, Any]) -> None:
         rtype = resource.get("resourceType")
         if rtype == "Medication":
-            self.add_medication(resource)
+            self._medications[f"Medication/{resource.get('id')}"] = resource
             return
         if rtype not in _CLINICAL:
             return
@@ -527,7 +521,7 @@ class RecordBuilder:
         self._index(rtype, resource, self._medications)
 
     def _index(
-        self, rtype: str, resource: dict[str, Any], medications: dict[str, dict[str, Any]]
+        self, rtype: str, resource: dict[str, Any], medications: Mapping[str, dict[str, Any]]
     ) -> None:
         try:
             made = _make_entries(rtype, resource, medications)
@@ -547,13 +541,17 @@ class RecordBuilder:
         *,
         warnings: Iterable[str] | None = None,
         incomplete: dict[str, str] | None = None,
+        medications: dict[str, dict[str, Any]] | None = None,
     ) -> PatientRecord:
-        medications = dict(self._medications)
+        """The record. ``medications``: Medications shared by many records (every one of a
+        set of files), looked up after the builder's own, never copied into it."""
+        own = self._medications
         for alias, target in self._aliases.items():
-            if target in medications:
-                medications[alias] = medications[target]
+            if target in own:
+                own[alias] = own[target]
+        resolve: Mapping[str, dict[str, Any]] = ChainMap(own, medications) if medications else own
         for rtype, resource in self._pending:
-            self._index(rtype, resource, medications)
+            self._index(rtype, resource, resolve)
         self._pending.clear()
         record = PatientRecord(
             patient=patient,
@@ -772,7 +770,7 @@ def _component_view(resource: dict[str, Any], component: dict[str, Any]) -> dict
 
 
 def _make_entries(
-    rtype: str, resource: dict[str, Any], medications: dict[str, dict[str, Any]]
+    rtype: str, resource: dict[str, Any], medications: Mapping[str, dict[str, Any]]
 ) -> list[Entry]:
     ref = f"{rtype}/{resource.get('id')}"
     status = resource.get("status")
@@ -813,7 +811,7 @@ def _make_entries(
 
 
 def _resolve_medication(
-    resource: dict[str, Any], medications: dict[str, dict[str, Any]]
+    resource: dict[str, Any], medications: Mapping[str, dict[str, Any]]
 ) -> dict[str, Any] | None:
     reference = resource.get("medicationReference")
     if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):

@@ -159,8 +159,12 @@ class PatientSorter:
         self.index = index
         self.patients: dict[str, dict[str, Any]] = {}
         self.builders: dict[str, RecordBuilder] = {}
-        self.medications: list[tuple[dict[str, Any], list[str]]] = []
+        #: every Medication met, by ``Medication/id`` and by the fullUrls that name it
+        self.medications: dict[str, dict[str, Any]] = {}
+        #: notes about the input as a whole (a file without a Patient, say)
         self.notes: list[str] = []
+        #: a file's notes, for the records of the patients read from it
+        self.notes_of: dict[str, list[str]] = {}
         self.failures: dict[str, list[str]] = {}
 
     def add(self, content: BundleContent, *, source: str) -> int:
@@ -181,9 +185,10 @@ class PatientSorter:
                 touched.add(ref)
                 patients += 1
             elif rtype == "Medication":
-                self.medications.append(
-                    (resource, by_target.get(f"Medication/{resource['id']}", []))
-                )
+                ref = f"Medication/{resource['id']}"
+                self.medications[ref] = resource
+                for alias in by_target.get(ref, ()):
+                    self.medications[alias] = resource
             elif rtype in CLINICAL_TYPES:
                 named = patient_reference(resource, aliases)
                 if named is None:
@@ -191,9 +196,14 @@ class PatientSorter:
                     continue
                 self._builder(named).add(resource)
                 touched.add(named)
-        self.notes += content.warnings
+        notes = list(content.warnings)
         if orphans:
-            self.notes.append(f"{source}: {orphans} clinical resource(s) name no patient; ignored")
+            notes.append(f"{source}: {orphans} clinical resource(s) name no patient; ignored")
+        if notes:
+            for ref in touched:
+                self.notes_of.setdefault(ref, []).extend(notes)
+            if not touched:
+                self.notes += notes
         if content.failures:
             for ref in touched:
                 self.failures.setdefault(ref, []).extend(content.failures)
@@ -217,13 +227,16 @@ class PatientSorter:
                 del self.builders[ref]
         for ref, patient in self.patients.items():
             builder = self.builders.pop(ref)
-            for medication, aliases in self.medications:
-                builder.add_medication(medication, aliases)
             failures = self.failures.get(ref)
             incomplete = (
                 dict.fromkeys(CLINICAL_TYPES, failed_search_reason(failures)) if failures else None
             )
-            yield builder.build(patient, warnings=self.notes, incomplete=incomplete)
+            yield builder.build(
+                patient,
+                warnings=self.notes_of.pop(ref, None),
+                incomplete=incomplete,
+                medications=self.medications,
+            )
 
 
 def records_from_bundle(
