@@ -90,6 +90,19 @@ class Settings:
     jwks_refetch_interval_s: float = 30.0
     #: request bodies larger than this are refused with 413
     max_request_bytes: int = 64 * 1024 * 1024
+    #: OAuth client id of the screening page (a SMART public client: PKCE, no secret)
+    smart_client_id: str = "cds-trial-screening"
+    #: CSP frame-ancestors of the screening page: the EHR origins that may frame it
+    smart_frame_ancestors: tuple[str, ...] = ()
+    #: minutes a screening-page session (server-side, holding the access token) lives
+    smart_session_minutes: int = 60
+
+    def smart_servers(self) -> tuple[str, ...]:
+        """FHIR base URLs a SMART launch's ``iss`` may name: every trusted server."""
+        servers = self.fhir_trusted_servers
+        for issuer in self.trusted_issuers.values():
+            servers += issuer.fhir_servers
+        return tuple(dict.fromkeys(servers))
 
     def trusted_fhir_servers(self, iss: str | None) -> tuple[str, ...]:
         """FHIR base URLs a call from ``iss`` may make us contact (global ∪ per issuer)."""
@@ -307,6 +320,9 @@ _PARSERS: dict[str, Any] = {
     "jwt_max_lifetime_s": _int,
     "jwks_refetch_interval_s": _float,
     "max_request_bytes": _int,
+    "smart_client_id": _str,
+    "smart_frame_ancestors": _str_list,
+    "smart_session_minutes": _int,
 }
 
 
@@ -385,6 +401,16 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
             _check_url(url, f"{where}.jku", dev=s.dev, what="a jku")
         for url in issuer.fhir_servers:
             _check_url(url, f"{where}.fhir_servers", dev=s.dev, what="a trusted FHIR server")
+    for origin in s.smart_frame_ancestors:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise InputError(
+                f"{origin!r} is not an origin (scheme://host[:port])",
+                source=src("smart_frame_ancestors"),
+            )
+        _check_url(origin, src("smart_frame_ancestors"), dev=s.dev, what="a frame ancestor")
+    if not s.smart_client_id.strip():
+        raise InputError("must not be empty", source=src("smart_client_id"))
     for origin in s.cors_origins:
         if origin == "*":
             if not s.dev:
@@ -403,6 +429,7 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
         "fhir_concurrency": s.fhir_concurrency,
         "jwt_max_lifetime_s": s.jwt_max_lifetime_s,
         "max_request_bytes": s.max_request_bytes,
+        "smart_session_minutes": s.smart_session_minutes,
     }
     for name, number in positive.items():
         if number <= 0:

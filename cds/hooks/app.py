@@ -14,7 +14,7 @@ from cds.config import Settings, load_config
 from cds.criteria import TrialSet, load_trials
 from cds.criteria.reads import REFERENCED_TYPES
 from cds.fhir.queries import build_patient_queries, prefetch_templates
-from cds.hooks import feedback, ops, services
+from cds.hooks import feedback, ops, services, smart
 from cds.hooks.auth import Authenticator, ClientIdentity
 from cds.hooks.calllog import CallLog
 from cds.hooks.cards import trial_infos
@@ -116,6 +116,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(services.blueprint)
     app.register_blueprint(feedback.blueprint)
     app.register_blueprint(ops.blueprint)
+    app.register_blueprint(smart.blueprint)
     register_error_handlers(app)
     return app
 
@@ -144,7 +145,8 @@ def _authenticate() -> None:
     from cds.hooks.state import state
 
     g.started_monotonic = time.monotonic()
-    if request.path in _OPEN_PATHS:
+    if request.path in _OPEN_PATHS or request.path.startswith(smart.PREFIX + "/"):
+        # The screening page is a SMART app: its users sign in with the EHR's OAuth server.
         return
     g.call_log = CallLog(method=request.method, path=request.path)
     st = state()

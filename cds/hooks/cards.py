@@ -1,15 +1,22 @@
-"""Cards from evaluations: one screening card per trial at stake, one warning per order at risk."""
+"""Cards from evaluations: one screening card per trial at stake, one warning per order at risk.
+
+CDS Hooks 2.0 'Card Attributes': a card is a brief, actionable alert whose detail leads on to an
+app. So a card says what would settle the open items and links to the screening page (a SMART
+app, :mod:`cds.hooks.smart`) for everything else; the criteria met are only counted here.
+"""
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import date
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Any
 
 from cds.criteria.model import CriterionResult, Result, TrialEvaluation, TrialStatus
+from cds.hooks.evidence import resource_date, without_ids
+from cds.sweep.writeback import STUDY_SYSTEM, SUBJECT_STATUS, research_subject
 
 __all__ = [
     "OVERRIDE_REASONS",
@@ -18,10 +25,13 @@ __all__ = [
     "TOPIC",
     "BrokenCriterion",
     "CardContext",
+    "OpenItems",
     "TrialInfo",
+    "open_items",
     "order_warning_card",
     "screening_card",
     "summary_line",
+    "trial_infos",
 ]
 
 #: the code system of this service's override reasons (2.0: overrideReasons are Codings)
@@ -54,17 +64,28 @@ SUPPRESSING_REASONS = ("already-screened", "patient-declined")
 
 _SUMMARY_MAX = 139  # 2.0: summary "<140 characters"
 _REGISTRY_URL = "https://clinicaltrials.gov/study/{nct}"
-_MAX_EVIDENCE = 3
+#: ClinicalTrials.gov overall statuses under which a trial takes patients (registry data element
+#: "Overall Recruitment Status"); any other status is said on the card
+ENROLLING = frozenset({"RECRUITING", "NOT_YET_RECRUITING", "ENROLLING_BY_INVITATION"})
+#: open-item lines shown on a card before "N more on the screening page"
+_MAX_OPEN_LINES = 6
+#: rule types whose unknowns are a lab result to (re)draw; the others are shown one by one
+_LAB_RULES = frozenset({"lab"})
 
 
 @dataclass(frozen=True, slots=True)
 class TrialInfo:
-    """What a card says about a trial besides the evaluation: names and the registry record."""
+    """What a card says about a trial besides the evaluation, derived from its definition."""
 
     id: str
     title: str
     short_title: str
     url: str
+    registry_status: str = "RECRUITING"
+    #: look-back window of lab results, days (the definition's ``lab_lookback_days``)
+    lab_lookback_days: int = 30
+    #: criterion id -> (rule type, analyte label) of the definition; manual criteria absent
+    rules: Mapping[str, tuple[str, str | None]] = field(default_factory=dict)
 
     @property
     def registry_url(self) -> str:
@@ -73,15 +94,27 @@ class TrialInfo:
             return self.url
         return _REGISTRY_URL.format(nct=self.id)
 
+    @property
+    def name(self) -> str:
+        return " ".join(self.short_title.split()) or " ".join(self.title.split())
+
+    @property
+    def enrolling(self) -> bool:
+        return self.registry_status.upper() in ENROLLING
+
 
 @dataclass(frozen=True, slots=True)
 class CardContext:
-    """The hook call a card answers: who the patient is and who is looking."""
+    """The hook call a card answers: who the patient is, who is looking, what was read."""
 
     patient_id: str
     user_id: str | None
     encounter_id: str | None
     as_of: date
+    #: "Type/id" -> the resource the evaluation read (evidence dates come from here)
+    resources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: absolute URL of the screening page's SMART launch (None: no smart link)
+    launch_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +130,13 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~<>#])")
 
 
 def md(text: str) -> str:
     """Text as literal GitHub-flavoured Markdown: no emphasis, links, tables or raw HTML."""
     text = " ".join(text.split())
-    text = text.replace("&", "&amp;").replace("<", "&lt;")
+    text = text.replace("&", "&amp;")
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
@@ -111,110 +144,177 @@ def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def summary_line(prefix: str, trial: TrialInfo, suffix: str) -> str:
-    """``"{prefix}: {NCT} {short title} {suffix}"`` shortened to fit under 140 characters."""
-    head = f"{prefix}: {trial.id} "
-    tail = f" {suffix}" if suffix else ""
+def summary_line(trial: TrialInfo, finding: str) -> str:
+    """``"{NCT} {short title}: {finding}"``, the title shortened to keep it under 140."""
+    head = f"{trial.id} "
+    tail = f": {finding}" if finding else ""
     room = _SUMMARY_MAX - len(head) - len(tail)
-    name = " ".join(trial.short_title.split()) or " ".join(trial.title.split())
+    name = trial.name
     if len(name) > room:
         name = name[: max(room - 1, 0)].rstrip() + "…"
-    return f"{head}{name}{tail}".strip()[:_SUMMARY_MAX]
+    return f"{head}{name}{tail}"[:_SUMMARY_MAX]
 
 
-def _screening_summary(evaluation: TrialEvaluation, trial: TrialInfo) -> str:
-    manual = len(evaluation.with_result(Result.MANUAL))
-    unknown = len(evaluation.with_result(Result.UNKNOWN))
-    parts = []
-    if unknown:
-        parts.append(_plural(unknown, "unknown", "unknown"))
-    if manual:
-        parts.append(
-            _plural(manual, "item to confirm", "items to confirm")
-            if not unknown
-            else f"{manual} to confirm"
+# -- open items --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpenItems:
+    """A trial's unknown criteria sorted by what settles them."""
+
+    #: analyte labels whose latest result is older than the window, and the dates they were drawn
+    labs_to_repeat: tuple[str, ...]
+    last_drawn: tuple[date, ...]
+    #: analyte labels with no result at all
+    labs_missing: tuple[str, ...]
+    #: the first day a new lab result counts (as-of minus the trial's look-back)
+    labs_from: date
+    #: every other unknown: (criterion, its sentence without FHIR ids)
+    others: tuple[tuple[CriterionResult, str], ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.labs_to_repeat) + len(self.labs_missing) + len(self.others)
+
+
+def open_items(
+    evaluation: TrialEvaluation,
+    trial: TrialInfo,
+    as_of: date,
+    resources: Mapping[str, Mapping[str, Any]],
+) -> OpenItems:
+    """Sort the unknowns: labs whose cited result is older than the trial's window (to repeat),
+    labs with nothing cited (to draw), and the rest with the engine's own sentence. Dates are read
+    from the cited resources; the verdict stays the engine's."""
+    labs_from = as_of - timedelta(days=trial.lab_lookback_days)
+    repeat: dict[str, None] = {}
+    drawn: set[date] = set()
+    missing: dict[str, None] = {}
+    others: list[tuple[CriterionResult, str]] = []
+    for c in evaluation.with_result(Result.UNKNOWN):
+        rule_type, analyte = trial.rules.get(c.id, ("", None))
+        if rule_type in _LAB_RULES and analyte:
+            cited = [resources.get(ref) for ref in c.evidence]
+            dates = [d for r in cited if r is not None and (d := resource_date(r)) is not None]
+            if not c.evidence:
+                missing[analyte] = None
+                continue
+            if dates and max(dates) < labs_from:
+                repeat[analyte] = None
+                drawn.add(max(dates))
+                continue
+        others.append((c, without_ids(c.explanation)))
+    return OpenItems(
+        labs_to_repeat=tuple(repeat),
+        last_drawn=tuple(sorted(drawn)),
+        labs_missing=tuple(m for m in missing if m not in repeat),
+        labs_from=labs_from,
+        others=tuple(others),
+    )
+
+
+def _finding(evaluation: TrialEvaluation, trial: TrialInfo, items: OpenItems) -> str:
+    """What the screen found, for the summary: registry status when not enrolling, the status,
+    and the number of open items by what settles them."""
+    status = trial.registry_status.upper().replace("_", " ")
+    head = [] if trial.enrolling else [f"trial {status}"]
+    counts: list[str] = []
+    if evaluation.status is TrialStatus.CANDIDATE:
+        head.append("possible candidate")
+        manual = len(evaluation.with_result(Result.MANUAL))
+        if manual:
+            counts.append(_plural(manual, "item", "items") + " for the trial team")
+    else:
+        head.append("needs review")
+        if items.labs_to_repeat:
+            counts.append(_plural(len(items.labs_to_repeat), "lab", "labs") + " to repeat")
+        if items.labs_missing:
+            counts.append(_plural(len(items.labs_missing), "lab", "labs") + " missing")
+        if items.others:
+            word = "other item" if counts else "item"
+            counts.append(_plural(len(items.others), word, word + "s") + " to settle")
+    return ", ".join(head) + (" — " + ", ".join(counts) if counts else "")
+
+
+def _open_lines(items: OpenItems) -> list[str]:
+    lines: list[str] = []
+    since = items.labs_from.isoformat()
+    if items.labs_to_repeat:
+        last = ", ".join(d.isoformat() for d in items.last_drawn)
+        lines.append(
+            f"- **Repeat labs** (results dated {since} or later; last drawn {last}):"
+            f" {md(', '.join(items.labs_to_repeat))}"
         )
-    suffix = f"({', '.join(parts)})" if parts else ""
-    return summary_line("Possible candidate", trial, suffix)
-
-
-def _evidence(criterion: CriterionResult) -> str:
-    """The evidence references the explanation does not already name."""
-    unnamed = [r for r in criterion.evidence if r not in criterion.explanation]
-    refs = unnamed[:_MAX_EVIDENCE]
-    if not refs:
-        return ""
-    more = len(unnamed) - len(refs)
-    shown = ", ".join(md(r) for r in refs)
-    return f" ({shown}{f' and {more} more' if more > 0 else ''})"
-
-
-def _criteria_section(title: str, criteria: Sequence[CriterionResult], *, text: bool) -> list[str]:
-    if not criteria:
-        return []
-    lines = [f"**{title} ({len(criteria)})**", ""]
-    for c in criteria:
-        sentence = c.explanation if not text else (c.explanation or c.text)
-        line = f"- **{md(c.label)}**: {md(sentence)}"
-        if text and c.text and c.text != sentence:
-            line += f" Protocol: _{md(c.text)}_"
-        lines.append(line + _evidence(c))
-    lines.append("")
+    if items.labs_missing:
+        lines.append(
+            f"- **Labs missing** (results dated {since} or later):"
+            f" {md(', '.join(items.labs_missing))}"
+        )
+    for c, sentence in items.others:
+        if c.kind == "exclusion":
+            # An exclusion is said as what the record shows, never by its name (a label such as
+            # "Cirrhosis" above a sentence reads as if the patient had it).
+            lines.append(f"- {md(sentence)}")
+        else:
+            lines.append(f"- **{md(c.label)}**: {md(sentence)}")
+    if len(lines) > _MAX_OPEN_LINES:
+        more = len(lines) - (_MAX_OPEN_LINES - 1)
+        lines = [*lines[: _MAX_OPEN_LINES - 1], f"- and {more} more on the screening page"]
     return lines
 
 
-def _screening_detail(evaluation: TrialEvaluation, trial: TrialInfo, ctx: CardContext) -> str:
-    status = (
-        "possible candidate"
-        if evaluation.status is TrialStatus.CANDIDATE
-        else "possible candidate, needs review"
+def _count_line(evaluation: TrialEvaluation, as_of: date) -> str:
+    met = len(evaluation.with_result(Result.PASS))
+    manual = len(evaluation.with_result(Result.MANUAL))
+    checked = met + len(evaluation.with_result(Result.UNKNOWN))
+    return (
+        f"{met} of {checked} record checks met; {manual} items for the trial team to confirm."
+        f" Criteria v{md(evaluation.version)}, as of {as_of.isoformat()}."
     )
-    lines = [
-        f"**{md(trial.id)}: {md(evaluation.title or trial.title)}**",
-        "",
-        f"Screening result: **{status}** as of {ctx.as_of.isoformat()}"
-        f" (criteria version {md(evaluation.version)}). Nothing in the record excludes the"
-        " patient; the trial team makes the final decision.",
-        "",
-    ]
-    lines += _criteria_section("Criteria met", evaluation.with_result(Result.PASS), text=False)
-    lines += _criteria_section(
-        "Unknown: data that would resolve them",
-        evaluation.with_result(Result.UNKNOWN),
-        text=False,
-    )
-    lines += _criteria_section(
-        "To confirm by the trial team", evaluation.with_result(Result.MANUAL), text=True
-    )
-    lines.append(f"Registry record: {trial.registry_url}")
-    return "\n".join(lines).strip()
+
+
+def _screening_detail(
+    evaluation: TrialEvaluation, trial: TrialInfo, ctx: CardContext, items: OpenItems
+) -> str:
+    # GFM: blocks are separated by a blank line (a single newline joins lines into one).
+    blocks: list[str] = []
+    if not trial.enrolling:
+        blocks.append(
+            f"**Registry status {md(trial.registry_status.upper())}**: the trial is not"
+            " enrolling; check with the trial team before referring."
+        )
+    if items.count:
+        blocks.append("\n".join(["**To settle:**", *_open_lines(items)]))
+    else:
+        blocks.append("Nothing on record excludes the patient; nothing is left unknown.")
+    blocks.append(_count_line(evaluation, ctx.as_of))
+    return "\n\n".join(blocks)
+
+
+# -- actions and links -------------------------------------------------------------------------
 
 
 def _referral(trial: TrialInfo, evaluation: TrialEvaluation, ctx: CardContext) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "ServiceRequest",
-        "status": "draft",
-        "intent": "order",
-        "code": {"text": "Referral to the clinical trial team"},
-        "subject": {"reference": f"Patient/{ctx.patient_id}"},
-        "reasonCode": [
-            {
-                "text": f"Screening for {trial.id} ({trial.short_title or trial.title}):"
-                f" {evaluation.status.value} as of {ctx.as_of.isoformat()}"
-            }
-        ],
+    """ "Refer to the trial team": a ResearchSubject in the state the sweep's write-back gives a
+    candidate (R4 ResearchSubject.status candidate / potential-candidate), with the same business
+    identifier, so a sweep's conditional create and an accepted card cannot make two of them."""
+    patient_ref = f"Patient/{ctx.patient_id}"
+    resource = research_subject(trial.id, "", patient_ref, evaluation.status.value)
+    # The EHR may hold no ResearchStudy resource for the trial: the study is named by its
+    # registry identifier, the one the write-back gives ResearchStudy (R4 Reference.identifier).
+    resource["study"] = {
+        "identifier": {"system": STUDY_SYSTEM, "value": trial.id},
+        "display": f"{trial.id} {trial.name}",
     }
-    if ctx.encounter_id:
-        resource["encounter"] = {"reference": f"Encounter/{ctx.encounter_id}"}
-    if ctx.user_id and ctx.user_id.split("/", 1)[0] in ("Practitioner", "PractitionerRole"):
-        resource["requester"] = {"reference": ctx.user_id}
     return {
         "label": "Refer to the trial team",
         "uuid": _uuid(),
+        "isRecommended": True,
         "actions": [
             {
                 "type": "create",
-                "description": f"Create a referral to the {trial.id} trial team",
+                "description": f"Record the patient as a {trial.id} screening candidate for the"
+                " trial team",
                 "resource": resource,
             }
         ],
@@ -225,32 +325,56 @@ def _source(trial: TrialInfo) -> dict[str, Any]:
     return {"label": f"{trial.id} trial screening", "url": trial.registry_url, "topic": dict(TOPIC)}
 
 
-def _registry_link(trial: TrialInfo) -> dict[str, Any]:
-    return {
-        "label": f"{trial.id} on ClinicalTrials.gov",
-        "url": trial.registry_url,
-        "type": "absolute",
-    }
+def _links(trial: TrialInfo, ctx: CardContext) -> list[dict[str, Any]]:
+    links: list[dict[str, Any]] = []
+    if ctx.launch_url:
+        # 2.0 Link type "smart": the EHR launches the app (SMART App Launch, EHR launch) with
+        # iss and launch; appContext comes back in the token response.
+        links.append(
+            {
+                "label": "Open the screening page",
+                "url": ctx.launch_url,
+                "type": "smart",
+                "appContext": f"trial={trial.id}",
+            }
+        )
+    links.append(
+        {
+            "label": f"{trial.id} on ClinicalTrials.gov",
+            "url": trial.registry_url,
+            "type": "absolute",
+        }
+    )
+    return links
 
 
 def screening_card(
     evaluation: TrialEvaluation, trial: TrialInfo, ctx: CardContext
 ) -> dict[str, Any] | None:
     """The patient-view card for one trial, or None when the patient is excluded."""
-    if evaluation.status is TrialStatus.EXCLUDED:
+    if evaluation.status is TrialStatus.EXCLUDED or evaluation.status.value not in SUBJECT_STATUS:
         return None
+    items = open_items(evaluation, trial, ctx.as_of, ctx.resources)
     return {
         "uuid": _uuid(),
-        "summary": _screening_summary(evaluation, trial),
+        "summary": summary_line(trial, _finding(evaluation, trial, items)),
         "indicator": "info",
-        "detail": _screening_detail(evaluation, trial, ctx),
+        "detail": _screening_detail(evaluation, trial, ctx, items),
         "source": _source(trial),
         "suggestions": [_referral(trial, evaluation, ctx)],
         # 2.0: if suggestions are present, selectionBehavior MUST also be provided.
         "selectionBehavior": "at-most-one",
         "overrideReasons": [dict(r) for r in OVERRIDE_REASONS],
-        "links": [_registry_link(trial)],
+        "links": _links(trial, ctx),
     }
+
+
+def _order_effect(b: BrokenCriterion, trial: TrialInfo) -> str:
+    """What the order would put on the record, said as a fact, never by the exclusion's name."""
+    rule_type, _ = trial.rules.get(b.criterion.id, ("", None))
+    if rule_type == "washout":
+        return "would restart the trial's washout period"
+    return "would be on record as prior treatment the trial excludes"
 
 
 def order_warning_card(
@@ -265,45 +389,58 @@ def order_warning_card(
     items = list(broken)
     if not items:
         return None
-    labels = list(dict.fromkeys(b.criterion.label for b in items))
-    suffix = f"({labels[0]}{' +' + str(len(labels) - 1) if len(labels) > 1 else ''})"
-    status = evaluation.status.value
+    orders = list(dict.fromkeys(b.order for b in items))
+    status = "possible candidate" if evaluation.status is TrialStatus.CANDIDATE else "needs review"
+    first = " ".join(orders[0].split())
+    more = f" +{len(orders) - 1}" if len(orders) > 1 else ""
+    finding = f"{first}{more} would end eligibility"
+    if len(f"{trial.id} {trial.name}: {finding}") > _SUMMARY_MAX:
+        finding = f"{_plural(len(orders), 'order', 'orders')} would end eligibility"
     lines = [
-        f"**This order may end the patient's eligibility for {md(trial.id)}:"
-        f" {md(evaluation.title or trial.title)}.**",
-        "",
-        f"The patient is currently **{status}** for this trial"
-        f" (as of {ctx.as_of.isoformat()}). Talk to the trial team before signing if the"
-        " trial is still an option.",
-        "",
-        "| Order | Criterion it would break |",
-        "|---|---|",
+        f"The patient is a **{status}** for this trial as of {ctx.as_of.isoformat()}"
+        + ("" if trial.enrolling else f" (registry status {md(trial.registry_status.upper())})")
+        + ". Talk to the trial team before signing if the trial is still an option.",
     ]
+    seen: set[tuple[str, str]] = set()
     for b in items:
-        lines.append(
-            f"| {md(b.order)} | {md(b.criterion.kind)}: {md(b.criterion.label)}"
-            f" — {md(b.criterion.text)} |"
-        )
-    lines += ["", f"Registry record: {trial.registry_url}"]
+        effect = _order_effect(b, trial)
+        if (b.order, effect) in seen:
+            continue
+        seen.add((b.order, effect))
+        lines.append(f"- **{md(b.order)}** {effect}.")
+    head, orders_lines = lines[0], lines[1 : _MAX_OPEN_LINES + 1]
+    detail = "\n\n".join([head, "\n".join(orders_lines), _count_line(evaluation, ctx.as_of)])
     return {
         "uuid": _uuid(),
-        "summary": summary_line("Order may end trial eligibility", trial, suffix),
+        "summary": summary_line(trial, finding),
         "indicator": "warning",
-        "detail": "\n".join(lines),
+        "detail": detail,
         "source": _source(trial),
+        "suggestions": [_referral(trial, evaluation, ctx)],
+        "selectionBehavior": "at-most-one",
         "overrideReasons": [dict(r) for r in _WARNING_OVERRIDE_REASONS],
-        "links": [_registry_link(trial)],
+        "links": _links(trial, ctx),
     }
 
 
-def trial_infos(trials: Iterable[Any]) -> Mapping[str, TrialInfo]:
+def trial_infos(trials: Any) -> Mapping[str, TrialInfo]:
     """Card metadata of each trial of a TrialSet, by NCT number."""
-    return {
-        t.id: TrialInfo(
+    out: dict[str, TrialInfo] = {}
+    for t in trials:
+        rules: dict[str, tuple[str, str | None]] = {}
+        for c in t.criteria:
+            if c.rule is None:
+                continue
+            analyte_id = c.rule.get("analyte")
+            analyte = trials.analytes.get(analyte_id) if isinstance(analyte_id, str) else None
+            rules[c.id] = (str(c.rule.get("type", "")), analyte.label if analyte else None)
+        out[t.id] = TrialInfo(
             id=t.id,
             title=t.title,
             short_title=getattr(t, "short_title", "") or t.title,
             url=t.url,
+            registry_status=t.registry_status,
+            lab_lookback_days=t.lab_lookback_days,
+            rules=rules,
         )
-        for t in trials
-    }
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
@@ -21,6 +21,7 @@ from cds.hooks.cards import (
     order_warning_card,
     screening_card,
 )
+from cds.hooks.evidence import index_resources
 from cds.hooks.orders import draft_orders, orders_at_risk, trials_at_stake
 from cds.hooks.prefetch import PrefetchResult, gather
 from cds.hooks.registry import Service
@@ -45,6 +46,10 @@ class HookCall:
     log: CallLog
     #: time.monotonic() past which no FHIR query is waited for
     deadline: float
+    #: "Type/id" -> the resources the evaluation read (set by :func:`screen`; cards cite them)
+    resources: dict[str, JSONDict] = field(default_factory=dict)
+    #: absolute URL of the screening page's SMART launch, for the cards' smart link
+    launch_url: str | None = None
 
     @property
     def context(self) -> JSONDict:
@@ -67,6 +72,8 @@ class HookCall:
             user_id=self.context.get("userId"),
             encounter_id=self.context.get("encounterId"),
             as_of=settings.as_of or date.today(),
+            resources=self.resources,
+            launch_url=self.launch_url,
         )
 
 
@@ -134,6 +141,7 @@ def screen(call: HookCall, trial_ids: Iterable[str] | None = None) -> PatientEva
     cl.prefetch_empty, cl.prefetch_incomplete = data.empty, data.incomplete
     cl.fhir_calls, cl.timed_out = data.fhir_calls, data.timed_out
     resources = _dedupe(data.resources)
+    call.resources = index_resources(resources)
     patients = [
         r
         for r in resources

@@ -12,6 +12,7 @@ from cds.hooks.auth import ClientIdentity
 from cds.hooks.calllog import CallLog
 from cds.hooks.outcome import json_response
 from cds.hooks.screening import HookCall
+from cds.hooks.smart import launch_url
 from cds.hooks.state import state
 from cds.hooks.validation import parse_json_body, validate_context, validate_request
 
@@ -61,6 +62,7 @@ def invoke(service_id: str) -> Response:
         state=st,
         log=call_log,
         deadline=g.started_monotonic + st.settings.time_budget_s,
+        launch_url=launch_url(st.settings),
     )
     try:
         cards = service.handler(call)

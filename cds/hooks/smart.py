@@ -1,0 +1,585 @@
+"""The screening page: a SMART on FHIR app (SMART App Launch 2.x) served by the service.
+
+EHR launch: ``/smart/launch?iss=…&launch=…`` → ``{iss}/.well-known/smart-configuration`` →
+authorization code with PKCE (S256) and ``state`` → token exchanged and kept server-side (the
+browser holds only an opaque session cookie) → ``/smart/page`` reads the patient's record with the
+same trial-derived queries and evaluator as the hooks and the sweeps, and shows it.
+Standalone launch (no ``launch``): the same flow with user scopes and a patient picker.
+A server whose SMART configuration offers no authorization-code grant is read without OAuth,
+in development mode only (the local demo server).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+from urllib.parse import urlencode
+
+import requests
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    has_request_context,
+    redirect,
+    render_template,
+    request,
+)
+from werkzeug.wrappers import Response as BaseResponse
+
+from cds.config import Settings, normalize_base_url
+from cds.criteria.model import CriterionResult, PatientEvaluation, Result, TrialEvaluation
+from cds.errors import FhirError, FhirNotFound, InputError
+from cds.fhir.client import FhirClient, Timeouts
+from cds.fhir.queries import check_patient_id, fetch_patient_resources
+from cds.fhir.trust import check_transport
+from cds.hooks.cards import TrialInfo, open_items
+from cds.hooks.evidence import EvidenceItem, describe, index_resources, without_ids
+from cds.hooks.state import HooksState, state
+from cds.sweep.core import evaluate_resources
+
+__all__ = ["PREFIX", "blueprint", "launch_url", "smart_scopes"]
+
+log = logging.getLogger("cds.hooks.smart")
+
+PREFIX = "/smart"
+_COOKIE = "cds_smart_session"
+_PENDING_TTL_S = 600  # an authorization round trip that takes longer starts again
+_HTTP_TIMEOUT = (5, 15)
+
+blueprint = Blueprint(
+    "smart",
+    __name__,
+    url_prefix=PREFIX,
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
+
+
+class LaunchError(Exception):
+    """A launch that cannot go on; shown to the user as a page (never with a token in it)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- sessions (server-side: the token never reaches the browser) --------------------------------
+
+
+@dataclass
+class Session:
+    iss: str
+    created: float
+    #: the authorization round trip in progress: state, PKCE verifier, endpoints
+    state: str | None = None
+    verifier: str | None = None
+    token_endpoint: str | None = None
+    launch: str | None = None
+    #: after the token exchange (None on an open server in development mode)
+    access_token: str | None = field(default=None, repr=False)
+    expires_at: float | None = None
+    patient: str | None = None
+    scope: str = ""
+    open_server: bool = False
+    authorized: bool = False
+
+
+class SessionStore:
+    """In-process sessions keyed by a random 256-bit id; expired ones are dropped on access.
+    One process (the demo, tests, one gunicorn worker per pod) — a shared store would be needed
+    behind several workers, like the replay store of client JWTs."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def new(self, session: Session) -> str:
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            self._sessions[sid] = session
+        return sid
+
+    def get(self, sid: str | None, ttl_s: float) -> Session | None:
+        if not sid:
+            return None
+        now = time.time()
+        with self._lock:
+            for key in [k for k, s in self._sessions.items() if now - s.created > ttl_s]:
+                del self._sessions[key]
+            return self._sessions.get(sid)
+
+    def drop(self, sid: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(sid or "", None)
+
+
+_STORES: dict[int, SessionStore] = {}
+
+
+def _store(st: HooksState) -> SessionStore:
+    return _STORES.setdefault(id(st), SessionStore())
+
+
+# -- what the app asks for ---------------------------------------------------------------------
+
+
+def smart_scopes(st: HooksState, *, ehr_launch: bool) -> str:
+    """The narrowest scopes: read and search (SMART 2.x ``.rs``) of exactly the resource types the
+    trial-derived queries read, in the patient compartment for an EHR launch and as the user
+    for a standalone launch (whose patient is picked in the app)."""
+    types = sorted({q.resource_type for q in st.queries})
+    if ehr_launch:
+        return " ".join(["launch", *(f"patient/{t}.rs" for t in types)])
+    return " ".join(f"user/{t}.rs" for t in types)
+
+
+def launch_url(settings: Settings) -> str | None:
+    """The absolute URL the EHR launches for a card's ``smart`` link."""
+    if settings.public_base_url:
+        return settings.public_base_url.rstrip("/") + PREFIX + "/launch"
+    if has_request_context():  # development: the URL the service was called at
+        return request.host_url.rstrip("/") + PREFIX + "/launch"
+    return None
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _ttl_s(settings: Settings) -> float:
+    return settings.smart_session_minutes * 60.0
+
+
+def _client(st: HooksState, iss: str, token: str | None) -> FhirClient:
+    return FhirClient(
+        base_url=iss,
+        trusted_base_urls=st.settings.smart_servers(),
+        allow_insecure_loopback=st.settings.dev,
+        access_token=token,
+        timeouts=Timeouts(connect=5, read=20),
+    )
+
+
+def _trusted_iss(st: HooksState, iss: str | None) -> str:
+    if not iss:
+        raise LaunchError("The launch names no FHIR server (iss).")
+    wanted = normalize_base_url(iss)
+    for server in st.settings.smart_servers():
+        if normalize_base_url(server) == wanted:
+            return server
+    # SMART App Launch 2.x: the app "MUST" check iss against the servers it trusts before
+    # following any of its endpoints.
+    raise LaunchError("This FHIR server is not one this service is configured to trust.")
+
+
+def _smart_configuration(st: HooksState, iss: str) -> dict[str, Any] | None:
+    with _client(st, iss, None) as client:
+        try:
+            return client.get(".well-known/smart-configuration")
+        except FhirNotFound:
+            return None
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+def _secure_headers(response: Response) -> Response:
+    st = state()
+    ancestors = " ".join(st.settings.smart_frame_ancestors) or "'self'"
+    # Strict CSP: no script at all, styles from this service only; framing only by the EHR
+    # origins of the configuration (frame-ancestors, CSP Level 2).
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self';"
+        f" base-uri 'none'; frame-ancestors {ancestors}"
+    )
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    # The callback URL carries the authorization code: never send it on as a Referer.
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+blueprint.after_request(_secure_headers)
+
+
+def _with_cookie(response: BaseResponse, sid: str) -> BaseResponse:
+    # Secure + HttpOnly; SameSite=None so the cookie also travels inside the EHR's iframe (a
+    # cross-site frame), Partitioned (CHIPS) so browsers blocking third-party cookies keep it
+    # per embedding site. CSRF on the launch is stopped by the OAuth state bound to the session.
+    response.set_cookie(
+        _COOKIE,
+        sid,
+        max_age=int(_ttl_s(state().settings)),
+        path=PREFIX,
+        secure=True,
+        httponly=True,
+        samesite="None",
+        partitioned=True,
+    )
+    return response
+
+
+def _error(message: str, status: int) -> Response:
+    response = Response(render_template("smart/error.html", message=message), status=status)
+    response.mimetype = "text/html"
+    return response
+
+
+@blueprint.errorhandler(LaunchError)
+def _launch_error(exc: LaunchError) -> Response:
+    return _error(str(exc), exc.status)
+
+
+@blueprint.errorhandler(FhirError)
+def _fhir_error(exc: FhirError) -> Response:
+    log.warning("screening page: FHIR server error: %s", exc)
+    return _error("The FHIR server could not be read. Launch the page again.", 502)
+
+
+# -- the launch --------------------------------------------------------------------------------
+
+
+@blueprint.get("/launch")
+def launch() -> BaseResponse:
+    st = state()
+    iss = _trusted_iss(st, request.args.get("iss"))
+    launch_token = request.args.get("launch") or None
+    config = _smart_configuration(st, iss) or {}
+    grants = config.get("grant_types_supported") or []
+    store = _store(st)
+    if not config.get("authorization_endpoint") or "authorization_code" not in grants:
+        if not st.settings.dev:
+            raise LaunchError("This FHIR server offers no SMART user launch.")
+        # Development only: an open server (the local demo server) is read without OAuth.
+        patient = request.args.get("patient")
+        session = Session(iss=iss, created=time.time(), open_server=True, authorized=True)
+        if patient:
+            session.patient = check_patient_id(patient)
+        sid = store.new(session)
+        return _with_cookie(redirect(f"{PREFIX}/page", code=303), sid)
+
+    authorize = str(config["authorization_endpoint"])
+    token_endpoint = str(config.get("token_endpoint") or "")
+    for url in (authorize, token_endpoint):
+        try:
+            check_transport(url, allow_insecure_loopback=st.settings.dev)
+        except FhirError as exc:
+            raise LaunchError("The FHIR server's authorization endpoints are not secure.") from exc
+    methods = config.get("code_challenge_methods_supported") or []
+    if "S256" not in methods:
+        # SMART 2.x: servers "SHALL" support S256; the app refuses a server that does not say so.
+        raise LaunchError("The authorization server does not support PKCE (S256).")
+    verifier = _b64url(secrets.token_bytes(48))
+    session = Session(
+        iss=iss,
+        created=time.time(),
+        state=secrets.token_urlsafe(32),
+        verifier=verifier,
+        token_endpoint=token_endpoint,
+        launch=launch_token,
+    )
+    sid = store.new(session)
+    params = {
+        "response_type": "code",
+        "client_id": st.settings.smart_client_id,
+        "redirect_uri": _redirect_uri(st.settings),
+        "scope": smart_scopes(st, ehr_launch=launch_token is not None),
+        "state": session.state,
+        "aud": iss,
+        "code_challenge": _b64url(hashlib.sha256(verifier.encode("ascii")).digest()),
+        "code_challenge_method": "S256",
+    }
+    if launch_token:
+        params["launch"] = launch_token
+    sep = "&" if "?" in authorize else "?"
+    return _with_cookie(redirect(f"{authorize}{sep}{urlencode(params)}", code=303), sid)
+
+
+def _redirect_uri(settings: Settings) -> str:
+    base = settings.public_base_url.rstrip("/") if settings.public_base_url else None
+    return f"{base or request.host_url.rstrip('/')}{PREFIX}/callback"
+
+
+@blueprint.get("/callback")
+def callback() -> BaseResponse:
+    st = state()
+    store = _store(st)
+    sid = request.cookies.get(_COOKIE)
+    session = store.get(sid, _ttl_s(st.settings))
+    if session is None or session.state is None or session.verifier is None:
+        raise LaunchError("This sign-in is not one this page started. Launch the page again.")
+    returned = request.args.get("state") or ""
+    if not secrets.compare_digest(returned, session.state):
+        store.drop(sid)
+        raise LaunchError("The sign-in answer does not match this launch. Launch the page again.")
+    if time.time() - session.created > _PENDING_TTL_S:
+        store.drop(sid)
+        raise LaunchError("The sign-in took too long. Launch the page again.")
+    if request.args.get("error"):
+        store.drop(sid)
+        raise LaunchError("Access was not granted.", status=403)
+    code = request.args.get("code")
+    if not code or not session.token_endpoint:
+        raise LaunchError("The sign-in answer carries no authorization code.")
+    try:
+        answer = requests.post(
+            session.token_endpoint,
+            data={
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": _redirect_uri(st.settings),
+                "client_id": st.settings.smart_client_id,
+                "code_verifier": session.verifier,
+            },
+            headers={"Accept": "application/json"},
+            timeout=_HTTP_TIMEOUT,
+            allow_redirects=False,
+        )
+        token = answer.json() if answer.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        token = None
+    if not isinstance(token, dict) or not isinstance(token.get("access_token"), str):
+        store.drop(sid)
+        raise LaunchError("The authorization server did not issue a token.", status=502)
+    store.drop(sid)  # a fresh session id after sign-in (no session fixation)
+    expires_in = token.get("expires_in")
+    fresh = Session(
+        iss=session.iss,
+        created=time.time(),
+        access_token=token["access_token"],
+        expires_at=time.time() + float(expires_in) if isinstance(expires_in, int) else None,
+        scope=str(token.get("scope") or ""),
+        authorized=True,
+    )
+    patient = token.get("patient")
+    if isinstance(patient, str):
+        fresh.patient = check_patient_id(patient)
+    new_sid = store.new(fresh)
+    log.info("screening page: signed in to %s (scope %s)", fresh.iss, fresh.scope)
+    return _with_cookie(redirect(f"{PREFIX}/page", code=303), new_sid)
+
+
+# -- the page ----------------------------------------------------------------------------------
+
+
+def _session() -> Session:
+    st = state()
+    session = _store(st).get(request.cookies.get(_COOKIE), _ttl_s(st.settings))
+    if session is None or not session.authorized:
+        raise LaunchError("No screening session: launch the page from the EHR.", status=401)
+    if session.expires_at is not None and time.time() > session.expires_at:
+        raise LaunchError("The EHR session has expired: launch the page again.", status=401)
+    return session
+
+
+@dataclass(frozen=True)
+class CriterionView:
+    label: str
+    sentence: str
+    protocol: str
+    kind: str
+    evidence: tuple[EvidenceItem, ...]
+
+
+@dataclass(frozen=True)
+class TrialView:
+    id: str
+    title: str
+    status: str
+    registry_status: str
+    enrolling: bool
+    version: str
+    registry_url: str
+    settle: tuple[str, ...]
+    open: tuple[CriterionView, ...]
+    exclusions_found: tuple[CriterionView, ...]
+    met: tuple[CriterionView, ...]
+    manual: tuple[CriterionView, ...]
+
+
+_STATUS_TEXT = {
+    "candidate": "Possible candidate",
+    "needs-review": "Needs review",
+    "excluded": "Not eligible on record",
+}
+
+
+def _view(
+    c: CriterionResult, resources: Mapping[str, Mapping[str, Any]], *, protocol: bool = False
+) -> CriterionView:
+    return CriterionView(
+        # An exclusion checked and not found is said as a fact about the patient; its name
+        # ("Cirrhosis") stays beside the protocol text, not as a heading.
+        label=c.label,
+        sentence=without_ids(c.explanation or c.text),
+        protocol=c.text if protocol else "",
+        kind=c.kind,
+        evidence=tuple(describe(ref, resources.get(ref)) for ref in c.evidence),
+    )
+
+
+def _settle_lines(
+    evaluation: TrialEvaluation, info: TrialInfo, as_of: date, resources: Any
+) -> tuple[str, ...]:
+    items = open_items(evaluation, info, as_of, resources)
+    since = items.labs_from.isoformat()
+    lines = []
+    if items.labs_to_repeat:
+        last = ", ".join(d.isoformat() for d in items.last_drawn)
+        lines.append(
+            f"Repeat labs (results dated {since} or later; last drawn {last}): "
+            + ", ".join(items.labs_to_repeat)
+        )
+    if items.labs_missing:
+        lines.append(f"Draw labs (dated {since} or later): " + ", ".join(items.labs_missing))
+    return tuple(lines)
+
+
+def _trial_view(
+    evaluation: TrialEvaluation, info: TrialInfo, as_of: date, resources: Mapping[str, Any]
+) -> TrialView:
+    unknown = evaluation.with_result(Result.UNKNOWN)
+    return TrialView(
+        id=evaluation.trial,
+        title=evaluation.title or info.title,
+        status=_STATUS_TEXT.get(evaluation.status.value, evaluation.status.value),
+        registry_status=info.registry_status.upper().replace("_", " "),
+        enrolling=info.enrolling,
+        version=evaluation.version,
+        registry_url=info.registry_url,
+        settle=_settle_lines(evaluation, info, as_of, resources),
+        open=tuple(_view(c, resources) for c in unknown),
+        exclusions_found=tuple(_view(c, resources) for c in evaluation.with_result(Result.FAIL)),
+        met=tuple(_view(c, resources) for c in evaluation.with_result(Result.PASS)),
+        manual=tuple(
+            _view(c, resources, protocol=True) for c in evaluation.with_result(Result.MANUAL)
+        ),
+    )
+
+
+def _patient_name(patient: Mapping[str, Any]) -> str:
+    for name in patient.get("name") or []:
+        if isinstance(name, Mapping):
+            if isinstance(name.get("text"), str):
+                return str(name["text"])
+            given = " ".join(str(g) for g in name.get("given") or [])
+            return f"{given} {name.get('family') or ''}".strip() or "Unnamed patient"
+    return "Unnamed patient"
+
+
+def _evaluate(
+    st: HooksState, client: FhirClient, patient_id: str
+) -> tuple[PatientEvaluation, dict[str, Any], dict[str, Any]]:
+    fetched = fetch_patient_resources(
+        client, patient_id, st.trials, queries=st.queries, concurrency=st.settings.fhir_concurrency
+    )
+    patient = (
+        fetched.resources[0] if fetched.resources else {"resourceType": "Patient", "id": patient_id}
+    )
+    as_of = st.settings.as_of or date.today()
+    evaluation = evaluate_resources(
+        [r for r in fetched.resources if r.get("resourceType") != "Patient"],
+        st.trials,
+        as_of,
+        patient=patient,
+        warnings=list(fetched.warnings),
+    )
+    return evaluation, patient, index_resources(fetched.resources)
+
+
+@blueprint.get("/page")
+def page() -> Response:
+    st = state()
+    session = _session()
+    patient_id = session.patient
+    if patient_id is None:
+        chosen = request.args.get("patient")
+        if not chosen:
+            return _picker(st, session)
+        try:
+            patient_id = check_patient_id(chosen)
+        except InputError as exc:
+            raise LaunchError("That is not a patient id.") from exc
+    with _client(st, session.iss, session.access_token) as client:
+        evaluation, patient, resources = _evaluate(st, client, patient_id)
+    trials = [
+        _trial_view(t, st.infos[t.trial], evaluation.as_of, resources) for t in evaluation.trials
+    ]
+    html = render_template(
+        "smart/page.html",
+        patient_name=_patient_name(patient),
+        patient_birth=patient.get("birthDate"),
+        patient_ref=f"Patient/{patient_id}",
+        as_of=evaluation.as_of.isoformat(),
+        trials=trials,
+        warnings=[without_ids(w) for w in evaluation.warnings],
+        can_pick=session.patient is None,
+    )
+    return Response(html, mimetype="text/html")
+
+
+def _picker(st: HooksState, session: Session) -> Response:
+    """Standalone launch: the coordinator picks the patient (by name, or the first page)."""
+    query = (request.args.get("name") or "").strip()[:100]
+    params = [("_count", "50")] + ([("name", query)] if query else [])
+    with _client(st, session.iss, session.access_token) as client:
+        bundle = client.get("Patient?" + urlencode(params))
+    patients = [
+        {
+            "id": r.get("id"),
+            "name": _patient_name(r),
+            "birth": r.get("birthDate") or "",
+            "gender": r.get("gender") or "",
+        }
+        for e in bundle.get("entry") or []
+        if isinstance(r := e.get("resource"), dict) and r.get("resourceType") == "Patient"
+    ]
+    html = render_template("smart/picker.html", patients=patients, query=query)
+    return Response(html, mimetype="text/html")
+
+
+@blueprint.get("/source/<resource_type>/<resource_id>")
+def source(resource_type: str, resource_id: str) -> Response:
+    """The cited resource itself, one click from its evidence line (read with the session's
+    token, so the EHR's own access rules apply)."""
+    st = state()
+    session = _session()
+    readable = {q.resource_type for q in st.queries}
+    if resource_type not in readable:
+        abort(404)
+    try:
+        check_patient_id(resource_id)
+    except InputError:
+        abort(404)
+    with _client(st, session.iss, session.access_token) as client:
+        resource = client.read(resource_type, resource_id)
+    if session.patient is not None and not _belongs_to(resource, session.patient):
+        abort(404)
+    html = render_template(
+        "smart/source.html",
+        reference=f"{resource_type}/{resource_id}",
+        item=describe(f"{resource_type}/{resource_id}", resource),
+        text=json.dumps(resource, indent=2, ensure_ascii=False),
+    )
+    return Response(html, mimetype="text/html")
+
+
+def _belongs_to(resource: Mapping[str, Any], patient_id: str) -> bool:
+    if resource.get("resourceType") == "Patient":
+        return resource.get("id") == patient_id
+    for key in ("subject", "patient"):
+        ref = resource.get(key)
+        if isinstance(ref, Mapping) and ref.get("reference") == f"Patient/{patient_id}":
+            return True
+    return False
