@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from datetime import date
 from typing import Any
 
@@ -18,6 +20,7 @@ from cds.hooks.cards import (
     order_warning_card,
     screening_card,
 )
+from cds.sweep.writeback import STUDY_SYSTEM, research_subject
 from tests.hooks_data.support import (
     PV,
     A,
@@ -76,22 +79,52 @@ def _as_response(*cards: dict[str, Any] | None) -> dict[str, Any]:
     return {"cards": [c for c in cards if c is not None]}
 
 
-def test_candidate_card_says_what_to_confirm() -> None:
+RULES = {
+    "bili": ("lab", "Total bilirubin"),
+    "alt": ("lab", "ALT"),
+    "glucose": ("lab", "Fasting glucose"),
+    "washout": ("washout", None),
+}
+LAB_INFO = TrialInfo(
+    id=A,
+    title=INFO.title,
+    short_title="CapTem + Y90",
+    url=INFO.url,
+    lab_lookback_days=30,
+    rules=RULES,
+)
+OLD_LABS = {
+    "Observation/o1": {
+        "resourceType": "Observation",
+        "id": "o1",
+        "effectiveDateTime": "2026-08-01",
+    },
+    "Observation/o2": {
+        "resourceType": "Observation",
+        "id": "o2",
+        "effectiveDateTime": "2026-08-03",
+    },
+    "Observation/o3": {
+        "resourceType": "Observation",
+        "id": "o3",
+        "effectiveDateTime": "2026-10-20",
+    },
+}
+LAB_CTX = CardContext(
+    patient_id="p1",
+    user_id="Practitioner/doc",
+    encounter_id="enc-1",
+    as_of=date(2026, 11, 1),
+    resources=OLD_LABS,
+    launch_url="https://cds.example.org/smart/launch",
+)
+_REF = re.compile(r"\b[A-Z][A-Za-z]+/[A-Za-z0-9.-]+")
+
+
+def test_candidate_card_is_one_line_and_a_count() -> None:
     te = evaluation(
-        crit(
-            "age",
-            Result.PASS,
-            "Age > 18 years",
-            explanation="Age 58 on 2026-11-01.",
-            evidence=("Patient/p1",),
-        ),
-        crit(
-            "bili",
-            Result.PASS,
-            "Total bilirubin ≤ 2.0 mg/dL",
-            explanation="0.8 mg/dL on 2026-10-20.",
-            evidence=("Observation/o1",),
-        ),
+        crit("age", Result.PASS, "Age > 18 years", evidence=("Patient/p1",)),
+        crit("bili", Result.PASS, "Total bilirubin", evidence=("Observation/o3",)),
         crit("consent", Result.MANUAL, "Informed consent"),
         crit("life", Result.MANUAL, "Life expectancy > 6 months"),
         crit("resect", Result.MANUAL, "Liver metastases unresectable"),
@@ -99,36 +132,108 @@ def test_candidate_card_says_what_to_confirm() -> None:
     card = screening_card(te, INFO, CTX)
     assert card is not None
     check_cards(_as_response(card))
-    assert card["summary"] == "Possible candidate: NCT04339036 CapTem + Y90 (3 items to confirm)"
+    assert (
+        card["summary"]
+        == "NCT04339036 CapTem + Y90: possible candidate — 3 items for the trial team"
+    )
     assert card["indicator"] == "info"
     assert card["source"]["label"] and card["source"]["url"] == INFO.url
     assert card["source"]["topic"]["code"] == "clinical-trial-screening"
     detail = card["detail"]
-    assert "**Criteria met (2)**" in detail and "0.8 mg/dL on 2026-10-20." in detail
-    assert "(Observation/o1)" in detail
-    assert "**To confirm by the trial team (3)**" in detail and "Informed consent" in detail
-    assert "Unknown" not in detail
+    # criteria met are counted, not listed; the manual items are on the screening page
+    assert "2 of 2 record checks met; 3 items for the trial team to confirm." in detail
+    assert "Criteria v1.0.0, as of 2026-11-01." in detail
+    assert "Informed consent" not in detail and "Age" not in detail
 
 
-def test_needs_review_card_lists_the_unknowns_and_their_remedy() -> None:
+def test_needs_review_card_leads_with_what_settles_the_open_items() -> None:
     te = evaluation(
         crit("age", Result.PASS),
+        crit("bili", Result.UNKNOWN, "Total bilirubin ≤ 2", evidence=("Observation/o1",)),
+        crit("alt", Result.UNKNOWN, "ALT ≤ 5 × ULN", evidence=("Observation/o2",)),
+        crit("glucose", Result.UNKNOWN, "Fasting glucose", kind="exclusion"),
+        crit(
+            "grade",
+            Result.UNKNOWN,
+            "Histologic grade 2",
+            explanation="No histologic grade on Patient/p1 (Observation/o9); the pathology grade"
+            " would decide it.",
+        ),
+        crit(
+            "cirrhosis",
+            Result.UNKNOWN,
+            "Cirrhosis",
+            kind="exclusion",
+            explanation="Recorded only as provisional: Cirrhosis of liver (Condition/c1) on"
+            " 2026-09-01; confirm or refute the diagnosis.",
+        ),
+        crit("consent", Result.MANUAL, "Informed consent"),
+    )
+    card = screening_card(te, LAB_INFO, LAB_CTX)
+    assert card is not None
+    check_cards(_as_response(card))
+    assert card["summary"] == (
+        "NCT04339036 CapTem + Y90: needs review — 2 labs to repeat, 3 other items to settle"
+    )
+    lines = card["detail"].split("\n")
+    assert lines[0] == "**To settle:**"
+    # labs older than the 30-day window: one line, the first date that counts, the dates drawn
+    assert lines[1] == (
+        "- **Repeat labs** (results dated 2026-10-02 or later; last drawn 2026-08-01,"
+        " 2026-08-03): Total bilirubin, ALT"
+    )
+    # nothing cited: the engine's own sentence (missing, or not fetched: it says which)
+    assert lines[2] == "- Explained."
+    assert lines[3] == (
+        "- **Histologic grade 2**: No histologic grade on the patient; the pathology grade"
+        " would decide it."
+    )
+    # an exclusion is what the record shows, never the exclusion's name as a heading
+    assert lines[4] == (
+        "- Recorded only as provisional: Cirrhosis of liver on 2026-09-01; confirm or refute"
+        " the diagnosis."
+    )
+    assert "**Cirrhosis**" not in card["detail"]
+    assert lines[-1].startswith("1 of 6 record checks met; 1 items for the trial team")
+    assert not _REF.search(card["detail"].replace("Criteria v1.0.0", ""))
+    assert len(lines) <= 10
+
+
+def test_a_lab_result_inside_the_window_is_not_called_stale() -> None:
+    te = evaluation(
         crit(
             "bili",
             Result.UNKNOWN,
             "Total bilirubin",
-            explanation="No total bilirubin within 30 days; a result on or after 2026-10-02 "
-            "would resolve this.",
-        ),
-        crit("consent", Result.MANUAL, "Informed consent"),
+            explanation="Total bilirubin 0.8 (Observation/o3) is preliminary; the final result"
+            " would decide it.",
+            evidence=("Observation/o3",),
+        )
     )
-    card = screening_card(te, INFO, CTX)
+    card = screening_card(te, LAB_INFO, LAB_CTX)
     assert card is not None
-    assert card["summary"] == (
-        "Possible candidate: NCT04339036 CapTem + Y90 (1 unknown, 1 to confirm)"
+    assert "Repeat labs" not in card["detail"]
+    assert "- **Total bilirubin**: Total bilirubin 0.8 is preliminary" in card["detail"]
+    assert card["summary"].endswith("needs review — 1 item to settle")
+
+
+def test_long_open_lists_point_to_the_page() -> None:
+    te = evaluation(
+        *(crit(f"u{i}", Result.UNKNOWN, f"Item {i}", explanation=f"Why {i}.") for i in range(12))
     )
-    assert "**Unknown: data that would resolve them (1)**" in card["detail"]
-    assert "would resolve this" in card["detail"]
+    card = screening_card(te, LAB_INFO, LAB_CTX)
+    assert card is not None
+    lines = card["detail"].split("\n")
+    assert "- and 7 more on the screening page" in lines
+    assert len([line for line in lines if line]) <= 10
+
+
+def test_a_trial_not_enrolling_says_so_in_the_summary() -> None:
+    info = dataclasses.replace(INFO, id=B, short_title="PRRT (PanNET)", registry_status="WITHDRAWN")
+    card = screening_card(evaluation(crit("age", Result.PASS), trial=B), info, CTX)
+    assert card is not None
+    assert card["summary"] == "NCT05610826 PRRT (PanNET): trial WITHDRAWN, possible candidate"
+    assert card["detail"].startswith("**Registry status WITHDRAWN**: the trial is not enrolling")
 
 
 def test_excluded_trial_gets_no_card() -> None:
@@ -136,46 +241,61 @@ def test_excluded_trial_gets_no_card() -> None:
     assert screening_card(te, INFO, CTX) is None
 
 
-def test_suggestion_creates_a_referral_service_request() -> None:
+def test_referral_is_the_write_back_research_subject() -> None:
     card = screening_card(evaluation(crit("age", Result.PASS)), INFO, CTX)
     assert card is not None
     assert card["selectionBehavior"] == "at-most-one"
     (suggestion,) = card["suggestions"]
-    assert suggestion["label"] == "Refer to the trial team"
+    assert suggestion["label"] == "Refer to the trial team" and suggestion["isRecommended"]
     (action,) = suggestion["actions"]
     assert action["type"] == "create" and action["description"]
     resource = action["resource"]
-    assert resource["resourceType"] == "ServiceRequest"
-    assert resource["subject"] == {"reference": "Patient/p1"}
-    assert resource["encounter"] == {"reference": "Encounter/enc-1"}
-    assert resource["requester"] == {"reference": "Practitioner/doc"}
-    assert resource["status"] == "draft"
+    # the same business identifier and status as the sweep's write-back gives this candidate
+    built = research_subject(A, "", "Patient/p1", "candidate")
+    assert resource["identifier"] == built["identifier"]
+    assert resource["status"] == "candidate"
+    assert resource["individual"] == {"reference": "Patient/p1"}
+    assert resource["study"]["identifier"] == {"system": STUDY_SYSTEM, "value": A}
+    review = screening_card(evaluation(crit("x", Result.UNKNOWN)), INFO, CTX)
+    assert review is not None
+    assert review["suggestions"][0]["actions"][0]["resource"]["status"] == "potential-candidate"
 
 
-def test_override_reasons_and_link() -> None:
-    card = screening_card(evaluation(crit("age", Result.PASS)), INFO, CTX)
+def test_override_reasons_and_links() -> None:
+    card = screening_card(evaluation(crit("age", Result.PASS)), INFO, LAB_CTX)
     assert card is not None
     reasons = {r["code"]: r for r in card["overrideReasons"]}
     assert set(reasons) == {"already-screened", "patient-declined", "not-eligible", "not-now"}
     assert all(r["display"] and r["system"] == OVERRIDE_SYSTEM for r in reasons.values())
-    (link,) = card["links"]
-    assert link == {
+    smart, registry = card["links"]
+    assert smart == {
+        "label": "Open the screening page",
+        "type": "smart",
+        "url": "https://cds.example.org/smart/launch",
+        "appContext": "trial=NCT04339036",
+    }
+    assert registry == {
         "label": "NCT04339036 on ClinicalTrials.gov",
         "type": "absolute",
         "url": "https://clinicaltrials.gov/study/NCT04339036",
     }
+    assert "https://" not in card["detail"]  # no bare URL in the markdown
 
 
 def test_non_https_registry_url_falls_back_to_clinicaltrials_gov() -> None:
     info = TrialInfo(id=A, title="t", short_title="s", url="http://example.org/x")
     card = screening_card(evaluation(crit("age", Result.PASS)), info, CTX)
     assert card is not None
-    assert card["links"][0]["url"] == "https://clinicaltrials.gov/study/NCT04339036"
+    assert card["links"][-1]["url"] == "https://clinicaltrials.gov/study/NCT04339036"
 
 
 def test_r4_long_titles_keep_the_summary_under_140() -> None:
     info = TrialInfo(
-        id=A, title="x" * 300, short_title="A very long short title " * 10, url=INFO.url
+        id=A,
+        title="x" * 300,
+        short_title="A very long short title " * 10,
+        url=INFO.url,
+        registry_status="ACTIVE_NOT_RECRUITING",
     )
     te = evaluation(
         *(crit(f"u{i}", Result.UNKNOWN) for i in range(12)),
@@ -184,15 +304,17 @@ def test_r4_long_titles_keep_the_summary_under_140() -> None:
     card = screening_card(te, info, CTX)
     assert card is not None
     assert len(card["summary"]) < 140
-    assert card["summary"].startswith("Possible candidate: NCT04339036 A very long")
-    assert card["summary"].endswith("(12 unknown, 15 to confirm)")
+    assert card["summary"].startswith("NCT04339036 A very long")
+    assert card["summary"].endswith(
+        ": trial ACTIVE NOT RECRUITING, needs review — 12 items to settle"
+    )
 
 
 def test_r9_markdown_from_data_cannot_inject_html_or_links() -> None:
     te = evaluation(
         crit(
             "x",
-            Result.PASS,
+            Result.UNKNOWN,
             label="<script>alert(1)</script>",
             explanation="[click](javascript:alert(1)) *bold* | pipe",
         )
@@ -213,18 +335,30 @@ def test_r3_uuids_are_fresh_r11_content_is_stable() -> None:
     assert without_uuids({"cards": [one]}) == without_uuids({"cards": [two]})
 
 
-def test_order_warning_card_names_trial_criterion_and_status() -> None:
+def test_order_warning_card_says_what_the_order_would_do() -> None:
     tace = crit("exc-tace", Result.PASS, "Prior TACE/TAE or Y90", kind="exclusion")
-    te = evaluation(crit("age", Result.PASS), tace, crit("bili", Result.UNKNOWN))
-    card = order_warning_card(
-        te, INFO, [BrokenCriterion(tace, "Yttrium-90 radioembolization", "ServiceRequest/s1")], CTX
-    )
+    wash = crit("washout", Result.PASS, "≥ 4 weeks since chemotherapy")
+    te = evaluation(crit("age", Result.PASS), tace, wash, crit("bili", Result.UNKNOWN))
+    broken = [
+        BrokenCriterion(tace, "Yttrium-90 radioembolization", "ServiceRequest/s1"),
+        BrokenCriterion(wash, "capecitabine 500 MG Oral Tablet", "MedicationRequest/m1"),
+    ]
+    card = order_warning_card(te, LAB_INFO, broken, LAB_CTX)
     assert card is not None
     check_cards(_as_response(card))
     assert card["indicator"] == "warning"
-    assert "NCT04339036" in card["summary"] and "Prior TACE/TAE or Y90" in card["summary"]
-    assert "**needs-review**" in card["detail"]
-    assert "Yttrium-90 radioembolization" in card["detail"]
+    assert card["summary"] == (
+        "NCT04339036 CapTem + Y90: Yttrium-90 radioembolization +1 would end eligibility"
+    )
+    detail = card["detail"]
+    assert "**needs review**" in detail
+    assert (
+        "- **Yttrium-90 radioembolization** would count as Prior TACE/TAE or Y90, which the"
+        " trial excludes." in detail
+    )
+    assert "- **capecitabine 500 MG Oral Tablet** would restart the trial's washout" in detail
+    assert [link["type"] for link in card["links"]] == ["smart", "absolute"]
+    assert card["suggestions"][0]["label"] == "Refer to the trial team"
     assert order_warning_card(te, INFO, [], CTX) is None
 
 
@@ -246,7 +380,7 @@ def _cards(client: FlaskClient, fixture: str, patient: str | None = None) -> lis
 
 
 def _trials(cards: list[dict[str, Any]]) -> list[str]:
-    return sorted(c["summary"].split(": ", 1)[1].split(" ", 1)[0] for c in cards)
+    return sorted(c["summary"].split(" ", 1)[0] for c in cards)
 
 
 @pytest.mark.parametrize(
@@ -264,7 +398,7 @@ def test_r10_fixture_patients(client: FlaskClient, fixture: str, trials: list[st
     cards = _cards(client, fixture)
     assert _trials(cards) == trials
     if fixture == "grade-unrecorded.json":
-        assert all("unknown" in c["summary"] for c in cards)
+        assert all("needs review" in c["summary"] for c in cards)
 
 
 def test_r11_same_input_same_content(client: FlaskClient) -> None:

@@ -71,7 +71,7 @@ def _prefetch_from_server(base_url: str, patient_id: str) -> dict[str, Any]:
 
 
 def _trials(cards: list[dict[str, Any]]) -> list[str]:
-    return sorted(c["summary"].split(": ", 1)[1].split(" ", 1)[0] for c in cards)
+    return sorted(c["summary"].split(" ", 1)[0] for c in cards)
 
 
 @pytest.mark.parametrize("patient", sorted(PATIENTS))

@@ -136,7 +136,7 @@ def test_p4_p5_null_and_empty_bundle_mean_no_data_and_no_fetch(
     body = hook_body(prefetch={**prefetch, "patient": None}, fhirServer=stub.base_url)
     response = _call(stub, body)
     assert response.status_code == 200 and stub.requests == []
-    assert all("unknown" in c["summary"] for c in response.get_json()["cards"])
+    assert all("needs review" in c["summary"] for c in response.get_json()["cards"])
 
 
 def _outcome() -> dict[str, Any]:
@@ -168,15 +168,15 @@ def test_p6_operation_outcome_without_fhir_server_leaves_criteria_unknown(
     response = post(dev_app().test_client(), SERVICE, body)
     assert response.status_code == 200
     cards = response.get_json()["cards"]
-    assert cards and all("unknown" in c["summary"] for c in cards)
-    assert any("Prior TACE/TAE or Y90" in c["detail"].split("**Unknown")[1] for c in cards)
+    assert cards and all("needs review" in c["summary"] for c in cards)
+    assert any("Prior TACE/TAE or Y90" in c["detail"].split("**To settle:**")[1] for c in cards)
 
 
 def test_p6_unknown_policy_does_not_refetch(stub: StubFhir, prefetch: dict[str, Any]) -> None:
     body = hook_body(prefetch={**prefetch, "procedures": _outcome()}, fhirServer=stub.base_url)
     response = _call(stub, body, prefetch_oo_policy="unknown")
     assert response.status_code == 200 and stub.requests == []
-    assert all("unknown" in c["summary"] for c in response.get_json()["cards"])
+    assert all("needs review" in c["summary"] for c in response.get_json()["cards"])
 
 
 def test_p6_informational_outcomes_in_a_bundle_are_not_errors(
@@ -225,7 +225,7 @@ def test_p7_a_search_the_server_cannot_answer_leaves_its_criteria_unknown(
     assert response.status_code == 200
     cards = response.get_json()["cards"]
     # the procedure-based exclusions are not passed on missing data: every card needs review
-    assert cards and all("unknown" in c["summary"] for c in cards)
+    assert cards and all("needs review" in c["summary"] for c in cards)
     assert all("could not" in c["detail"] or "not available" in c["detail"] for c in cards)
 
 
@@ -249,7 +249,7 @@ def test_p7_a_hanging_server_is_abandoned_at_the_budget(
     assert response.status_code == 200
     cards = response.get_json()["cards"]
     # what can be said: procedure-based exclusions are unknown, not silently passed
-    assert cards and all("unknown" in c["summary"] for c in cards)
+    assert cards and all("needs review" in c["summary"] for c in cards)
     assert any('"timed_out":true' in r.getMessage() for r in caplog.records)
 
 
@@ -300,7 +300,7 @@ def test_p8_next_link_outside_the_fhir_server_is_not_followed(
     response = _call(stub, hook_body(prefetch=paged, fhirServer=stub.base_url))
     assert response.status_code == 200
     assert stub.requests == []
-    assert all("unknown" in c["summary"] for c in response.get_json()["cards"])
+    assert all("needs review" in c["summary"] for c in response.get_json()["cards"])
 
 
 def test_p9_no_token_or_patient_data_in_logs(

@@ -130,13 +130,13 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~<>#])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~#])")
 
 
 def md(text: str) -> str:
     """Text as literal GitHub-flavoured Markdown: no emphasis, links, tables or raw HTML."""
     text = " ".join(text.split())
-    text = text.replace("&", "&amp;")
+    text = text.replace("&", "&amp;").replace("<", "&lt;")
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
@@ -162,19 +162,18 @@ def summary_line(trial: TrialInfo, finding: str) -> str:
 class OpenItems:
     """A trial's unknown criteria sorted by what settles them."""
 
-    #: analyte labels whose latest result is older than the window, and the dates they were drawn
+    #: analyte labels whose cited latest result is older than the window, and the dates drawn
     labs_to_repeat: tuple[str, ...]
     last_drawn: tuple[date, ...]
-    #: analyte labels with no result at all
-    labs_missing: tuple[str, ...]
     #: the first day a new lab result counts (as-of minus the trial's look-back)
     labs_from: date
-    #: every other unknown: (criterion, its sentence without FHIR ids)
-    others: tuple[tuple[CriterionResult, str], ...]
+    #: every other unknown, those with the same sentence together: (criteria, sentence without
+    #: FHIR ids)
+    others: tuple[tuple[tuple[CriterionResult, ...], str], ...]
 
     @property
     def count(self) -> int:
-        return len(self.labs_to_repeat) + len(self.labs_missing) + len(self.others)
+        return len(self.labs_to_repeat) + sum(len(group) for group, _ in self.others)
 
 
 def open_items(
@@ -184,32 +183,27 @@ def open_items(
     resources: Mapping[str, Mapping[str, Any]],
 ) -> OpenItems:
     """Sort the unknowns: labs whose cited result is older than the trial's window (to repeat),
-    labs with nothing cited (to draw), and the rest with the engine's own sentence. Dates are read
-    from the cited resources; the verdict stays the engine's."""
+    and the rest with the engine's own sentence. Dates are read from the cited resources; the
+    verdict stays the engine's."""
     labs_from = as_of - timedelta(days=trial.lab_lookback_days)
     repeat: dict[str, None] = {}
     drawn: set[date] = set()
-    missing: dict[str, None] = {}
-    others: list[tuple[CriterionResult, str]] = []
+    others: dict[str, list[CriterionResult]] = {}
     for c in evaluation.with_result(Result.UNKNOWN):
         rule_type, analyte = trial.rules.get(c.id, ("", None))
-        if rule_type in _LAB_RULES and analyte:
+        if rule_type in _LAB_RULES and analyte and c.evidence:
             cited = [resources.get(ref) for ref in c.evidence]
             dates = [d for r in cited if r is not None and (d := resource_date(r)) is not None]
-            if not c.evidence:
-                missing[analyte] = None
-                continue
             if dates and max(dates) < labs_from:
                 repeat[analyte] = None
                 drawn.add(max(dates))
                 continue
-        others.append((c, without_ids(c.explanation)))
+        others.setdefault(without_ids(c.explanation), []).append(c)
     return OpenItems(
         labs_to_repeat=tuple(repeat),
         last_drawn=tuple(sorted(drawn)),
-        labs_missing=tuple(m for m in missing if m not in repeat),
         labs_from=labs_from,
-        others=tuple(others),
+        others=tuple((tuple(group), sentence) for sentence, group in others.items()),
     )
 
 
@@ -228,35 +222,31 @@ def _finding(evaluation: TrialEvaluation, trial: TrialInfo, items: OpenItems) ->
         head.append("needs review")
         if items.labs_to_repeat:
             counts.append(_plural(len(items.labs_to_repeat), "lab", "labs") + " to repeat")
-        if items.labs_missing:
-            counts.append(_plural(len(items.labs_missing), "lab", "labs") + " missing")
-        if items.others:
+        others = sum(len(group) for group, _ in items.others)
+        if others:
             word = "other item" if counts else "item"
-            counts.append(_plural(len(items.others), word, word + "s") + " to settle")
+            counts.append(_plural(others, word, word + "s") + " to settle")
     return ", ".join(head) + (" — " + ", ".join(counts) if counts else "")
 
 
 def _open_lines(items: OpenItems) -> list[str]:
     lines: list[str] = []
-    since = items.labs_from.isoformat()
     if items.labs_to_repeat:
         last = ", ".join(d.isoformat() for d in items.last_drawn)
         lines.append(
-            f"- **Repeat labs** (results dated {since} or later; last drawn {last}):"
-            f" {md(', '.join(items.labs_to_repeat))}"
+            f"- **Repeat labs** (results dated {items.labs_from.isoformat()} or later;"
+            f" last drawn {last}): {md(', '.join(items.labs_to_repeat))}"
         )
-    if items.labs_missing:
-        lines.append(
-            f"- **Labs missing** (results dated {since} or later):"
-            f" {md(', '.join(items.labs_missing))}"
-        )
-    for c, sentence in items.others:
-        if c.kind == "exclusion":
+    for group, sentence in items.others:
+        if len(group) == 1 and group[0].kind == "exclusion":
             # An exclusion is said as what the record shows, never by its name (a label such as
             # "Cirrhosis" above a sentence reads as if the patient had it).
             lines.append(f"- {md(sentence)}")
         else:
-            lines.append(f"- **{md(c.label)}**: {md(sentence)}")
+            # Several checks with one sentence ("Not assessed: the data it needs could not be
+            # fetched in time") name the checks, not a finding.
+            labels = ", ".join(c.label for c in group)
+            lines.append(f"- **{md(labels)}**: {md(sentence)}")
     if len(lines) > _MAX_OPEN_LINES:
         more = len(lines) - (_MAX_OPEN_LINES - 1)
         lines = [*lines[: _MAX_OPEN_LINES - 1], f"- and {more} more on the screening page"]
@@ -373,8 +363,8 @@ def _order_effect(b: BrokenCriterion, trial: TrialInfo) -> str:
     """What the order would put on the record, said as a fact, never by the exclusion's name."""
     rule_type, _ = trial.rules.get(b.criterion.id, ("", None))
     if rule_type == "washout":
-        return "would restart the trial's washout period"
-    return "would be on record as prior treatment the trial excludes"
+        return f"would restart the trial's washout ({md(b.criterion.label)})"
+    return f"would count as {md(b.criterion.label)}, which the trial excludes"
 
 
 def order_warning_card(
@@ -407,7 +397,7 @@ def order_warning_card(
         if (b.order, effect) in seen:
             continue
         seen.add((b.order, effect))
-        lines.append(f"- **{md(b.order)}** {effect}.")
+        lines.append(f"- **{md(b.order)}** {effect}.")  # effect is Markdown already
     head, orders_lines = lines[0], lines[1 : _MAX_OPEN_LINES + 1]
     detail = "\n\n".join([head, "\n".join(orders_lines), _count_line(evaluation, ctx.as_of)])
     return {

@@ -441,8 +441,6 @@ def _settle_lines(
             f"Repeat labs (results dated {since} or later; last drawn {last}): "
             + ", ".join(items.labs_to_repeat)
         )
-    if items.labs_missing:
-        lines.append(f"Draw labs (dated {since} or later): " + ", ".join(items.labs_missing))
     return tuple(lines)
 
 
