@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tests.plugins.fhir_server"]
+pytest_plugins = ["tests.plugins.fhir_server", "tests.plugins.browser"]

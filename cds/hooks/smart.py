@@ -184,11 +184,28 @@ def _trusted_iss(st: HooksState, iss: str | None) -> str:
 
 
 def _smart_configuration(st: HooksState, iss: str) -> dict[str, Any] | None:
-    with _client(st, iss, None) as client:
-        try:
-            return client.get(".well-known/smart-configuration")
-        except FhirNotFound:
-            return None
+    """``{iss}/.well-known/smart-configuration`` (SMART App Launch 2.x discovery), None when the
+    server has none. ``iss`` is a trusted server already; redirects are not followed."""
+    url = iss.rstrip("/") + "/.well-known/smart-configuration"
+    check_transport(url, allow_insecure_loopback=st.settings.dev)
+    try:
+        answer = requests.get(
+            url,
+            headers={"Accept": "application/json"},
+            timeout=_HTTP_TIMEOUT,
+            allow_redirects=False,
+        )
+    except requests.RequestException as exc:
+        raise LaunchError("The FHIR server could not be reached.", status=502) from exc
+    if answer.status_code in (404, 410):
+        return None
+    try:
+        config = answer.json() if answer.status_code == 200 else None
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise LaunchError("The FHIR server's SMART configuration could not be read.", status=502)
+    return config
 
 
 # -- responses ---------------------------------------------------------------------------------
