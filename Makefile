@@ -17,7 +17,12 @@ $(SERVER_VENV)/bin/uvicorn: scripts/install-fhir-server
 	bash scripts/install-fhir-server $(SERVER_VENV)
 	touch $@
 
-setup: $(BIN)/cds $(SERVER_VENV)/bin/uvicorn
+# The screening page's tests: a real OAuth server (npm oidc-provider, pinned by package-lock.json)
+tests/smart_as/node_modules/.package-lock.json: tests/smart_as/package-lock.json
+	cd tests/smart_as && npm ci --no-audit --no-fund --silent
+	touch $@
+
+setup: $(BIN)/cds $(SERVER_VENV)/bin/uvicorn tests/smart_as/node_modules/.package-lock.json
 
 ## run: start a local FHIR server loaded with fhir_fixtures/, the CDS service, and an example call
 run: setup
@@ -47,4 +52,5 @@ fixtures: $(BIN)/cds
 	$(BIN)/python scripts/build_fixtures.py
 
 clean:
-	rm -rf $(VENV) $(SERVER_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(SERVER_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info \
+		tests/smart_as/node_modules test-artifacts

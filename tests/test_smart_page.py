@@ -16,8 +16,8 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 from cds.criteria import load_trials
-from cds.fhir.queries import build_patient_queries
 from cds.fhir.loader import FIXTURES_DIR
+from cds.fhir.queries import build_patient_queries
 from cds.sweep.runner import sweep_ndjson
 from cds.synthetic import Population, write_population
 from tests.helpers import sweep_options
@@ -64,6 +64,15 @@ def _sign_in(browser: Any, until: str) -> None:
     raise AssertionError(f"never reached {until}: {browser.current_url}")
 
 
+def _full_page(browser: Any, path: Path) -> None:
+    """A screenshot of the whole page (the window grown to the document's height)."""
+    width = browser.get_window_size()["width"]
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(width, min(int(height) + 140, 8000))
+    browser.save_screenshot(str(path))
+    browser.set_window_size(width, 1400)
+
+
 def _text(browser: Any) -> str:
     return str(browser.find_element(By.TAG_NAME, "body").text)
 
@@ -99,10 +108,12 @@ def test_ehr_launch_end_to_end(
     assert '"resourceType"' in _text(browser)
     browser.back()
     _wait(browser, "article.trial")
-    browser.save_screenshot(str(artifacts / "smart-ehr-launch-labs-stale.png"))
+    _full_page(browser, artifacts / "smart-ehr-launch-labs-stale.png")
 
 
-def test_state_mismatch_is_refused(browser: Any, smart_as: SmartAS, cds_service: CdsService) -> None:
+def test_state_mismatch_is_refused(
+    browser: Any, smart_as: SmartAS, cds_service: CdsService
+) -> None:
     browser.get(f"{cds_service.base}/smart/callback?code=forged&state=forged")
     assert "not one this page started" in _text(browser) or "does not match" in _text(browser)
 
@@ -126,7 +137,7 @@ def test_every_fixture_patient_renders(
         articles = browser.find_elements(By.CSS_SELECTOR, "article.trial")
         assert len(articles) == 2, pid
         assert not _REF.search(text.split("Criteria met")[0]), (pid, text[:500])
-        browser.save_screenshot(str(out / f"{pid}.png"))
+        _full_page(browser, out / f"{pid}.png")
 
 
 def test_open_server_is_read_without_oauth_in_development(
@@ -137,10 +148,11 @@ def test_open_server_is_read_without_oauth_in_development(
     _wait(browser, "article.trial")
     statuses = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "p.status strong")]
     assert statuses == ["Possible candidate", "Possible candidate"]
+    _full_page(browser, artifacts / "smart-page-both-candidate.png")
     browser.set_window_size(390, 1400)  # a phone
-    browser.save_screenshot(str(artifacts / "smart-page-narrow-both-candidate.png"))
     width = browser.execute_script("return document.documentElement.scrollWidth")
     assert width <= 400
+    browser.save_screenshot(str(artifacts / "smart-page-narrow-both-candidate.png"))
     browser.set_window_size(1100, 1400)
 
 
@@ -158,7 +170,9 @@ def _card_html(card: dict[str, Any]) -> str:
         lines = block.split("\n")
         items = [f"<li>{inline(li[2:])}</li>" for li in lines if li.startswith("- ")]
         head = [inline(li) for li in lines if not li.startswith("- ")]
-        blocks.append("<p>" + "<br>".join(head) + "</p>" + (f"<ul>{''.join(items)}</ul>" if items else ""))
+        blocks.append(
+            "<p>" + "<br>".join(head) + "</p>" + (f"<ul>{''.join(items)}</ul>" if items else "")
+        )
     links = " · ".join(f"<a href='#'>{escape(link['label'])}</a>" for link in card["links"])
     buttons = "".join(f"<button>{escape(s['label'])}</button>" for s in card["suggestions"])
     return (
@@ -173,7 +187,9 @@ def _card_html(card: dict[str, Any]) -> str:
 @pytest.mark.parametrize("fixture", ["both-candidate", "labs-stale", "provisional-exclusions"])
 def test_card_screenshots(browser: Any, artifacts: Path, tmp_path: Path, fixture: str) -> None:
     client = dev_app().test_client()
-    body = hook_body(patient_id=fixture, prefetch=full_prefetch(fixture_resources(f"{fixture}.json"), fixture))
+    body = hook_body(
+        patient_id=fixture, prefetch=full_prefetch(fixture_resources(f"{fixture}.json"), fixture)
+    )
     cards = post(client, "/cds-services/trial-screening", body).get_json()["cards"]
     assert cards
     page = tmp_path / f"{fixture}.html"
@@ -195,6 +211,7 @@ def test_sweep_report_in_the_browser(browser: Any, tmp_path: Path, artifacts: Pa
     write_population(population, tmp_path / "ndjson", "ndjson")
     out = tmp_path / "out"
     summary = sweep_ndjson(tmp_path / "ndjson", sweep_options(out))
+    browser.get_log("browser")  # drain what earlier pages logged
     browser.get((out / "report.html").as_uri())
     _wait(browser, "h1")
     text = _text(browser)

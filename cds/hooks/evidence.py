@@ -76,6 +76,8 @@ def _quantity(q: Any) -> str | None:
     if not isinstance(q, Mapping) or q.get("value") is None:
         return None
     unit = q.get("unit") or q.get("code") or ""
+    if unit.startswith("{") or unit == "1":
+        unit = ""  # UCUM annotations ({INR}) and unity are not units a reader needs
     comparator = q.get("comparator") or ""
     return f"{comparator}{q['value']} {unit}".strip()
 

@@ -38,7 +38,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from cds.config import Settings, normalize_base_url
 from cds.criteria.model import CriterionResult, PatientEvaluation, Result, TrialEvaluation
-from cds.errors import FhirError, FhirNotFound, InputError
+from cds.errors import FhirError, InputError
 from cds.fhir.client import FhirClient, Timeouts
 from cds.fhir.queries import check_patient_id, fetch_patient_resources
 from cds.fhir.trust import check_transport

@@ -91,7 +91,9 @@ _CDS_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
-def smart_as(loaded_fhir_base_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmartAS]:
+def smart_as(
+    loaded_fhir_base_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SmartAS]:
     node = shutil.which("node")
     if node is None or not (AS_DIR / "node_modules" / "oidc-provider").is_dir():
         pytest.fail(
