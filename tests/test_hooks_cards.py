@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from datetime import date
 from typing import Any
@@ -22,6 +23,7 @@ from cds.hooks.cards import (
 )
 from cds.sweep.writeback import STUDY_SYSTEM, research_subject
 from tests.hooks_data.support import (
+    FIXTURES,
     PV,
     A,
     B,
@@ -406,3 +408,40 @@ def test_r11_same_input_same_content(client: FlaskClient) -> None:
     two = _cards(client, "both-candidate.json")
     assert without_uuids({"cards": one}) == without_uuids({"cards": two})
     assert {c["uuid"] for c in one}.isdisjoint({c["uuid"] for c in two})
+
+
+_FIXTURES = sorted(
+    p.name
+    for p in FIXTURES.glob("*.json")
+    if sum(
+        1
+        for e in json.loads(p.read_text()).get("entry", [])
+        if e.get("resource", {}).get("resourceType") == "Patient"
+    )
+    == 1
+)
+
+
+@pytest.mark.parametrize("fixture", _FIXTURES)
+def test_every_fixture_card_fits_the_limits(client: FlaskClient, fixture: str) -> None:
+    """Issue 16's limits, read off every fixture's cards: summary < 140 characters, at most ten
+    lines of detail led by what is open, no FHIR ids in prose, no bare URL, the registry status
+    of a trial that is not enrolling in the summary, both links."""
+    bundle = json.loads((FIXTURES / fixture).read_text())
+    (pid,) = [
+        e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+    ]
+    for card in _cards(client, fixture, pid):
+        summary, detail = card["summary"], card["detail"]
+        assert len(summary) < 140
+        assert ("possible candidate" in summary) != ("needs review" in summary)
+        lines = [line for line in detail.split("\n") if line]
+        assert len(lines) <= 10, detail
+        assert not _REF.search(detail.replace("Criteria v", "")), detail
+        assert "http" not in detail
+        assert lines[-1].startswith(tuple("0123456789")) and "record checks met" in lines[-1]
+        if "needs review" in summary:
+            assert lines[0] == "**To settle:**" or lines[1] == "**To settle:**"
+        if summary.startswith(B):
+            assert "trial WITHDRAWN" in summary  # the shipped registry status of NCT05610826
+        assert [link["type"] for link in card["links"]] == ["smart", "absolute"]

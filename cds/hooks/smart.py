@@ -29,6 +29,7 @@ from flask import (
     Blueprint,
     Response,
     abort,
+    current_app,
     has_request_context,
     redirect,
     render_template,
@@ -124,11 +125,11 @@ class SessionStore:
             self._sessions.pop(sid or "", None)
 
 
-_STORES: dict[int, SessionStore] = {}
-
-
 def _store(st: HooksState) -> SessionStore:
-    return _STORES.setdefault(id(st), SessionStore())
+    """The app's session store (one per app, beside its other state)."""
+    store = current_app.extensions.setdefault("cds.smart.sessions", SessionStore())
+    assert isinstance(store, SessionStore)  # noqa: S101 - only this module puts it there
+    return store
 
 
 # -- what the app asks for ---------------------------------------------------------------------
@@ -503,12 +504,9 @@ def _evaluate(
         fetched.resources[0] if fetched.resources else {"resourceType": "Patient", "id": patient_id}
     )
     as_of = st.settings.as_of or date.today()
+    # Exactly as the REST sweep evaluates a fetched patient (cds.sweep.remote).
     evaluation = evaluate_resources(
-        [r for r in fetched.resources if r.get("resourceType") != "Patient"],
-        st.trials,
-        as_of,
-        patient=patient,
-        warnings=list(fetched.warnings),
+        fetched.resources, st.trials, as_of, warnings=list(fetched.warnings)
     )
     return evaluation, patient, index_resources(fetched.resources)
 
