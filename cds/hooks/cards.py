@@ -69,6 +69,8 @@ _REGISTRY_URL = "https://clinicaltrials.gov/study/{nct}"
 ENROLLING = frozenset({"RECRUITING", "NOT_YET_RECRUITING", "ENROLLING_BY_INVITATION"})
 #: open-item lines shown on a card before "N more on the screening page"
 _MAX_OPEN_LINES = 6
+#: checks named on one shared line before "N more"
+_MAX_NAMED = 4
 #: rule types whose unknowns are a lab result to (re)draw; the others are shown one by one
 _LAB_RULES = frozenset({"lab"})
 
@@ -245,8 +247,10 @@ def _open_lines(items: OpenItems) -> list[str]:
         else:
             # Several checks with one sentence ("Not assessed: the data it needs could not be
             # fetched in time") name the checks, not a finding.
-            labels = ", ".join(c.label for c in group)
-            lines.append(f"- **{md(labels)}**: {md(sentence)}")
+            names = [c.label for c in group]
+            if len(names) > _MAX_NAMED:
+                names = [*names[: _MAX_NAMED - 1], f"{len(names) - _MAX_NAMED + 1} more"]
+            lines.append(f"- **{md(', '.join(names))}**: {md(sentence)}")
     if len(lines) > _MAX_OPEN_LINES:
         more = len(lines) - (_MAX_OPEN_LINES - 1)
         lines = [*lines[: _MAX_OPEN_LINES - 1], f"- and {more} more on the screening page"]
