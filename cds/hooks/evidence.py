@@ -162,7 +162,10 @@ def describe(reference: str, resource: Mapping[str, Any] | None) -> EvidenceItem
         return EvidenceItem(reference, rtype, rtype, None, None, None, None)
     name = next((shown for field in _CODE_FIELDS if (shown := _concept(resource.get(field)))), None)
     if rtype == "Patient":
-        name = "Patient record"
+        birth = resource.get("birthDate")
+        gender = resource.get("gender")
+        shown = ", ".join(str(v) for v in (f"born {birth}" if birth else None, gender) if v)
+        return EvidenceItem(reference, rtype, "Patient", shown or None, None, None, None)
     date_text = next(
         (text for field in _DATE_FIELDS if (text := _date_text(resource.get(field)))), None
     )

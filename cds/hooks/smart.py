@@ -433,9 +433,20 @@ _STATUS_TEXT = {
 }
 
 
+#: rule types that read the Patient's own elements (birth date, sex): only their evidence shows
+#: the Patient; elsewhere it is cited as the record that was searched and would be noise
+_PATIENT_RULES = frozenset({"age", "creatinine_clearance", "pregnancy"})
+
+
 def _view(
-    c: CriterionResult, resources: Mapping[str, Mapping[str, Any]], *, protocol: bool = False
+    c: CriterionResult,
+    resources: Mapping[str, Mapping[str, Any]],
+    info: TrialInfo,
+    *,
+    protocol: bool = False,
 ) -> CriterionView:
+    shows_patient = info.rules.get(c.id, ("", None))[0] in _PATIENT_RULES
+    cited = [r for r in c.evidence if shows_patient or not r.startswith("Patient/")]
     return CriterionView(
         # An exclusion checked and not found is said as a fact about the patient; its name
         # ("Cirrhosis") stays beside the protocol text, not as a heading.
@@ -443,7 +454,7 @@ def _view(
         sentence=without_ids(c.explanation or c.text),
         protocol=c.text if protocol else "",
         kind=c.kind,
-        evidence=tuple(describe(ref, resources.get(ref)) for ref in c.evidence),
+        evidence=tuple(describe(ref, resources.get(ref)) for ref in cited),
     )
 
 
@@ -475,11 +486,13 @@ def _trial_view(
         version=evaluation.version,
         registry_url=info.registry_url,
         settle=_settle_lines(evaluation, info, as_of, resources),
-        open=tuple(_view(c, resources) for c in unknown),
-        exclusions_found=tuple(_view(c, resources) for c in evaluation.with_result(Result.FAIL)),
-        met=tuple(_view(c, resources) for c in evaluation.with_result(Result.PASS)),
+        open=tuple(_view(c, resources, info) for c in unknown),
+        exclusions_found=tuple(
+            _view(c, resources, info) for c in evaluation.with_result(Result.FAIL)
+        ),
+        met=tuple(_view(c, resources, info) for c in evaluation.with_result(Result.PASS)),
         manual=tuple(
-            _view(c, resources, protocol=True) for c in evaluation.with_result(Result.MANUAL)
+            _view(c, resources, info, protocol=True) for c in evaluation.with_result(Result.MANUAL)
         ),
     )
 
