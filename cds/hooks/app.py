@@ -62,8 +62,8 @@ def build_registry(trials: TrialSet) -> ServiceRegistry:
                 title="Clinical trial screening",
                 description=(
                     f"Screens the patient for the clinical trials {names}: one card per trial"
-                    " the patient may be a candidate for, with the criteria met, the unknowns"
-                    " and the items to confirm."
+                    " the patient may be a candidate for: what would settle the open items, and"
+                    " a link to the screening page (a SMART app) with the evidence."
                 ),
                 usage_requirements=usage,
                 prefetch=templates,
