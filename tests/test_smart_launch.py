@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+import cds.hooks.smart as smart_module
 from cds.config import load_config
 from cds.errors import InputError
 from cds.hooks.smart import smart_scopes
@@ -112,6 +113,32 @@ def test_a_server_without_user_launch_is_open_only_in_development() -> None:
         response = dev.get(f"/smart/launch?iss={fhir}&patient=both-candidate")
         assert response.status_code == 303
         assert response.headers["Location"].endswith("/smart/page")
+        bad = dev.get(f"/smart/launch?iss={fhir}&patient=../Patient")
+        assert bad.status_code == 400 and "not a patient id" in bad.get_data(as_text=True)
+
+
+def test_outside_development_a_server_without_user_launch_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A named fake: an https FHIR server whose SMART configuration offers only backend services
+    # (no loopback https server here to serve it for real).
+    monkeypatch.setattr(
+        smart_module,
+        "_smart_configuration",
+        lambda st, iss: {"grant_types_supported": ["client_credentials"]},
+    )
+    production = {
+        "public_base_url": "https://cds.example.org",
+        "trusted_issuers": {"https://ehr.example.org": {"jku": ["https://ehr.example.org/jwks"]}},
+        "fhir_trusted_servers": [FHIR],
+        "feedback_db": ":memory:",
+    }
+    from cds.hooks.app import create_app
+
+    client = create_app(production).test_client()
+    response = client.get(f"/smart/launch?iss={FHIR}&patient=both-candidate")
+    assert response.status_code == 400
+    assert "offers no SMART user launch" in response.get_data(as_text=True)
 
 
 def test_callback_without_the_launch_session_is_refused() -> None:

@@ -283,7 +283,7 @@ def launch() -> BaseResponse:
         patient = request.args.get("patient")
         session = Session(iss=iss, created=time.time(), open_server=True, authorized=True)
         if patient:
-            session.patient = check_patient_id(patient)
+            session.patient = _patient_id(patient)
         sid = store.new(session)
         return _with_cookie(redirect(f"{PREFIX}/page", code=303), sid)
 
@@ -322,6 +322,13 @@ def launch() -> BaseResponse:
         params["launch"] = launch_token
     sep = "&" if "?" in authorize else "?"
     return _with_cookie(redirect(f"{authorize}{sep}{urlencode(params)}", code=303), sid)
+
+
+def _patient_id(text: str) -> str:
+    try:
+        return check_patient_id(text)
+    except InputError as exc:
+        raise LaunchError("That is not a patient id.") from exc
 
 
 def _redirect_uri(settings: Settings) -> str:
@@ -382,7 +389,7 @@ def callback() -> BaseResponse:
     )
     patient = token.get("patient")
     if isinstance(patient, str):
-        fresh.patient = check_patient_id(patient)
+        fresh.patient = _patient_id(patient)
     new_sid = store.new(fresh)
     log.info("screening page: signed in to %s (scope %s)", fresh.iss, fresh.scope)
     return _with_cookie(redirect(f"{PREFIX}/page", code=303), new_sid)
@@ -533,10 +540,7 @@ def page() -> Response:
         chosen = request.args.get("patient")
         if not chosen:
             return _picker(st, session)
-        try:
-            patient_id = check_patient_id(chosen)
-        except InputError as exc:
-            raise LaunchError("That is not a patient id.") from exc
+        patient_id = _patient_id(chosen)
     with _client(st, session.iss, session.access_token) as client:
         evaluation, patient, resources = _evaluate(st, client, patient_id)
     trials = [
