@@ -19,8 +19,9 @@ from cds.evaluate_command import evaluate_files
 from cds.fhir.bulk import BulkExporter
 from cds.fhir.client import FhirClient
 from cds.fhir.loader import DEFAULT_TAG, bundle_files, prepare_entries
-from cds.fhir.queries import build_patient_queries
+from cds.fhir.queries import build_patient_queries, fetch_patient_resources
 from cds.hooks.cards import CardContext, screening_card, trial_infos
+from cds.hooks.evidence import index_resources
 from cds.sweep.remote import RestOptions, sweep_export, sweep_rest
 from cds.sweep.runner import sweep_ndjson
 from tests.helpers import AS_OF, put_group, sweep_lines, sweep_options, write_ndjson
@@ -111,13 +112,25 @@ def hooks(loaded_fhir_base_url: str) -> FlaskClient:
     return dev_app(fhir_trusted_servers=[loaded_fhir_base_url], time_budget_s=20).test_client()
 
 
-def _expected_cards(patient_ref: str, patient_id: str) -> list[dict[str, Any]]:
-    """The cards the reference evaluation gives, built by the service's own card function."""
+def _expected_cards(patient_ref: str, patient_id: str, base_url: str) -> list[dict[str, Any]]:
+    """The cards the reference evaluation gives, built by the service's own card function (it
+    reads the dates of cited labs from the resources, and links to the screening page)."""
     trials = load_trials()
     evaluation = json.loads(REFERENCE[patient_ref])
     infos = trial_infos(trials)
     user = hook_body()["context"]["userId"]
-    ctx = CardContext(patient_id=patient_id, user_id=user, encounter_id=None, as_of=AS_OF)
+    with FhirClient(
+        base_url=base_url, trusted_base_urls=[base_url], allow_insecure_loopback=True
+    ) as fhir:
+        cited = index_resources(fetch_patient_resources(fhir, patient_id, trials).resources)
+    ctx = CardContext(
+        patient_id=patient_id,
+        user_id=user,
+        encounter_id=None,
+        as_of=AS_OF,
+        resources=cited,
+        launch_url="http://localhost/smart/launch",  # the test client's host (dev mode)
+    )
     cards = []
     for trial in evaluation["trials"]:
         definition = trials[trial["trial"]]
@@ -187,6 +200,7 @@ def test_hooks_show_the_cards_of_the_reference_evaluation(
         response = post(hooks, f"/cds-services/{PV}", body)
         assert response.status_code == 200, (patient_ref, response.get_json())
         shown = without_uuids(response.get_json())
-        assert shown == _expected_cards(patient_ref, patient_id), (mode, patient_ref)
+        expected = _expected_cards(patient_ref, patient_id, loaded_fhir_base_url)
+        assert shown == expected, (mode, patient_ref)
         compared += 1
     assert compared == len(CARRIED)
