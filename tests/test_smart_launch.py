@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import sqlite3
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -146,3 +147,28 @@ def test_callback_without_the_launch_session_is_refused() -> None:
     response = client.get("/smart/callback?code=c&state=s")
     assert response.status_code == 400
     assert "not one this page started" in response.get_data(as_text=True)
+
+
+def test_sessions_are_shared_by_workers_and_stored_hashed(tmp_path: Any) -> None:
+    """gunicorn runs several workers: the callback may reach another one than the launch."""
+    config = {
+        "authorization_endpoint": "http://127.0.0.1:9/auth",
+        "token_endpoint": "http://127.0.0.1:9/token",
+        "grant_types_supported": ["authorization_code"],
+        "code_challenge_methods_supported": ["S256"],
+    }
+    db = str(tmp_path / "cds.sqlite3")
+    with serve_json({"/fhir/.well-known/smart-configuration": config}) as (base, _seen):
+        fhir = f"{base}/fhir"
+        one = _app(fhir_trusted_servers=[fhir], feedback_db=db).test_client()
+        two = _app(fhir_trusted_servers=[fhir], feedback_db=db).test_client()
+        launched = one.get(f"/smart/launch?iss={fhir}&launch=abc")
+    sid = launched.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    two.set_cookie("cds_smart_session", sid, path="/smart")
+    answer = two.get("/smart/callback?code=c&state=wrong")
+    # the other worker found the session (else: "not one this page started")
+    assert "does not match this launch" in answer.get_data(as_text=True)
+    with sqlite3.connect(db) as conn:
+        stored = [row[0] for row in conn.execute("SELECT sid FROM smart_sessions")]
+    assert sid not in stored
+    assert two.get("/smart/callback?code=c&state=wrong").status_code == 400  # dropped

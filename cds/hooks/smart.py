@@ -12,10 +12,13 @@ in development mode only (the local demo server).
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Mapping
@@ -35,6 +38,7 @@ from flask import (
     render_template,
     request,
 )
+from flask.blueprints import BlueprintSetupState
 from werkzeug.wrappers import Response as BaseResponse
 
 from cds.config import Settings, normalize_base_url
@@ -45,7 +49,7 @@ from cds.fhir.queries import check_patient_id, fetch_patient_resources
 from cds.fhir.trust import check_transport
 from cds.hooks.cards import TrialInfo, open_items
 from cds.hooks.evidence import EvidenceItem, describe, index_resources, without_ids
-from cds.hooks.state import HooksState, state
+from cds.hooks.state import EXTENSION, HooksState, state
 from cds.sweep.core import evaluate_resources
 
 __all__ = ["PREFIX", "blueprint", "launch_url", "smart_scopes"]
@@ -97,37 +101,85 @@ class Session:
 
 
 class SessionStore:
-    """In-process sessions keyed by a random 256-bit id; expired ones are dropped on access.
-    One process (the demo, tests, one gunicorn worker per pod) — a shared store would be needed
-    behind several workers, like the replay store of client JWTs."""
+    """Sessions keyed by a random 256-bit id (only its SHA-256 is stored); expired ones are
+    dropped on access. In the service's SQLite file (``feedback_db``) so that every gunicorn
+    worker sees the session the launch started (the callback may reach another worker); in
+    process for ``:memory:`` (tests, one process). A session is never changed once stored."""
 
-    def __init__(self) -> None:
-        self._sessions: dict[str, Session] = {}
+    def __init__(self, path: str) -> None:
+        self._path = None if path == ":memory:" else path
+        self._memory: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
+        if self._path is not None:
+            with self._db() as db, db:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS smart_sessions"
+                    " (sid TEXT PRIMARY KEY, created REAL NOT NULL, data TEXT NOT NULL)"
+                )
+
+    def _db(self) -> contextlib.closing[sqlite3.Connection]:
+        assert self._path is not None  # noqa: S101 - only called for a file store
+        return contextlib.closing(sqlite3.connect(self._path, timeout=10))
+
+    @staticmethod
+    def _key(sid: str) -> str:
+        return hashlib.sha256(sid.encode("ascii", "replace")).hexdigest()
 
     def new(self, session: Session) -> str:
         sid = secrets.token_urlsafe(32)
-        with self._lock:
-            self._sessions[sid] = session
+        data = json.dumps(dataclasses.asdict(session))
+        if self._path is None:
+            with self._lock:
+                self._memory[self._key(sid)] = (session.created, data)
+        else:
+            with self._db() as db, db:
+                db.execute(
+                    "INSERT INTO smart_sessions (sid, created, data) VALUES (?, ?, ?)",
+                    (self._key(sid), session.created, data),
+                )
         return sid
 
     def get(self, sid: str | None, ttl_s: float) -> Session | None:
         if not sid:
             return None
-        now = time.time()
-        with self._lock:
-            for key in [k for k, s in self._sessions.items() if now - s.created > ttl_s]:
-                del self._sessions[key]
-            return self._sessions.get(sid)
+        oldest = time.time() - ttl_s
+        key = self._key(sid)
+        if self._path is None:
+            with self._lock:
+                for k in [k for k, (created, _) in self._memory.items() if created < oldest]:
+                    del self._memory[k]
+                found = self._memory.get(key)
+            data = found[1] if found else None
+        else:
+            with self._db() as db, db:
+                db.execute("DELETE FROM smart_sessions WHERE created < ?", (oldest,))
+                row = db.execute("SELECT data FROM smart_sessions WHERE sid = ?", (key,)).fetchone()
+            data = row[0] if row else None
+        return Session(**json.loads(data)) if data else None
 
     def drop(self, sid: str | None) -> None:
-        with self._lock:
-            self._sessions.pop(sid or "", None)
+        key = self._key(sid or "")
+        if self._path is None:
+            with self._lock:
+                self._memory.pop(key, None)
+        else:
+            with self._db() as db, db:
+                db.execute("DELETE FROM smart_sessions WHERE sid = ?", (key,))
+
+
+_SESSIONS = "cds.smart.sessions"
+
+
+@blueprint.record_once
+def _create_store(setup: BlueprintSetupState) -> None:
+    # Created with the app (not on first use), so concurrent first requests share one store.
+    st = setup.app.extensions[EXTENSION]
+    setup.app.extensions[_SESSIONS] = SessionStore(st.settings.feedback_db)
 
 
 def _store(st: HooksState) -> SessionStore:
-    """The app's session store (one per app, beside its other state)."""
-    store = current_app.extensions.setdefault("cds.smart.sessions", SessionStore())
+    """The app's session store."""
+    store = current_app.extensions[_SESSIONS]
     assert isinstance(store, SessionStore)  # noqa: S101 - only this module puts it there
     return store
 
