@@ -6,7 +6,7 @@ import calendar
 import logging
 import re
 from collections import ChainMap, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import cache, cached_property, lru_cache
@@ -524,16 +524,17 @@ class RecordBuilder:
         self, rtype: str, resource: dict[str, Any], medications: Mapping[str, dict[str, Any]]
     ) -> None:
         try:
-            made = _make_entries(rtype, resource, medications)
+            self._entries += _make_entries(rtype, resource, medications, self.index.is_relevant)
         except (AttributeError, TypeError, ValueError) as exc:
             # The resource's shape is too broken to even read its code: skip it, loudly.
             self.warnings.append(f"{rtype}/{resource.get('id')} skipped: unreadable ({exc})")
             return
-        relevant = self.index.is_relevant
-        self._entries.extend(e for e in made if any(map(relevant, e.keys)))
-        if made and not made[0].keys and not isinstance(made[0]._concept, dict | None):
+        code = resource.get("code")
+        if code is not None and type(code) is not dict:
             # a code that is not a CodeableConcept: what it names cannot be known
-            self.warnings.append(f"{made[0].ref} skipped: its code is not a CodeableConcept")
+            self.warnings.append(
+                f"{rtype}/{resource.get('id')} skipped: its code is not a CodeableConcept"
+            )
 
     def build(
         self,
@@ -770,44 +771,57 @@ def _component_view(resource: dict[str, Any], component: dict[str, Any]) -> dict
 
 
 def _make_entries(
-    rtype: str, resource: dict[str, Any], medications: Mapping[str, dict[str, Any]]
+    rtype: str,
+    resource: dict[str, Any],
+    medications: Mapping[str, dict[str, Any]],
+    relevant: Callable[[CodingKey], bool],
 ) -> list[Entry]:
-    ref = f"{rtype}/{resource.get('id')}"
-    status = resource.get("status")
-    if status in _VOID_STATUS.get(rtype, ()):
+    """The entries a resource gives the rules: those whose codes some criterion reads (an
+    Entry is made only for them: most of a large record is not)."""
+    if resource.get("status") in _VOID_STATUS.get(rtype, ()):
         return []
-    if rtype == "Condition":
-        if _status_code(resource.get("verificationStatus")) in _VOID_VERIFICATION:
-            return []
-        concept = resource.get("code")
-        keys = codings_of(concept)
-        # mCODE carries ICD-O-3 morphology (grade, differentiation) in an extension.
-        for ext in resource.get("extension") or ():
-            if isinstance(ext, dict) and "valueCodeableConcept" in ext:
-                keys.extend(codings_of(ext["valueCodeableConcept"]))
-        return [Entry(ref, rtype, resource, tuple(keys), concept)]
-    if rtype == "Procedure":
-        concept = resource.get("code")
-        return [Entry(ref, rtype, resource, concept_keys(concept), concept)]
     if rtype == "Observation":
         concept = resource.get("code")
-        made = [Entry(ref, rtype, resource, concept_keys(concept), concept)]
+        keys = concept_keys(concept)
+        made = []
+        if any(map(relevant, keys)):
+            made.append(Entry(f"{rtype}/{resource.get('id')}", rtype, resource, keys, concept))
         components = resource.get("component")
         if type(components) is list:
             for component in components:
                 if isinstance(component, dict):
                     inner = component.get("code")
-                    view = _component_view(resource, component)
-                    made.append(Entry(ref, rtype, view, concept_keys(inner), inner, resource))
+                    inner_keys = concept_keys(inner)
+                    if any(map(relevant, inner_keys)):
+                        view = _component_view(resource, component)
+                        ref = f"{rtype}/{resource.get('id')}"
+                        made.append(Entry(ref, rtype, view, inner_keys, inner, resource))
         return made
-    # Medication resources: the drug is a CodeableConcept or a reference to a Medication
-    # (contained, or elsewhere in the record).
-    if rtype == "MedicationRequest" and resource.get("intent") in _NON_ORDER_INTENTS:
+    if rtype == "Condition":
+        if _status_code(resource.get("verificationStatus")) in _VOID_VERIFICATION:
+            return []
+        concept = resource.get("code")
+        found = codings_of(concept)
+        # mCODE carries ICD-O-3 morphology (grade, differentiation) in an extension.
+        for ext in resource.get("extension") or ():
+            if isinstance(ext, dict) and "valueCodeableConcept" in ext:
+                found.extend(codings_of(ext["valueCodeableConcept"]))
+        keys = tuple(found)
+    elif rtype == "Procedure":
+        concept = resource.get("code")
+        keys = concept_keys(concept)
+    else:
+        # Medication resources: the drug is a CodeableConcept or a reference to a Medication
+        # (contained, or elsewhere in the record).
+        if rtype == "MedicationRequest" and resource.get("intent") in _NON_ORDER_INTENTS:
+            return []
+        concept = resource.get("medicationCodeableConcept")
+        if concept is None:
+            concept = _resolve_medication(resource, medications)
+        keys = concept_keys(concept)
+    if not any(map(relevant, keys)):
         return []
-    concept = resource.get("medicationCodeableConcept")
-    if concept is None:
-        concept = _resolve_medication(resource, medications)
-    return [Entry(ref, rtype, resource, concept_keys(concept), concept)]
+    return [Entry(f"{rtype}/{resource.get('id')}", rtype, resource, keys, concept)]
 
 
 def _resolve_medication(

@@ -82,6 +82,8 @@ def bundle_resources(bundle: Any, *, source: str) -> BundleContent:
     return content
 
 
+#: entries that hold no patient data of their own
+_NOT_DATA = frozenset({"Bundle", "OperationOutcome"})
 #: how deep Bundles may nest in a message (a message Bundle wraps a searchset, say)
 _MAX_NESTING = 4
 
@@ -93,12 +95,13 @@ def _read_bundle(bundle: dict[str, Any], source: str, content: BundleContent, de
     if not isinstance(entries, list):
         raise InputError("Bundle.entry is not a list", source=source)
     for i, entry in enumerate(entries):
-        where = f"{source}: Bundle.entry[{i}]"
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            content.warnings.append(f"{where} has no resource; skipped")
+            content.warnings.append(f"{source}: Bundle.entry[{i}] has no resource; skipped")
             continue
         rtype = resource["resourceType"]
+        if rtype in _NOT_DATA:
+            where = f"{source}: Bundle.entry[{i}]"
         if rtype == "Bundle":
             if depth >= _MAX_NESTING:
                 content.warnings.append(f"{where} is a Bundle nested too deep; skipped")
@@ -122,7 +125,7 @@ def _read_bundle(bundle: dict[str, Any], source: str, content: BundleContent, de
                 rid = full_url.removeprefix("urn:uuid:")
                 resource = {**resource, "id": rid}
             else:
-                content.warnings.append(f"{where} {rtype} has no id")
+                content.warnings.append(f"{source}: Bundle.entry[{i}] {rtype} has no id")
                 continue
         if isinstance(full_url, str):
             content.aliases[full_url] = f"{rtype}/{rid}"
