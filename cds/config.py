@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import tomllib
@@ -13,16 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from cds.errors import InputError
+from cds.errors import InputError, UntrustedFhirServer
+from cds.fhir.trust import is_loopback_url, normalise_base_url
 
 __all__ = [
     "ENV_PREFIX",
     "IssuerConfig",
     "Settings",
-    "is_loopback_url",
     "load_config",
     "load_config_file",
-    "normalize_base_url",
 ]
 
 #: every environment variable this project reads starts with this
@@ -115,7 +113,6 @@ class Settings:
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-_LOOPBACK_NAMES = {"localhost"}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -289,16 +286,17 @@ def _issuers(value: Any, source: str) -> dict[str, IssuerConfig]:
             jwks_file=_opt_str(spec.get("jwks_file"), f"{where}.jwks_file"),
             jku=_str_list(spec.get("jku", []), f"{where}.jku"),
             tenants=None if tenants is None else _str_list(tenants, f"{where}.tenants"),
-            fhir_servers=tuple(
-                normalize_base_url(u)
-                for u in _str_list(spec.get("fhir_servers", []), f"{where}.fhir_servers")
-            ),
+            fhir_servers=_servers(spec.get("fhir_servers", []), f"{where}.fhir_servers"),
         )
     return issuers
 
 
 def _servers(value: Any, source: str) -> tuple[str, ...]:
-    return tuple(normalize_base_url(u) for u in _str_list(value, source))
+    """FHIR base URLs in the one form every allowlist check compares (cds.fhir.trust)."""
+    try:
+        return tuple(normalise_base_url(u) for u in _str_list(value, source))
+    except UntrustedFhirServer as exc:
+        raise InputError(str(exc), source=source) from exc
 
 
 _PARSERS: dict[str, Any] = {
@@ -327,25 +325,6 @@ _PARSERS: dict[str, Any] = {
 
 
 # -- validation ------------------------------------------------------------------------------
-
-
-def normalize_base_url(url: str) -> str:
-    """A FHIR base URL in the form we compare: scheme and host lower-cased, no trailing ``/``."""
-    parts = urlsplit(url.strip())
-    path = parts.path.rstrip("/")
-    netloc = parts.netloc.lower()
-    return f"{parts.scheme.lower()}://{netloc}{path}" + (f"?{parts.query}" if parts.query else "")
-
-
-def is_loopback_url(url: str) -> bool:
-    """True when the URL's host is a loopback name or address (127.0.0.0/8, ::1, localhost)."""
-    host = urlsplit(url).hostname or ""
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_url(url: str, source: str, *, dev: bool, what: str) -> None:

@@ -15,7 +15,10 @@
             ├── FhirNotFound      404/410: the resource or patient does not exist
             ├── FhirRejected      another 4xx: the server refused what was sent
             │   └── FixtureLoadError  ... a fixture bundle, naming its file and entry
-            └── FhirBadResponse   a 2xx/5xx body that is not the FHIR JSON it should be
+            ├── FhirBadResponse   a 2xx/5xx body that is not the FHIR JSON it should be
+            └── FhirSearchFailed  a searchset carrying an error OperationOutcome: its entries
+                                  are not the whole answer ("none found" is not known)
+    OutputError                   results cannot be written (disk full, no permission)
 
 Foreign exceptions (requests, jsonschema, json, jwt) are translated where they enter the
 project and chained with ``raise ... from exc`` so the cause stays in the logs.
@@ -132,6 +135,17 @@ class FhirRejected(FhirFatalError):
 
 class FhirBadResponse(FhirFatalError):
     """The server answered with something that is not the FHIR JSON it should be."""
+
+
+class FhirSearchFailed(FhirFatalError):
+    """A search whose Bundle reports an error or fatal OperationOutcome (FHIR R4 3.1.1.5.4,
+    ``search.mode = outcome``): what it holds cannot be read as everything on record."""
+
+
+class OutputError(CdsError):
+    """Results could not be written: the disk is full, a file size limit, no permission."""
+
+    exit_code: ClassVar[int] = 4
 
 
 class FixtureLoadError(FhirRejected):

@@ -165,8 +165,8 @@ def searchset(
     return bundle
 
 
-def outcome(text: str, *, details: bool = True) -> dict[str, Any]:
-    issue: dict[str, Any] = {"severity": "error", "code": "processing"}
+def outcome(text: str, *, details: bool = True, severity: str = "error") -> dict[str, Any]:
+    issue: dict[str, Any] = {"severity": severity, "code": "processing"}
     if details:
         issue["details"] = {"text": text}
     else:
@@ -452,9 +452,11 @@ def test_a_redirect_out_of_the_base_is_refused(injector, make_client):
 def test_outcome_entries_are_warnings_not_data(injector, make_client, caplog):
     page = searchset(
         [{"resourceType": "Observation", "id": "o1"}],
-        outcome_entries=[outcome("Some codes were not recognised")],
+        outcome_entries=[outcome("Some codes were not recognised", severity="warning")],
     )
-    page["entry"].append({"resource": outcome("mode-less outcome", details=False)})
+    page["entry"].append(
+        {"resource": outcome("mode-less outcome", details=False, severity="information")}
+    )
     injector.route = lambda seen: Fault(body=page)
     with caplog.at_level(logging.WARNING, logger="cds.fhir.client"):
         result = make_client().search("Observation", "patient=p1")

@@ -332,7 +332,7 @@ def test_o2_healthz(client: FlaskClient) -> None:
     assert response.status_code == 200 and response.get_json() == {"status": "ok"}
 
 
-def test_an_engine_failure_is_logged_and_answered_without_cards(
+def test_an_engine_failure_is_a_logged_500_never_an_empty_answer(
     monkeypatch: pytest.MonkeyPatch,
     candidate_prefetch: dict[str, Any],
     caplog: pytest.LogCaptureFixture,
@@ -345,5 +345,9 @@ def test_an_engine_failure_is_logged_and_answered_without_cards(
     monkeypatch.setattr(screening, "evaluate", broken)
     client = dev_app().test_client()
     response = post(client, f"/cds-services/{PV}", hook_body(prefetch=candidate_prefetch))
-    assert response.status_code == 200 and response.get_json() == {"cards": []}
-    assert "engine bug" in caplog.text and "answering without cards" in caplog.text
+    # Issue 13 item 7: "{"cards": []}" would read as "all clear" in the EHR.
+    assert response.status_code == 500
+    body = response.get_json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert body["issue"][0]["code"] == "exception"
+    assert "engine bug" in caplog.text and "unexpected error" in caplog.text

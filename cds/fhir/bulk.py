@@ -44,36 +44,13 @@ def iter_search_pages(
     """``GET [base]/Type?params`` and each ``next`` page, one page's data resources at a time.
 
     Unlike :meth:`FhirClient.search`, which gathers every page, this holds one page in memory,
-    so a registry's whole Patient list can be walked. ``next`` links are followed as given
-    (HAPI's are opaque) and a repeated link is an error rather than an endless loop.
+    so a registry's whole Patient list can be walked. The paging, its page cap and its
+    OperationOutcome policy are the client's one loop (:meth:`FhirClient.iter_pages`).
     """
     query = encode_query(params)
-    url: str | None = client.url(f"{resource_type}?{query}" if query else resource_type)
-    seen: set[str] = set()
-    while url is not None:
-        if url in seen:
-            raise FhirBadResponse(f"search {resource_type}: the next link repeats a page", url=url)
-        seen.add(url)
-        bundle = client.get(url)
-        if bundle.get("resourceType") != "Bundle":
-            raise FhirBadResponse(
-                f"search {resource_type}: expected a Bundle, got {bundle.get('resourceType')!r}",
-                url=url,
-            )
-        page = []
-        for entry in bundle.get("entry") or []:
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            if not isinstance(resource, dict):
-                continue
-            if (entry.get("search") or {}).get("mode") == "outcome":
-                continue
-            if resource.get("resourceType") == resource_type:
-                page.append(resource)
-        yield page
-        url = None
-        for link in bundle.get("link") or []:
-            if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
-                url = urljoin(client.base_url + "/", str(link["url"]))
+    url = client.url(f"{resource_type}?{query}" if query else resource_type)
+    for page in client.iter_pages(url, what=f"search {resource_type}"):
+        yield [r for r in page.resources if r.get("resourceType") == resource_type]
 
 
 def group_member_ids(client: FhirClient, group_id: str) -> list[str]:

@@ -28,9 +28,13 @@ from cds.errors import (
     FhirFatalError,
     FhirNotFound,
     FhirRejected,
+    FhirSearchFailed,
     FhirTemporaryError,
+    InputError,
 )
+from cds.fhir import deadline as _deadline
 from cds.fhir.auth import BearerToken, TokenSource
+from cds.fhir.outcome import SearchPage, outcome_message, read_searchset
 from cds.fhir.trust import TrustPolicy, check_within_base
 
 log = logging.getLogger(__name__)
@@ -49,10 +53,13 @@ _MAX_REDIRECTS = 5
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Per-request timeouts in seconds (requests' (connect, read) pair)."""
+    """Per-request timeouts in seconds: requests' (connect, read) pair, which bound one
+    connect and each socket read, and ``total``, which bounds one whole request and answer
+    (a server trickling bytes passes every read timeout and still meets this one)."""
 
     connect: float = 5.0
     read: float = 30.0
+    total: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -89,23 +96,6 @@ class SearchResult:
     #: one line per outcome issue, for reports
     warnings: list[str] = field(default_factory=list)
     pages: int = 0
-
-
-def outcome_message(outcome: Mapping[str, Any] | None) -> str | None:
-    """The human message of an OperationOutcome: issue[0].details.text, else its diagnostics."""
-    if not outcome or outcome.get("resourceType") != "OperationOutcome":
-        return None
-    issues = outcome.get("issue")
-    if not isinstance(issues, list) or not issues or not isinstance(issues[0], dict):
-        return None
-    issue = issues[0]
-    details = issue.get("details")
-    if isinstance(details, dict) and isinstance(details.get("text"), str) and details["text"]:
-        return str(details["text"])
-    diagnostics = issue.get("diagnostics")
-    if isinstance(diagnostics, str) and diagnostics:
-        return diagnostics
-    return None
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -157,6 +147,7 @@ class FhirClient:
         timeouts: Timeouts = Timeouts(),  # noqa: B008 - frozen value object
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen value object
         max_pages: int = 100,
+        deadline: float | None = None,
         verify: bool | str = True,
         trust_env: bool = False,
         sleep: Callable[[float], None] = time.sleep,
@@ -172,6 +163,8 @@ class FhirClient:
         :param access_token: a bearer token, e.g. CDS Hooks ``fhirAuthorization.access_token``
         :param auth: a token source instead, e.g. :class:`cds.fhir.auth.SmartBackendAuth`
         :param max_pages: a search that has more pages than this fails instead of looping on
+        :param deadline: a ``time.monotonic()`` past which no request of this client runs or
+            waits (a CDS Hooks call's time budget); see also :meth:`deadline_in`
         :param verify: TLS verification: True, or the path of a CA bundle
         :param trust_env: let requests read proxies, .netrc and CA settings from the environment
             (off by default: a .netrc must not attach credentials behind our back)
@@ -191,6 +184,9 @@ class FhirClient:
         self._timeouts = timeouts
         self._retry = retry
         self._max_pages = max_pages
+        self._deadline = deadline
+        self._local = threading.local()
+        self._watches: set[_deadline.Watch] = set()
         self._verify = verify
         self._trust_env = trust_env
         self._sleep = sleep
@@ -227,12 +223,35 @@ class FhirClient:
         self.close()
 
     def close(self) -> None:
-        """Close every pooled Session (and their connections). The client cannot be reused."""
+        """Close every pooled Session (and their connections) and cut the requests still in
+        flight in other threads (they end at once with FhirTemporaryError). The client
+        cannot be reused."""
         with self._lock:
             self._closed = True
             sessions, self._all_sessions = self._all_sessions, []
+            watches = list(self._watches)
+        for watch in watches:
+            watch.cut()
         for session in sessions:
             session.close()
+
+    @contextmanager
+    def deadline_in(self, seconds: float) -> Iterator[None]:
+        """Requests made by this thread inside the block end within ``seconds`` from now,
+        retries and waits included (a sweep's per-patient budget)."""
+        previous: float | None = getattr(self._local, "deadline", None)
+        until = time.monotonic() + seconds
+        self._local.deadline = until if previous is None else min(previous, until)
+        try:
+            yield
+        finally:
+            self._local.deadline = previous
+
+    def _overall_deadline(self) -> float | None:
+        mine: float | None = getattr(self._local, "deadline", None)
+        if mine is None:
+            return self._deadline
+        return mine if self._deadline is None else min(mine, self._deadline)
 
     @contextmanager
     def _session(self) -> Iterator[requests.Session]:
@@ -256,8 +275,7 @@ class FhirClient:
         session.verify = self._verify
         # Our own loop does the retrying (with Retry-After and jitter); urllib3's must not.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
+        _deadline.mount(session, adapter)
         session.headers["User-Agent"] = self._user_agent
         with self._lock:
             if self._closed:
@@ -278,6 +296,9 @@ class FhirClient:
 
     def read(self, resource_type: str, resource_id: str) -> JSONDict:
         """``GET [base]/Type/id``; FhirNotFound for 404/410."""
+        if resource_id in (".", ".."):
+            # A dot segment would be resolved away (RFC 3986 5.2.4): "Patient/.." is the base.
+            raise InputError("not a FHIR resource id", source=f"{resource_type} id {resource_id!r}")
         path = f"{resource_type}/{quote(resource_id, safe='')}"
         return self._expect(resource_type, self.get(path))
 
@@ -316,45 +337,61 @@ class FhirClient:
         """
         query = encode_query(params)
         url = self.url(f"{resource_type}?{query}" if query else resource_type)
-        cap = max_pages or self._max_pages
         resources: list[JSONDict] = []
         outcomes: list[JSONDict] = []
         warnings: list[str] = []
+        pages = 0
+        for page in self.iter_pages(url, what=f"search {resource_type}", max_pages=max_pages):
+            pages += 1
+            resources += page.resources
+            outcomes += page.outcomes
+            warnings += page.warnings
+        log.debug("search %s: %d resources in %d pages", resource_type, len(resources), pages)
+        return SearchResult(resources=resources, outcomes=outcomes, warnings=warnings, pages=pages)
+
+    def iter_pages(
+        self, url: str, *, what: str = "search", max_pages: int | None = None
+    ) -> Iterator[SearchPage]:
+        """The one paging loop: ``GET url`` and each ``next`` page after it, one page at a
+        time, read by the one OperationOutcome policy (:func:`cds.fhir.outcome.read_searchset`).
+
+        FHIR R4 3.1.1.5.5 (paging): the server's ``Bundle.link`` with relation ``next`` is
+        followed exactly as given (HAPI's absolute ``[base]?_getpages=...`` links included; they
+        are opaque and must not be rebuilt from ``_offset``), and checked against the trusted
+        base like every URL. Bundle.total is never consulted: HAPI omits it unless
+        ``_total=accurate`` is asked for. A page with an error or fatal OperationOutcome raises
+        FhirSearchFailed; warnings and information stay warnings. More than ``max_pages``
+        pages (default: the client's) or a repeated page is FhirBadResponse.
+        """
+        cap = max_pages or self._max_pages
         seen: set[str] = set()
         pages = 0
-        next_url: str | None = url
+        next_url: str | None = urljoin(self._base + "/", url)
         while next_url is not None:
             if next_url in seen:
                 raise FhirBadResponse(
-                    f"search {resource_type}: the server's next link repeats a page", url=next_url
+                    f"{what}: the server's next link repeats a page", url=next_url
                 )
             if pages >= cap:
                 raise FhirBadResponse(
-                    f"search {resource_type}: more than {cap} pages; refusing to read on "
+                    f"{what}: more than {cap} pages; refusing to read on "
                     "(raise max_pages, or narrow the search)",
                     url=url,
                 )
             seen.add(next_url)
             bundle = self._expect("Bundle", self._request("GET", next_url))
             pages += 1
-            for index, entry in enumerate(bundle.get("entry") or []):
-                resource = entry.get("resource") if isinstance(entry, dict) else None
-                if not isinstance(resource, dict):
-                    warnings.append(f"{resource_type} page {pages} entry {index}: no resource")
-                    continue
-                mode = (entry.get("search") or {}).get("mode")
-                if mode == "outcome" or resource.get("resourceType") == "OperationOutcome":
-                    outcomes.append(resource)
-                    message = outcome_message(resource) or "(no message)"
-                    warnings.append(f"{resource_type} search: server said: {message}")
-                    log.warning(
-                        "search %s: server returned an OperationOutcome: %s", resource_type, message
-                    )
-                    continue
-                resources.append(resource)
+            page = read_searchset(bundle, f"{what} page {pages}")
+            for warning in page.warnings:
+                log.warning("%s", warning)
+            if page.failed:
+                raise FhirSearchFailed(
+                    "; ".join(page.errors),
+                    url=_loggable(next_url),
+                    outcome=page.outcomes[0] if page.outcomes else None,
+                )
+            yield page
             next_url = _next_link(bundle, self._base)
-        log.debug("search %s: %d resources in %d pages", resource_type, len(resources), pages)
-        return SearchResult(resources=resources, outcomes=outcomes, warnings=warnings, pages=pages)
 
     # -- the one place HTTP happens ----------------------------------------------------------
 
@@ -415,11 +452,24 @@ class FhirClient:
         refreshed_auth = False
         attempt = 0
         while True:
-            # Checked before every send: the first URL, each redirect and each paging link.
-            check_within_base(url, self._base)
+            # Checked before every send: the first URL, each redirect and each paging link; the
+            # URL sent is the normalised one that was checked (no "/../" walks out afterwards).
+            url = check_within_base(url, self._base)
             attempt += 1
+            overall = self._overall_deadline()
+            if overall is not None and time.monotonic() >= overall:
+                raise FhirTemporaryError(
+                    f"{method} {_loggable(url)}: out of time before the request was sent",
+                    url=url,
+                )
             try:
-                response = self._send_once(method, url, data, headers, stream, token)
+                response = self._send_once(method, url, data, headers, stream, token, overall)
+            except _DeadlinePassed as exc:
+                raise FhirTemporaryError(
+                    f"{method} {_loggable(url)}: no complete answer within {exc.seconds:.1f} s "
+                    "(the server is too slow, or the call's time ran out)",
+                    url=url,
+                ) from exc
             except FhirTemporaryError as exc:  # the token endpoint was temporarily unavailable
                 if attempt >= retry.attempts:
                     raise
@@ -505,6 +555,7 @@ class FhirClient:
         extra_headers: Mapping[str, str] | None = None,
         stream: bool = False,
         token: bool = True,
+        overall: float | None = None,
     ) -> requests.Response:
         headers = {"Accept": FHIR_JSON}
         if data is not None:
@@ -514,15 +565,37 @@ class FhirClient:
             if self._auth is not None and token:
                 headers["Authorization"] = f"Bearer {self._auth.token(session)}"
             started = time.perf_counter()
-            response = session.request(
-                method,
-                url,
-                data=data,
-                headers=headers,
-                stream=stream,
-                timeout=(self._timeouts.connect, self._timeouts.read),
-                allow_redirects=False,  # redirects are followed above, inside the trusted base
-            )
+            now = time.monotonic()
+            until = now + self._timeouts.total
+            if overall is not None:
+                until = min(until, overall)
+            # The watch covers the whole answer (headers and, unless streamed, the body): past
+            # ``until`` its socket is shut down, whatever the server is trickling.
+            with _deadline.watching(until) as watch:
+                with self._lock:
+                    if self._closed:
+                        raise RuntimeError("FhirClient is closed")
+                    self._watches.add(watch)
+                try:
+                    response = session.request(
+                        method,
+                        url,
+                        data=data,
+                        headers=headers,
+                        stream=stream,
+                        timeout=(
+                            min(self._timeouts.connect, max(until - now, 0.01)),
+                            min(self._timeouts.read, max(until - now, 0.01)),
+                        ),
+                        allow_redirects=False,  # followed above, inside the trusted base
+                    )
+                except requests.RequestException as exc:
+                    if watch.expired:
+                        raise _DeadlinePassed(until - now) from exc
+                    raise
+                finally:
+                    with self._lock:
+                        self._watches.discard(watch)
         log.debug(
             "%s %s -> %d in %.1f ms",
             method,
@@ -546,6 +619,11 @@ class FhirClient:
             delay = min(retry_after, retry.retry_after_cap)
         else:
             delay = retry.backoff(attempt, self._rng)
+        overall = self._overall_deadline()
+        if overall is not None and time.monotonic() + delay >= overall:
+            raise FhirTemporaryError(
+                f"{method} {_loggable(url)}: {reason}; no time left to retry", url=url
+            )
         log.warning(
             "%s %s: %s; retry %d/%d in %.2f s",
             method,
@@ -556,6 +634,11 @@ class FhirClient:
             delay,
         )
         self._sleep(delay)
+
+
+class _DeadlinePassed(Exception):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
 
 
 def _next_link(bundle: Mapping[str, Any], base: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +22,54 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# RFC 3986 section 2.3: unreserved characters; their percent-encodings are equivalent to them
+# (section 6.2.2.2), and requests decodes them before sending, so "%2e%2e" leaves as "..".
+_UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|5[fF]|7[eE]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9])")
+
+
+def _decode_unreserved(path: str) -> str:
+    return _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path)
+
+
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4: the path with ``.`` and ``..`` segments resolved, as servers
+    (and urllib3, before sending) resolve them."""
+    output: list[str] = []
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == ".":
+            if last:
+                output.append("")
+            continue
+        if segment == "..":
+            if len(output) > 1:
+                output.pop()
+            if last:
+                output.append("")
+            continue
+        output.append(segment)
+    result = "/".join(output)
+    return result if not path.startswith("/") or result.startswith("/") else "/" + result
+
+
+def normalise_url(url: str) -> str:
+    """The URL as it will be sent and served: scheme and host lower-cased, percent-encoded
+    unreserved characters decoded, dot segments removed (RFC 3986 section 6.2.2). Every
+    allowlist check compares this form, so a ``/../`` or ``%2e%2e`` cannot walk out of a
+    trusted base after the check."""
+    parts = urlsplit(url.strip())
+    path = remove_dot_segments(_decode_unreserved(parts.path))
+    return urlunsplit(
+        (parts.scheme.lower(), parts.netloc.lower(), path, parts.query, parts.fragment)
+    )
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when the URL's host is a loopback name or address."""
+    return is_loopback(urlsplit(url).hostname or "")
+
+
 def normalise_base_url(url: str) -> str:
     """The base URL in the form it is compared in: lower-case scheme and host, no trailing slash.
 
@@ -36,7 +85,8 @@ def normalise_base_url(url: str) -> str:
         raise UntrustedFhirServer(f"not an http(s) FHIR base URL: {url!r}", url=url)
     if parts.query or parts.fragment:
         raise UntrustedFhirServer(f"a FHIR base URL has no query or fragment: {url!r}", url=url)
-    return urlunsplit((scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+    path = remove_dot_segments(_decode_unreserved(parts.path)).rstrip("/")
+    return urlunsplit((scheme, parts.netloc.lower(), path, "", ""))
 
 
 def check_transport(url: str, *, allow_insecure_loopback: bool) -> None:
@@ -76,13 +126,15 @@ class TrustPolicy:
         return base
 
 
-def check_within_base(url: str, base: str) -> None:
-    """Refuse a URL (a paging link, a redirect) that leaves the trusted base.
+def check_within_base(url: str, base: str) -> str:
+    """The URL to send, normalised (:func:`normalise_url`); UntrustedFhirServer when it leaves
+    the trusted base. Callers send the returned URL, so what was checked is what is sent.
 
     Same scheme, host and port as the base, and a path equal to the base path or below it:
     HAPI's ``[base]?_getpages=...`` links and ``[base]/Type?...`` links both pass; a link to
-    another host, or to a sibling path on the same host, does not.
+    another host, or to a sibling path on the same host (directly or by ``/../``), does not.
     """
+    url = normalise_url(url)
     parts = urlsplit(url)
     base_parts = urlsplit(base)
     if parts.username is not None or parts.password is not None:
@@ -97,3 +149,4 @@ def check_within_base(url: str, base: str) -> None:
             f"{parts.scheme}://{parts.netloc}{parts.path}",
             url=base,
         )
+    return url

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -162,7 +163,7 @@ class Authenticator:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
-        except PyJWTError as exc:
+        except (PyJWTError, OverflowError, ValueError, TypeError, RecursionError) as exc:
             raise ClientAuthError("malformed JWT") from exc
         alg = header.get("alg")
         if alg not in ALLOWED_ALGORITHMS:
@@ -198,17 +199,26 @@ class Authenticator:
             )
         except PyJWTError as exc:
             raise ClientAuthError(f"JWT from {iss!r} rejected: {exc}") from exc
+        except (OverflowError, ValueError, TypeError, RecursionError) as exc:
+            # Claims PyJWT lets through but cannot compare (an exp of 400 digits): refused.
+            raise ClientAuthError(f"JWT from {iss!r} has unusable claims") from exc
+        try:
+            exp, iat = float(claims["exp"]), float(claims["iat"])
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ClientAuthError(f"JWT from {iss!r} has an unusable exp or iat") from exc
+        if not (math.isfinite(exp) and math.isfinite(iat)):
+            raise ClientAuthError(f"JWT from {iss!r} has an unusable exp or iat")
         jti = claims.get("jti")
         tenant = claims.get("tenant")
         if not isinstance(jti, str) or not jti:
             raise ClientAuthError(f"JWT from {iss!r} has no usable jti")
-        lifetime = float(claims["exp"]) - float(claims["iat"])
+        lifetime = exp - iat
         if lifetime > self._settings.jwt_max_lifetime_s:
             raise ClientAuthError(f"JWT from {iss!r} lives {lifetime:.0f} s, longer than allowed")
         if issuer.tenants is not None and tenant not in issuer.tenants:
             raise ClientAuthError(f"tenant {tenant!r} is not allowed for issuer {iss!r}")
         # Best practices: "jti is not in a short-term store" of the max JWT lifetime.
-        if not self._store.remember_jti(iss, jti, float(claims["exp"]) + self._leeway()):
+        if not self._store.remember_jti(iss, jti, exp + self._leeway()):
             raise ClientAuthError(f"replayed jti {jti!r} from {iss!r}")
         return ClientIdentity(iss=iss, tenant=tenant if isinstance(tenant, str) else None, jti=jti)
 

@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, g
 from werkzeug.exceptions import HTTPException
 
 from cds.errors import ClientAuthError, HookRequestError, InputError, PrefetchUnavailable
@@ -99,4 +99,7 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(exc: Exception) -> Response:
         # A bug: the cause goes to the log with its traceback, the caller gets no detail.
         log.error("unexpected error", exc_info=exc)
+        call_log = g.get("call_log")
+        if call_log is not None:
+            call_log.note = f"internal error: {type(exc).__name__}"
         return outcome_response(500, "internal error")

@@ -16,10 +16,13 @@ from cds.errors import (
     FhirBadResponse,
     FhirError,
     FhirNotFound,
+    FhirSearchFailed,
+    HookRequestError,
     PrefetchUnavailable,
     UntrustedFhirServer,
 )
 from cds.fhir.client import FhirClient, RetryPolicy, Timeouts
+from cds.fhir.outcome import outcome_failed, read_searchset
 from cds.fhir.queries import (
     CodeSource,
     PatientQuery,
@@ -35,8 +38,9 @@ JSONDict = dict[str, Any]
 
 #: page size asked for when we run a search ourselves
 _PAGE_SIZE = 500
-#: issue severities that mean a prefetch query failed (information/warning do not)
-_FAILED = frozenset({"error", "fatal"})
+#: the client's own deadline trails the call's, so a query cut at the budget reads as
+#: "not fetched within the time budget" (the wait ends first), not as a server failure
+_DEADLINE_SLACK_S = 0.25
 
 
 @dataclass
@@ -70,11 +74,55 @@ class _Plan:
     optional: bool = False
 
 
-def _operation_failed(resource: Mapping[str, Any]) -> bool:
-    issues = resource.get("issue")
-    if not isinstance(issues, list) or not issues:
-        return True
-    return any(isinstance(i, dict) and i.get("severity") in _FAILED for i in issues)
+def check_prefetch(prefetch: Mapping[str, Any]) -> None:
+    """Refuse (400, naming the key and entry) prefetch values no FHIR client could have sent:
+    2.0 prefetch values are FHIR resources or null. Everything later reads these shapes."""
+    for key, value in prefetch.items():
+        where = f"prefetch.{key}"
+        if value is None:
+            continue
+        _check_resource(value, where)
+        if value.get("resourceType") != "Bundle":
+            continue
+        entries = value.get("entry")
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            raise HookRequestError("must be an array", field=f"{where}.entry")
+        for index, entry in enumerate(entries):
+            spot = f"{where}.entry[{index}]"
+            if not isinstance(entry, dict):
+                raise HookRequestError("must be an object (a Bundle entry)", field=spot)
+            if "resource" in entry:
+                _check_resource(entry["resource"], f"{spot}.resource")
+            search = entry.get("search")
+            if search is not None and not isinstance(search, dict):
+                raise HookRequestError("must be an object", field=f"{spot}.search")
+        links = value.get("link")
+        if links is not None and (
+            not isinstance(links, list) or not all(isinstance(link, dict) for link in links)
+        ):
+            raise HookRequestError("must be an array of objects", field=f"{where}.link")
+
+
+def _check_resource(resource: Any, where: str) -> None:
+    if not isinstance(resource, dict):
+        raise HookRequestError("must be a FHIR resource (a JSON object) or null", field=where)
+    if not isinstance(resource.get("resourceType"), str):
+        raise HookRequestError("must be a string", field=f"{where}.resourceType")
+    if "id" in resource and not isinstance(resource["id"], str):
+        raise HookRequestError("must be a string", field=f"{where}.id")
+
+
+def _server_resources(resources: list[JSONDict], key: str) -> list[JSONDict]:
+    """A FHIR server's answer, held to the same shapes as a client's prefetch."""
+    for resource in resources:
+        rid = resource.get("id")
+        if not isinstance(resource.get("resourceType"), str) or not (
+            rid is None or isinstance(rid, str)
+        ):
+            raise FhirBadResponse(f"{key}: the server sent a resource without a usable type or id")
+    return resources
 
 
 def _next_link(bundle: Mapping[str, Any]) -> str | None:
@@ -85,19 +133,10 @@ def _next_link(bundle: Mapping[str, Any]) -> str | None:
 
 
 def _bundle_resources(bundle: Mapping[str, Any]) -> tuple[list[JSONDict], bool]:
-    """Data resources of a searchset Bundle, and whether it reports a failed query."""
-    found: list[JSONDict] = []
-    failed = False
-    for entry in bundle.get("entry") or []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict):
-            continue
-        mode = (entry.get("search") or {}).get("mode")
-        if resource.get("resourceType") == "OperationOutcome" or mode == "outcome":
-            failed = failed or _operation_failed(resource)
-            continue
-        found.append(resource)
-    return found, failed
+    """Data resources of a searchset Bundle, and whether it reports a failed query (the one
+    OperationOutcome policy, cds.fhir.outcome)."""
+    page = read_searchset(bundle, "prefetch")
+    return page.resources, page.failed
 
 
 def gather(
@@ -127,6 +166,7 @@ def gather(
     result = PrefetchResult()
     plans: list[_Plan] = []
     given = prefetch or {}
+    check_prefetch(given)
     for query in queries:
         if query.key not in given:
             plans.append(_Plan(query, "fetch"))
@@ -136,7 +176,8 @@ def gather(
             result.empty.append(query.key)
             continue
         rtype = value.get("resourceType")
-        if rtype == "OperationOutcome" or (rtype == "Bundle" and _bundle_resources(value)[1]):
+        failed = rtype == "OperationOutcome" and outcome_failed(value)
+        if failed or (rtype == "Bundle" and _bundle_resources(value)[1]):
             # 2.0: the service "SHOULD check prefetch for OperationOutcomes".
             if settings.prefetch_oo_policy == "refetch":
                 plans.append(_Plan(query, "fetch", optional=True))
@@ -222,9 +263,16 @@ def _run(
             trusted_base_urls=trusted,
             allow_insecure_loopback=settings.dev,
             access_token=access_token,
-            timeouts=Timeouts(connect=max(min(remaining, 2.0), 0.05), read=max(remaining, 0.05)),
+            timeouts=Timeouts(
+                connect=max(min(remaining, 2.0), 0.05),
+                read=max(remaining, 0.05),
+                total=max(remaining, 0.05),
+            ),
             retry=RetryPolicy(attempts=1),
             max_pages=settings.max_prefetch_pages,
+            # A backstop: at the budget the call stops waiting and closes the client, which
+            # cuts what is still in flight; this ends any request soon after, whatever happens.
+            deadline=deadline + _DEADLINE_SLACK_S,
         )
     except (UntrustedFhirServer, ValueError) as exc:
         # The allowlist refused fhirServer before a single packet was sent (no SSRF, no token
@@ -269,6 +317,8 @@ def _run(
             result.fhir_calls += 1
             if not isinstance(error, FhirError):
                 raise error
+            if isinstance(error, FhirSearchFailed):
+                result.warnings.append(f"{key}: the FHIR server reported an error for this search")
             # Required data: the Patient itself, or anything when our credentials are refused
             # (every other query would fail alike). A search the server cannot answer leaves
             # only the criteria it feeds unknown, so one unsupported query type (an EHR
@@ -288,7 +338,8 @@ def _run(
                 f"prefetch {_keys(failures)} absent and the FHIR server did not provide it"
             )
     finally:
-        # Never wait for abandoned queries: they end on their own read timeout.
+        # Never wait for abandoned queries; closing the client cuts the requests they still
+        # have in flight, so their threads and connections end now, not on a read timeout.
         pool.shutdown(wait=False, cancel_futures=True)
         client.close()
 
@@ -301,7 +352,8 @@ def _fetch(
         client, patient_id, trials, concurrency=1, page_size=_PAGE_SIZE, queries=[query]
     )
     calls = sum(t.pages for t in fetched.queries)
-    return fetched.resources, calls, time.perf_counter() - started
+    resources = _server_resources(fetched.resources, query.key)
+    return resources, calls, time.perf_counter() - started
 
 
 def _read(client: FhirClient, query: PatientQuery) -> tuple[list[JSONDict], int, float]:
@@ -315,22 +367,14 @@ def _pages(client: FhirClient, url: str, settings: Settings) -> tuple[list[JSOND
     started = time.perf_counter()
     found: list[JSONDict] = []
     calls = 0
-    next_url: str | None = url
-    seen: set[str] = set()
-    while next_url and calls < settings.max_prefetch_pages and next_url not in seen:
-        seen.add(next_url)
-        bundle = client.get(next_url)
+    # The client's one paging loop: next links checked against the trusted base, the page
+    # cap, and an error OperationOutcome on a page failing the key (FhirSearchFailed).
+    for page in client.iter_pages(
+        url, what="prefetch next pages", max_pages=settings.max_prefetch_pages
+    ):
         calls += 1
-        if bundle.get("resourceType") != "Bundle":
-            raise FhirBadResponse("a prefetch next page is not a Bundle")
-        page, failed = _bundle_resources(bundle)
-        if failed:
-            raise FhirBadResponse("a prefetch next page reported an error")
-        found.extend(page)
-        next_url = _next_link(bundle)
-    if next_url:
-        raise FhirBadResponse(f"more than {settings.max_prefetch_pages} prefetch pages")
-    return found, calls, time.perf_counter() - started
+        found.extend(page.resources)
+    return _server_resources(found, "prefetch next pages"), calls, time.perf_counter() - started
 
 
 def _give_up(plans: Sequence[_Plan], result: PrefetchResult, why: str) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, g, request
-from werkzeug.exceptions import HTTPException, NotFound, UnsupportedMediaType
+from werkzeug.exceptions import NotFound, UnsupportedMediaType
 
-from cds.errors import CdsError, HookRequestError
+from cds.errors import HookRequestError
 from cds.hooks.auth import ClientIdentity
 from cds.hooks.calllog import CallLog
 from cds.hooks.outcome import json_response
@@ -64,17 +64,8 @@ def invoke(service_id: str) -> Response:
         deadline=g.started_monotonic + st.settings.time_budget_s,
         launch_url=launch_url(st.settings),
     )
-    try:
-        cards = service.handler(call)
-    except (CdsError, HTTPException):
-        raise
-    except Exception:
-        # A bug (ours or the engine's) must not break the clinician's workflow: "never a 500".
-        # The traceback goes to the log; the EHR gets "no guidance", the call log says why.
-        log.exception(
-            "hook %s of service %s failed; answering without cards", service.hook, service.id
-        )
-        call_log.note = "internal error: answered without cards"
-        cards = []
+    # No catch-all here: an unexpected error is a logged 500 OperationOutcome (outcome.py),
+    # never "{"cards": []}", which an EHR shows as "nothing to say" about the patient.
+    cards = service.handler(call)
     # 2.0: "{"cards": []}" when there is no guidance: the one allowed empty array.
     return json_response({"cards": cards})

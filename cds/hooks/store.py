@@ -115,20 +115,23 @@ class Store:
     # -- JWT replay -------------------------------------------------------------------------
 
     def remember_jti(self, iss: str, jti: str, expires_at: float) -> bool:
-        """Record a token id; False when it was already seen and has not expired (a replay)."""
+        """Record a token id; False when it was already seen and has not expired (a replay).
+
+        One statement, atomic in SQLite across threads and processes (gunicorn workers share
+        the file): the insert fails on the (iss, jti) key unless the row there has expired,
+        in which case it is taken over. A SELECT-then-INSERT let two workers both see
+        "unseen" and both accept the token.
+        """
         now = time.time()
         with self._lock, self._conn:
             self._maybe_purge(now)
-            row = self._conn.execute(
-                "SELECT expires_at FROM seen_jti WHERE iss = ? AND jti = ?", (iss, jti)
-            ).fetchone()
-            if row is not None and row[0] >= now:
-                return False
-            self._conn.execute(
-                "INSERT OR REPLACE INTO seen_jti (iss, jti, expires_at) VALUES (?, ?, ?)",
-                (iss, jti, expires_at),
+            cursor = self._conn.execute(
+                "INSERT INTO seen_jti (iss, jti, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (iss, jti) DO UPDATE SET expires_at = excluded.expires_at"
+                " WHERE seen_jti.expires_at < ?",
+                (iss, jti, expires_at, now),
             )
-            return True
+            return cursor.rowcount == 1
 
     def _maybe_purge(self, now: float) -> None:
         self._writes += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
@@ -48,12 +49,30 @@ def validator_for(name: str, definition: str | None = None) -> Draft202012Valida
     return Draft202012Validator({"$ref": f"{schema['$id']}#/$defs/{definition}"}, registry=registry)
 
 
+#: deepest nesting accepted in a request body. FHIR resources in prefetch nest a dozen levels
+#: or so (Bundle > entry > resource > component > code > coding); the schema validator and
+#: every reader recurse, so a body nested ~1,000 deep would otherwise end in RecursionError.
+MAX_DEPTH = 64
+
+# A lone UTF-16 surrogate can only come from a "\ud800"-style escape (or from raw bytes that
+# json.loads lets through with surrogatepass); without either, the walk is skipped.
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
 def parse_json_body(data: bytes) -> Any:
-    """The request body as JSON, or a 400 that says why (without echoing the body)."""
+    """The request body as JSON, or a 400 that says why (without echoing the body).
+
+    Also refused, naming the field: nesting deeper than :data:`MAX_DEPTH`, and strings holding
+    a lone surrogate (valid JSON, but not Unicode text: it cannot be stored or sent as UTF-8).
+    """
     if not data.strip():
         raise HookRequestError("the request body is empty; a JSON object is required")
     try:
-        return json.loads(data)
+        body = json.loads(data)
+    except RecursionError as exc:
+        raise HookRequestError(
+            f"the request body is nested too deeply (at most {MAX_DEPTH} levels)"
+        ) from exc
     except UnicodeDecodeError as exc:
         raise HookRequestError("the request body is not UTF-8 text") from exc
     except json.JSONDecodeError as exc:
@@ -63,6 +82,45 @@ def parse_json_body(data: bytes) -> Any:
         ) from exc
     except ValueError as exc:
         raise HookRequestError("the request body is not valid JSON") from exc
+    _check_structure(body, surrogates=_SURROGATE_HINT.search(data) is not None)
+    return body
+
+
+def _check_structure(body: Any, *, surrogates: bool) -> None:
+    """One iterative walk (no recursion, whatever the depth): depth, and lone surrogates when
+    the raw body hints at them."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise HookRequestError(
+                f"nested too deeply (at most {MAX_DEPTH} levels)", field=_path(path[:8]) + "..."
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if surrogates and not _is_text(key):
+                    raise HookRequestError(
+                        "a member name is not valid Unicode (a lone surrogate)",
+                        field=_path(path) or None,
+                    )
+                if isinstance(item, dict | list) or (surrogates and isinstance(item, str)):
+                    stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, dict | list) or (surrogates and isinstance(item, str)):
+                    stack.append((item, (*path, index)))
+        elif isinstance(value, str) and not _is_text(value):
+            raise HookRequestError(
+                "is not valid Unicode text (it holds a lone surrogate)", field=_path(path) or None
+            )
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate_request(body: Any) -> None:
@@ -85,7 +143,10 @@ def validate_feedback(body: Any) -> None:
 
 
 def _raise_first(validator: Draft202012Validator, instance: Any, *, prefix: str) -> None:
-    error = best_match(validator.iter_errors(instance))
+    try:
+        error = best_match(validator.iter_errors(instance))
+    except RecursionError as exc:  # parse_json_body bounds depth; this is the backstop
+        raise HookRequestError("nested too deeply", field=prefix or None) from exc
     if error is None:
         return
     field, message = _describe(error)
@@ -134,6 +195,8 @@ def _describe(error: ValidationError) -> tuple[str, str]:
         allowed = [value] if kind == "const" else list(value or [])
         return field, "must be one of " + ", ".join(json.dumps(v) for v in allowed)
     if kind == "pattern":
+        if error.instance in (".", "..") or str(error.instance).endswith(("/.", "/..")):
+            return field, "is not a usable FHIR id ('.' and '..' are URL path segments)"
         return field, "has an invalid format"
     if kind in ("minLength", "minItems", "minProperties"):
         return field, "must not be empty"
