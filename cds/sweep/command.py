@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cds.criteria import load_trials
-from cds.errors import InputError
+from cds.errors import InputError, OutputError
 from cds.evaluate_command import parse_as_of
 from cds.sweep.runner import SweepOptions, print_summary, sweep_ndjson
 
@@ -81,7 +82,36 @@ def _auth(args: argparse.Namespace) -> TokenSource | None:
     )
 
 
+#: errno values that mean the output cannot be written for lack of space (or a size limit)
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_NO_WRITE = frozenset({errno.EACCES, errno.EROFS, errno.EPERM})
+
+#: exit status of a sweep that ran to the end but could not evaluate some patients
+EXIT_PATIENT_ERRORS = 3
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except OSError as exc:
+        # requests' errors are OSErrors too, but the client translates those; what is left
+        # here is the output disk. Resume is exact (partitions commit atomically).
+        if exc.errno in _NO_SPACE:
+            raise OutputError(
+                f"cannot write the sweep's output: {exc.strerror}. Free some space (or raise "
+                "the limit) and run the same command with --resume: every partition written "
+                "so far is kept",
+                source=str(exc.filename or args.out),
+            ) from exc
+        if exc.errno in _NO_WRITE:
+            raise OutputError(
+                f"cannot write the sweep's output: {exc.strerror}",
+                source=str(exc.filename or args.out),
+            ) from exc
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     as_of = parse_as_of(args.as_of) if args.as_of else None
     trials = load_trials(args.trial) if args.trial else load_trials()
     workers = args.workers or max(1, os.cpu_count() or 1)
@@ -149,6 +179,14 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"wrote {args.out}/results.ndjson, candidates.csv, summary.json, report.html\n"
     )
+    if summary.get("errors"):
+        # Not "complete, exit 0": these patients were not screened (a failed search, an
+        # unreadable record), and candidates.csv cannot say anything about them.
+        sys.stderr.write(
+            f"cds sweep: {summary['errors']:,} patient(s) could not be evaluated; see "
+            f"{args.out}/errors.ndjson (exit status {EXIT_PATIENT_ERRORS})\n"
+        )
+        return EXIT_PATIENT_ERRORS
     return 0
 
 
@@ -166,7 +204,8 @@ def _client(
         trusted_base_urls=[base],
         allow_insecure_loopback=True,
         auth=auth,
-        timeouts=Timeouts(read=args.timeout),
+        # --timeout bounds each whole request and answer, not just each socket read.
+        timeouts=Timeouts(read=args.timeout, total=args.timeout),
         max_pages=10_000,
         session_factory=rate_limited_sessions(args.max_rps),
     )
@@ -250,7 +289,7 @@ def register(subparsers: Any, fixtures_subparsers: Any) -> None:
         type=_positive_float,
         default=60.0,
         metavar="SECONDS",
-        help="read timeout per request (default 60)",
+        help="time allowed for each request and its whole answer (default 60)",
     )
     smart = parser.add_argument_group("SMART Backend Services (optional)")
     smart.add_argument("--smart-client-id", metavar="ID")

@@ -15,7 +15,7 @@ from typing import Any
 from cds.criteria import TrialSet
 from cds.criteria.model import PatientEvaluation
 from cds.criteria.reads import MEDICATION_TYPES, REFERENCED_TYPES
-from cds.errors import FhirAuthError, FhirError
+from cds.errors import FhirAuthError, FhirError, InputError
 from cds.fhir.bulk import BulkExporter, group_member_ids, iter_search_pages
 from cds.fhir.client import FhirClient
 from cds.fhir.queries import (
@@ -56,6 +56,9 @@ class RestOptions:
     patient_ids: Sequence[str] = ()
     #: consecutive patient failures that mean the server itself is failing
     failure_streak: int = 20
+    #: seconds one patient's fetch may take in all (every query, page and retry): a server
+    #: trickling bytes makes that patient an error instead of stalling the sweep
+    patient_deadline_s: float = 300.0
     queries: tuple[PatientQuery, ...] | None = field(default=None)
 
 
@@ -192,11 +195,23 @@ def sweep_rest(client: FhirClient, opts: SweepOptions, rest: RestOptions) -> JSO
     except KeyboardInterrupt:
         sweep.finish(partitions, complete=False)
         raise
+    except _Stopped as stop:
+        # The server failed outright: keep what is done, so --resume can pick up from there,
+        # and show the failures that stopped it in errors.ndjson.
+        sweep.finish(partitions, complete=False, pending_errors=stop.errors)
+        raise stop.error from None
     except FhirError:
-        # The server failed outright: keep what is done, so --resume can pick up from there.
         sweep.finish(partitions, complete=False)
         raise
     return sweep.finish(partitions, complete=True)
+
+
+class _Stopped(Exception):
+    """The REST sweep stopped (too many failures in a row), with the errors not yet saved."""
+
+    def __init__(self, error: FhirError, errors: list[JSONDict]) -> None:
+        self.error = error
+        self.errors = errors
 
 
 def _run_rest(
@@ -216,18 +231,22 @@ def _run_rest(
     # Each patient's outcome, and its evaluation to tally (None when it could not be had).
     def one(pid: str) -> tuple[PatientOutcome, PatientEvaluation | None]:
         try:
-            fetched = fetch_patient_resources(
-                client,
-                pid,
-                trials,
-                concurrency=1,
-                page_size=rest.page_size,
-                tag=rest.tag,
-                queries=queries,
-            )
+            # One deadline for all of this patient's requests, retries included.
+            with client.deadline_in(rest.patient_deadline_s):
+                fetched = fetch_patient_resources(
+                    client,
+                    pid,
+                    trials,
+                    concurrency=1,
+                    page_size=rest.page_size,
+                    tag=rest.tag,
+                    queries=queries,
+                )
         except FhirAuthError:
             raise
-        except FhirError as exc:
+        except (FhirError, InputError) as exc:
+            # A failed search (an error OperationOutcome) lands here too: the patient is an
+            # error in errors.ndjson, never "no data on record".
             return error_outcome(f"Patient/{pid}", f"{type(exc).__name__}: {exc}"), None
         try:
             evaluation = evaluate_resources(
@@ -252,6 +271,7 @@ def _run_rest(
     pool = ThreadPoolExecutor(max_workers=rest.concurrency, thread_name_prefix="sweep")
     running: dict[Future[tuple[PatientOutcome, PatientEvaluation | None]], tuple[int, int]] = {}
     feed = work()
+    interrupted = False
     try:
         while True:
             while len(running) < rest.concurrency * 2:
@@ -270,26 +290,40 @@ def _run_rest(
                     tallies[index].add(evaluation)
                 else:
                     tallies[index].errors += 1
+                slot = slots[index]
+                slot[position] = outcome
                 if outcome.error is not None:
                     streak += 1
                     last_error = outcome.error
                     if streak >= rest.failure_streak:
-                        raise FhirError(
+                        error = FhirError(
                             f"{client.base_url} is failing: {streak} patients in a row could "
                             f"not be fetched (last: {last_error}); stopped, what was done is "
-                            "saved (--resume continues)"
+                            "saved (--resume continues; errors.ndjson lists the failures)"
                         )
+                        pending = [
+                            {"patient": o.patient, "error": o.error}
+                            for s in slots.values()
+                            for o in s
+                            if o is not None and o.error is not None
+                        ]
+                        raise _Stopped(error, pending)
                 else:
                     streak = 0
                 bar.advance()
-                slot = slots[index]
-                slot[position] = outcome
                 if all(o is not None for o in slot):
                     outcomes = [o for o in slot if o is not None]
                     sweep.work.write_partition(index, outcomes, tallies.pop(index))
                     del slots[index]
+    except BaseException:
+        interrupted = True
+        raise
     finally:
-        # Queued fetches are dropped; the ones running finish (a request or two each).
+        if interrupted:
+            # Ctrl-C or a stop: cut the requests in flight (a trickling server would otherwise
+            # hold a worker thread, and this shutdown, for as long as it likes).
+            client.close()
+        # Queued fetches are dropped; the running ones end (at once, when cut).
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -7,11 +7,14 @@ The NDJSON front of a sweep lives here; a FHIR server's (REST paging, Bulk $expo
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import multiprocessing
+import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,13 +106,18 @@ class Sweep:
         tallies = (marker["tally"] for marker in self.work.markers(self.work.done()))
         return sum(int(t["patients"]) + int(t["errors"]) for t in tallies)
 
-    def finish(self, partitions: int, *, complete: bool) -> JSONDict:
+    def finish(
+        self, partitions: int, *, complete: bool, pending_errors: Sequence[JSONDict] = ()
+    ) -> JSONDict:
         """Write results.ndjson, candidates.csv, errors.ndjson, summary.json and report.html
-        from the partitions done so far (all of them when ``complete``)."""
+        from the partitions done so far (all of them when ``complete``). ``pending_errors``
+        ({"patient", "error"} of patients in partitions not committed) go to errors.ndjson
+        too, so a sweep stopped by failures shows them."""
         done = self.work.done() & set(range(partitions))
         complete = complete and len(done) == partitions
         markers = self.work.markers(done)  # read once, for the outputs, tally and samples
-        self.work.assemble(markers, complete=complete)
+        extra = "".join(json.dumps(e) + "\n" for e in pending_errors).encode()
+        self.work.assemble(markers, complete=complete, extra_errors=extra)
         tally = Tally.for_trials(self.opts.trials)
         for marker in markers:
             tally.merge(Tally.from_json(marker["tally"]))
@@ -123,9 +131,14 @@ class Sweep:
             "partitions": {"done": len(done), "total": partitions},
             "input": self.state.get("input", {}),
             "elapsed_seconds": round(self.state["elapsed"], 3),
-            "error_samples": self.work.error_samples(markers),
+            "error_samples": (self.work.error_samples(markers) + list(pending_errors))[:20],
         }
         summary = build_summary(tally, self.opts.trials, meta)
+        # "complete" says every partition was done; "status" also says whether every patient
+        # was evaluated: a failed search is a patient error, never a silent "not eligible".
+        summary["status"] = (
+            "incomplete" if not complete else "complete-with-errors" if tally.errors else "complete"
+        )
         write_json(self.opts.out / "summary.json", summary)
         with atomic_open(self.opts.out / "report.html") as f:
             f.write(report_html(summary))
@@ -138,7 +151,28 @@ class Sweep:
 def _worker_init() -> None:
     # Workers leave Ctrl-C to the parent, which stops them once it has saved what is done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent()
     _quiet_gc()
+
+
+#: how often a worker checks that its parent still runs, seconds
+PARENT_CHECK_INTERVAL = 0.5
+
+
+def _end_with_parent() -> None:
+    """A worker whose parent was killed (SIGKILL, OOM killer) ends too, instead of waiting
+    forever on a task queue no one feeds. Polling the parent id is portable, and unlike
+    Linux's PR_SET_PDEATHSIG it is not tied to the thread that forked the worker (the pool
+    re-forks workers from its own handler thread)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_INTERVAL)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _quiet_gc() -> None:

@@ -141,7 +141,11 @@ class WorkDir:
         self.out.mkdir(parents=True, exist_ok=True)
         saved = self.state() if resume else None
         if resume and saved is None:
-            raise InputError("nothing to resume: no checkpoint here", source=str(self.out))
+            raise InputError(
+                "nothing to resume: no checkpoint here (a sweep stopped before its first "
+                "checkpoint has nothing to keep); run the same command without --resume",
+                source=str(self.out),
+            )
         if saved is not None:
             if saved.get("version") != STATE_VERSION:
                 raise InputError(
@@ -198,10 +202,14 @@ class WorkDir:
         with self.segment(index) as segment:
             segment.commit(index, encode_partition(outcomes), tally)
 
-    def assemble(self, markers: list[JSONDict], *, complete: bool) -> None:
+    def assemble(
+        self, markers: list[JSONDict], *, complete: bool, extra_errors: bytes = b""
+    ) -> None:
         """Write the output files from the done partitions' markers (in partition order).
         The results of a ``complete`` sweep that are one whole segment are linked, not
-        copied."""
+        copied. ``extra_errors`` (lines of patients in partitions not committed, e.g. the
+        failures that stopped a sweep) are appended to errors.ndjson; a resumed sweep redoes
+        those patients."""
         header = io.StringIO()
         csv.writer(header).writerow(CSV_HEADER)
         outputs = {
@@ -212,7 +220,8 @@ class WorkDir:
         for kind in KINDS:
             name, head = outputs[kind]
             spans = [_span(marker, kind) for marker in markers]
-            if complete and not head and self._link_whole(spans, self.out / name):
+            tail = extra_errors if kind == "errors" else b""
+            if complete and not head and not tail and self._link_whole(spans, self.out / name):
                 continue
             # Not fsynced: every byte is in the segments, which are, and a resumed sweep
             # (--resume, even after a complete one) assembles the outputs again.
@@ -221,6 +230,7 @@ class WorkDir:
                 out.flush()
                 for segment, offset, length in spans:
                     _copy_range(self.parts / segment, offset, length, out)
+                out.write(tail)
 
     def _link_whole(self, spans: list[tuple[str, int, int]], target: Path) -> bool:
         """When the spans are one whole segment, in order (a sweep run in one go by one
