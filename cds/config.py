@@ -423,3 +423,24 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
             raise InputError("must not be negative", source=src(name))
     if not s.feedback_db:
         raise InputError("must name a file (or ':memory:')", source=src("feedback_db"))
+
+
+#: defaults of the server process settings (``CDS_BIND``, ``CDS_WORKERS``, ``CDS_THREADS``)
+_SERVER_DEFAULTS = {"bind": "0.0.0.0:8080", "workers": 2, "threads": 8}
+
+
+def server_options(env: Mapping[str, str]) -> dict[str, Any]:
+    """How the HTTP server runs (not the service's Settings): ``CDS_BIND`` (host:port),
+    ``CDS_WORKERS`` and ``CDS_THREADS`` (positive integers), with their defaults."""
+    options: dict[str, Any] = dict(_SERVER_DEFAULTS)
+    bind = env.get(f"{ENV_PREFIX}BIND")
+    if bind:
+        options["bind"] = bind
+    for name in ("workers", "threads"):
+        key = f"{ENV_PREFIX}{name.upper()}"
+        if env.get(key):
+            number = _int(env[key], key)
+            if number < 1:
+                raise InputError("must be positive", source=key)
+            options[name] = number
+    return options

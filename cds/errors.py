@@ -147,6 +147,11 @@ class OutputError(CdsError):
 
     exit_code: ClassVar[int] = 4
 
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        #: the file or directory that could not be written
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)
+
 
 class FixtureLoadError(FhirRejected):
     """The server refused a fixture bundle; names the file and, when it can, the entry."""

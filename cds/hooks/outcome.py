@@ -23,6 +23,8 @@ _ISSUE_CODE = {
     406: "not-supported",
     412: "incomplete",
     413: "too-costly",
+    414: "too-long",
+    431: "too-long",
     415: "not-supported",
     500: "exception",
 }

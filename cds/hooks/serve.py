@@ -1,21 +1,32 @@
-"""`cds serve`: run the CDS Hooks service under gunicorn (settings checked before it starts)."""
+"""`cds serve` and the container command: the CDS Hooks service under gunicorn.
+
+One source for gunicorn's settings (:func:`gunicorn_settings`): ``cds serve`` passes them to
+gunicorn's embedding API, and ``scripts/gunicorn-cmd`` loads them as gunicorn's config file
+(``-c python:cds.hooks.gunicorn_conf``), so both run the same workers, threads, keep-alive,
+logging and HTTP-level error bodies.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask
 
-__all__ = ["register", "serve_config"]
+from cds.config import server_options
+
+__all__ = ["gunicorn_settings", "json_write_error", "register", "serve_config"]
 
 log = logging.getLogger("cds.hooks")
 
 
 def register(subparsers: Any, fixtures_subparsers: Any) -> None:
     """Add ``cds serve`` (the CLI dispatcher calls this for every subcommand module)."""
+    defaults = server_options({})
     parser = subparsers.add_parser(
         "serve",
         help="run the CDS Hooks service",
@@ -33,8 +44,18 @@ def register(subparsers: Any, fixtures_subparsers: Any) -> None:
         help="development mode: client authentication OFF, plain-http FHIR servers and jku on"
         " loopback allowed (a warning is logged)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")
-    parser.add_argument("--threads", type=int, default=4, help="threads per worker (4)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=defaults["workers"],
+        help=f"worker processes ({defaults['workers']})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=defaults["threads"],
+        help=f"threads per worker ({defaults['threads']})",
+    )
     parser.set_defaults(func=run)
 
 
@@ -50,6 +71,63 @@ def serve_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def gunicorn_settings(bind: str, workers: int, threads: int) -> dict[str, Any]:
+    """gunicorn's settings for this service (names as in gunicorn's config file)."""
+    return {
+        "bind": bind,
+        "workers": workers,
+        # gthread: a hook call waits on FHIR fallback queries, so threads keep a worker busy
+        # with other calls meanwhile.
+        "worker_class": "gthread",
+        "threads": threads,
+        "timeout": 30,
+        "graceful_timeout": 10,
+        # Longer than gunicorn's 2 s default: a keep-alive connection whose next request waits
+        # for a busy worker thread was otherwise reset under load (seen in bench_hooks.py).
+        "keepalive": 75,
+        "accesslog": None,  # the app writes one structured line per call itself
+        "on_starting": _on_starting,
+        "post_worker_init": _post_worker_init,
+    }
+
+
+def _on_starting(server: Any) -> None:
+    from cds.cli import configure_logging
+
+    # Without this, under the container command nothing configured logging: the per-call
+    # lines (INFO) and the reasons for 401s were dropped.
+    configure_logging()
+
+
+def _post_worker_init(worker: Any) -> None:
+    import gunicorn.util
+
+    # gunicorn answers what it refuses itself (a request line over limit_request_line: 414,
+    # headers over limit_request_field_size: 431, a malformed request: 400) with an HTML page
+    # written by gunicorn.util.write_error, before the app sees the request. Its workers
+    # call it through the module, so this one replacement makes those answers the same JSON
+    # OperationOutcomes as the app's (CDS Hooks 3.0: non-2xx responses SHOULD carry one).
+    gunicorn.util.write_error = json_write_error
+
+
+def json_write_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn.util.write_error's signature, answering an OperationOutcome. ``mesg`` (which
+    quotes the refused request) is not echoed."""
+    from cds.hooks.outcome import operation_outcome
+
+    body = json.dumps(
+        operation_outcome(status_int, f"{reason}: refused by the HTTP server"),
+        separators=(",", ":"),
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode("latin-1") + body)
+
+
 def run(args: argparse.Namespace) -> int:
     from cds.hooks.app import create_app
 
@@ -58,18 +136,7 @@ def run(args: argparse.Namespace) -> int:
     # CLI's one-line error and exit status, before a socket is bound. Workers build their own
     # (a SQLite connection must not cross a fork).
     create_app(config).extensions["cds.hooks"].store.close()
-    options = {
-        "bind": f"{args.host}:{args.port}",
-        "workers": args.workers,
-        "threads": args.threads,
-        "worker_class": "gthread",
-        "timeout": 30,
-        "graceful_timeout": 10,
-        # Longer than gunicorn's 2 s default: a keep-alive connection whose next request waits
-        # for a busy worker thread was otherwise reset under load (seen in bench_hooks.py).
-        "keepalive": 75,
-        "accesslog": None,  # the app writes one structured line per call itself
-    }
+    options = gunicorn_settings(f"{args.host}:{args.port}", args.workers, args.threads)
     _Gunicorn(lambda: create_app(config), options).run()
     return 0
 

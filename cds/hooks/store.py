@@ -7,7 +7,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,11 +102,30 @@ class Store:
         self._conn = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
         self._conn.execute("PRAGMA busy_timeout = 10000")
         if path != ":memory:":
-            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._retry_locked(lambda: self._conn.execute("PRAGMA journal_mode = WAL"))
             self._conn.execute("PRAGMA synchronous = NORMAL")
-        with self._conn:
-            self._conn.executescript(_SCHEMA)
+
+        def create() -> None:
+            with self._conn:
+                self._conn.executescript(_SCHEMA)
+
+        self._retry_locked(create)
         self._writes = 0
+
+    @staticmethod
+    def _retry_locked(step: Callable[[], object], seconds: float = 10.0) -> None:
+        """Run a start-up step that SQLite may refuse with "database is locked" while another
+        process (the other gunicorn worker, starting at the same moment) runs its own: the
+        switch to WAL does not wait on the busy timeout."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                step()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def close(self) -> None:
         with self._lock:
