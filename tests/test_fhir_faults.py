@@ -53,7 +53,9 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     #: seconds to wait before answering (longer than the client's read timeout = a timeout)
     delay: float = 0.0
-    #: "reset": close the socket without answering; "truncate": announce more than is sent
+    #: "reset": close the socket without answering; "truncate": announce more than is sent;
+    #: "trickle": a 200 whose body comes a byte every 50 ms (for a minute); "trickle-headers":
+    #: the same with the header lines
     breakage: str | None = None
 
 
@@ -78,6 +80,8 @@ class FaultInjector:
         self.seen: list[Seen] = []
         #: exceptions raised while answering (a broken script): reported by the fixture
         self.errors: list[BaseException] = []
+        #: answers being trickled right now (each ends when its client hangs up)
+        self.trickling = 0
         self._lock = threading.Lock()
         injector = self
 
@@ -108,6 +112,10 @@ class FaultInjector:
                 if isinstance(body, dict):
                     body = json.dumps(body).encode()
                 body = body or b""
+                if fault.breakage in ("trickle", "trickle-headers"):
+                    injector.trickle(self.wfile, headers=fault.breakage == "trickle-headers")
+                    self.close_connection = True
+                    return
                 self.send_response(fault.status)
                 headers = {"Content-Type": "application/fhir+json", **fault.headers}
                 for name, value in headers.items():
@@ -140,6 +148,31 @@ class FaultInjector:
             target=self._server.serve_forever, args=(0.05,), daemon=True
         )
         self._thread.start()
+
+    def trickle(self, out: Any, *, headers: bool) -> None:
+        """Answer so slowly that no read ever times out (a byte every 50 ms)."""
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n"
+        data = (
+            head + b"X-Slow: " + b"s" * 2000
+            if headers
+            else head + b"Content-Length: 100000\r\n\r\n"
+        )
+        if not headers:
+            out.write(data)
+            out.flush()
+            data = b" " * 2000
+        with self._lock:
+            self.trickling += 1
+        try:
+            for byte in data:
+                out.write(bytes([byte]))
+                out.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass  # the client gave up: what a deadline should make it do
+        finally:
+            with self._lock:
+                self.trickling -= 1
 
     def close(self) -> None:
         self._server.shutdown()

@@ -577,22 +577,9 @@ class FhirClient:
                         raise RuntimeError("FhirClient is closed")
                     self._watches.add(watch)
                 try:
-                    response = session.request(
-                        method,
-                        url,
-                        data=data,
-                        headers=headers,
-                        stream=stream,
-                        timeout=(
-                            min(self._timeouts.connect, max(until - now, 0.01)),
-                            min(self._timeouts.read, max(until - now, 0.01)),
-                        ),
-                        allow_redirects=False,  # followed above, inside the trusted base
+                    response = self._watched_request(
+                        session, watch, method, url, data, headers, stream, until - now
                     )
-                except requests.RequestException as exc:
-                    if watch.expired:
-                        raise _DeadlinePassed(until - now) from exc
-                    raise
                 finally:
                     with self._lock:
                         self._watches.discard(watch)
@@ -603,6 +590,41 @@ class FhirClient:
             response.status_code,
             (time.perf_counter() - started) * 1000,
         )
+        return response
+
+    def _watched_request(
+        self,
+        session: requests.Session,
+        watch: _deadline.Watch,
+        method: str,
+        url: str,
+        data: bytes | None,
+        headers: Mapping[str, str],
+        stream: bool,
+        seconds: float,
+    ) -> requests.Response:
+        try:
+            response = session.request(
+                method,
+                url,
+                data=data,
+                headers=headers,
+                stream=stream,
+                timeout=(
+                    min(self._timeouts.connect, max(seconds, 0.01)),
+                    min(self._timeouts.read, max(seconds, 0.01)),
+                ),
+                allow_redirects=False,  # followed in _exchange, inside the trusted base
+            )
+        except requests.RequestException as exc:
+            if watch.expired:
+                raise _DeadlinePassed(seconds) from exc
+            raise
+        if watch.expired:
+            # Cut mid-answer, http.client may still hand back what it had (headers without
+            # their end, a short body): never a usable answer.
+            response.close()
+            raise _DeadlinePassed(seconds)
         return response
 
     def _wait(
