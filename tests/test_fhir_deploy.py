@@ -18,10 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 GUNICORN_CMD = REPO / "scripts" / "gunicorn-cmd"
 DOCKERFILE = REPO / "Dockerfile"
-EXPECTED = (
-    "gunicorn --bind 0.0.0.0:8080 --workers 2 --worker-class gthread --threads 8 "
-    "--keep-alive 75 cds.hooks.app:create_app()"
-)
+EXPECTED = "gunicorn --config python:cds.hooks.gunicorn_conf cds.hooks.app:create_app()"
 
 
 def _dockerfile_instruction(name: str) -> str:
@@ -36,6 +33,24 @@ def test_the_gunicorn_command_line() -> None:
         [str(GUNICORN_CMD), "--print"], capture_output=True, text=True, check=True, env=env
     )
     assert printed.stdout.strip() == EXPECTED
+
+
+def test_cds_serve_and_the_container_use_one_set_of_gunicorn_settings() -> None:
+    """Issue 13 item 9: one source (threads were 4 in one, 8 in the other)."""
+    import cds.hooks.gunicorn_conf as conf
+    from cds.cli import build_parser
+    from cds.config import server_options
+    from cds.hooks.serve import gunicorn_settings
+
+    args = build_parser("serve").parse_args(["serve"])
+    served = gunicorn_settings("127.0.0.1:8080", args.workers, args.threads)
+    container = gunicorn_settings(**server_options({}))
+    assert {k: v for k, v in served.items() if k != "bind"} == {
+        k: v for k, v in container.items() if k != "bind"
+    }
+    for name, value in container.items():
+        if name != "bind":
+            assert getattr(conf, name) == value, name
 
 
 def test_the_dockerfile_runs_that_script_as_a_non_root_user() -> None:

@@ -321,7 +321,7 @@ def test_a_sweep_stops_within_seconds_of_ctrl_c_against_a_trickling_server(injec
             process.kill()
             process.wait()
     assert process.returncode == 130, stderr.decode()
-    assert latency < 3.0
+    assert latency < 5.0  # typically ~0.3 s; the margin is for a loaded machine
     assert b"Traceback" not in stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False

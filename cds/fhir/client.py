@@ -187,6 +187,7 @@ class FhirClient:
         self._deadline = deadline
         self._local = threading.local()
         self._watches: set[_deadline.Watch] = set()
+        self._interrupts = 0
         self._verify = verify
         self._trust_env = trust_env
         self._sleep = sleep
@@ -234,6 +235,22 @@ class FhirClient:
             watch.cut()
         for session in sessions:
             session.close()
+
+    @contextmanager
+    def interrupted(self) -> Iterator[None]:
+        """Inside the block, requests in flight are cut and new ones fail at once
+        (FhirTemporaryError), so the threads using this client wind down now (Ctrl-C in a
+        sweep); afterwards the client works again (a resumed sweep in the same process)."""
+        with self._lock:
+            self._interrupts += 1
+            watches = list(self._watches)
+        for watch in watches:
+            watch.cut()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._interrupts -= 1
 
     @contextmanager
     def deadline_in(self, seconds: float) -> Iterator[None]:
@@ -575,6 +592,8 @@ class FhirClient:
                 with self._lock:
                     if self._closed:
                         raise RuntimeError("FhirClient is closed")
+                    if self._interrupts:
+                        raise FhirTemporaryError(f"{method} {_loggable(url)}: interrupted")
                     self._watches.add(watch)
                 try:
                     response = self._watched_request(

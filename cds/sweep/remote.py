@@ -320,11 +320,13 @@ def _run_rest(
         raise
     finally:
         if interrupted:
-            # Ctrl-C or a stop: cut the requests in flight (a trickling server would otherwise
-            # hold a worker thread, and this shutdown, for as long as it likes).
-            client.close()
-        # Queued fetches are dropped; the running ones end (at once, when cut).
-        pool.shutdown(wait=True, cancel_futures=True)
+            # Ctrl-C or a stop: cut the requests in flight and refuse new ones while the
+            # threads wind down (a trickling server would otherwise hold a thread, and this
+            # shutdown, for as long as it likes). Queued fetches are dropped.
+            with client.interrupted():
+                pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 __all__ = ["RestOptions", "export_types", "list_patient_ids", "sweep_export", "sweep_rest"]
