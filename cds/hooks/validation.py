@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -87,32 +87,50 @@ def parse_json_body(data: bytes) -> Any:
 
 
 def _check_structure(body: Any, *, surrogates: bool) -> None:
-    """One iterative walk (no recursion, whatever the depth): depth, and lone surrogates when
-    the raw body hints at them."""
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(body, ())]
-    while stack:
-        value, path = stack.pop()
-        if len(path) > MAX_DEPTH:
+    """Depth, and lone surrogates when the raw body hints at them. Iterative (no recursion,
+    whatever the depth) and path-free on the way: only a failure walks again for the path."""
+    # Level by level (breadth first): a list comprehension per level keeps this at a few
+    # ms for a megabyte of prefetch.
+    level: list[Any] = [body] if isinstance(body, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            path = _find(body, lambda _v, p: len(p) >= MAX_DEPTH) or ()
             raise HookRequestError(
                 f"nested too deeply (at most {MAX_DEPTH} levels)", field=_path(path[:8]) + "..."
             )
+        level = [
+            item
+            for value in level
+            for item in (value.values() if type(value) is dict else value)
+            if type(item) is dict or type(item) is list
+        ]
+    if surrogates:
+        found = _find(body, lambda v, _p: isinstance(v, str) and not _is_text(v))
+        if found is not None:
+            raise HookRequestError(
+                "is not valid Unicode text (it holds a lone surrogate)", field=_path(found) or None
+            )
+
+
+def _find(
+    body: Any, bad: Callable[[Any, tuple[str | int, ...]], bool]
+) -> tuple[str | int, ...] | None:
+    """The path of the first value (or member name) for which ``bad`` holds, iteratively."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if bad(value, path):
+            return path
         if isinstance(value, dict):
             for key, item in value.items():
-                if surrogates and not _is_text(key):
-                    raise HookRequestError(
-                        "a member name is not valid Unicode (a lone surrogate)",
-                        field=_path(path) or None,
-                    )
-                if isinstance(item, dict | list) or (surrogates and isinstance(item, str)):
-                    stack.append((item, (*path, key)))
+                if bad(key, path):
+                    return path
+                stack.append((item, (*path, key)))
         elif isinstance(value, list):
-            for index, item in enumerate(value):
-                if isinstance(item, dict | list) or (surrogates and isinstance(item, str)):
-                    stack.append((item, (*path, index)))
-        elif isinstance(value, str) and not _is_text(value):
-            raise HookRequestError(
-                "is not valid Unicode text (it holds a lone surrogate)", field=_path(path) or None
-            )
+            stack.extend((item, (*path, index)) for index, item in enumerate(value))
+    return None
 
 
 def _is_text(value: str) -> bool:
