@@ -9,7 +9,7 @@
 2. Without prefetch against a local FHIR server (sekmet-fhir, started here on 127.0.0.1):
    p95 of the hook call vs p95 of the slowest single FHIR query the service issues, each query
    timed on its own in the same run (target: ratio <= 1.25).
-3. Under load through gunicorn on 127.0.0.1 (``cds serve``'s app, client auth on): N
+3. Under load through the container command (scripts/gunicorn-cmd, client auth on): N
    concurrent keep-alive clients for D seconds posting a hook call with full prefetch, each
    with a fresh JWT (target: zero errors); throughput and p50/p95/p99.
 
@@ -432,42 +432,54 @@ def bench_fhir(iterations: int, workdir: Path, workers: int, db: str) -> dict[st
 # -- 3. load through gunicorn ----------------------------------------------------------------
 
 
-def bench_load(
-    duration: float, clients: int, workdir: Path, workers: int, big: bool
-) -> dict[str, Any]:
-    signer = Signer()
+@contextmanager
+def container(
+    workdir: Path, env: dict[str, str], workers: int = 2, repo: Path = REPO
+) -> Iterator[str]:
+    """The service as the container runs it: scripts/gunicorn-cmd (its settings, its logging),
+    bound to a free loopback port; yields the base URL. Its log goes to workdir/gunicorn.log."""
     port = _free_port()
-    env = {
+    full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CDS_")},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "CDS_BIND": f"127.0.0.1:{port}",
+        "CDS_WORKERS": str(workers),
+        "PYTHONPATH": str(repo),
+        **env,
+    }
+    log = open(workdir / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [str(repo / "scripts" / "gunicorn-cmd")],
+        cwd=repo,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait(f"http://127.0.0.1:{port}/healthz", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(process)
+        log.close()
+
+
+def secure_env(signer: Signer, workdir: Path) -> dict[str, str]:
+    """Client authentication on, the bench signer's issuer trusted."""
+    return {
         "CDS_PUBLIC_BASE_URL": PUBLIC,
         "CDS_TRUSTED_ISSUERS": json.dumps({ISS: {"jwks": signer.jwks}}),
         "CDS_FEEDBACK_DB": str(workdir / "load.sqlite3"),
         "CDS_AS_OF": "2026-11-01",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        str(workers),
-        "--worker-class",
-        "gthread",
-        "--threads",
-        "8",
-        "--backlog",
-        "256",
-        "--timeout",
-        "60",
-        "--keep-alive",
-        "75",
-        "cds.hooks.app:create_app()",
-    ]
-    log = open(workdir / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+
+
+def bench_load(
+    duration: float, clients: int, workdir: Path, workers: int, big: bool
+) -> dict[str, Any]:
+    """N clients for D seconds against the container command (scripts/gunicorn-cmd)."""
+    signer = Signer()
+    served = container(workdir, secure_env(signer, workdir), workers)
     resources = (
         big_patient()
         if big
@@ -482,8 +494,8 @@ def bench_load(
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
-    try:
-        _wait(f"http://127.0.0.1:{port}/healthz", process)
+    with served as base:
+        port = int(base.rsplit(":", 1)[1])
         stop_at = time.monotonic() + duration
 
         def worker() -> None:
@@ -519,10 +531,8 @@ def bench_load(
         for thread in threads:
             thread.join()
         wall = time.monotonic() - started
-    finally:
-        _stop(process)
-        log.close()
     return {
+        "command": "scripts/gunicorn-cmd",
         "clients": clients,
         "duration_s": round(wall, 1),
         "gunicorn_workers": workers,

@@ -482,11 +482,12 @@ class FhirClient:
             try:
                 response = self._send_once(method, url, data, headers, stream, token, overall)
             except _DeadlinePassed as exc:
-                raise FhirTemporaryError(
-                    f"{method} {_loggable(url)}: no complete answer within {exc.seconds:.1f} s "
-                    "(the server is too slow, or the call's time ran out)",
-                    url=url,
-                ) from exc
+                why = (
+                    "the time allowed for the whole call ran out"
+                    if exc.budget
+                    else f"no complete answer within {exc.seconds:.1f} s"
+                )
+                raise FhirTemporaryError(f"{method} {_loggable(url)}: {why}", url=url) from exc
             except FhirTemporaryError as exc:  # the token endpoint was temporarily unavailable
                 if attempt >= retry.attempts:
                     raise
@@ -597,7 +598,15 @@ class FhirClient:
                     self._watches.add(watch)
                 try:
                     response = self._watched_request(
-                        session, watch, method, url, data, headers, stream, until - now
+                        session,
+                        watch,
+                        method,
+                        url,
+                        data,
+                        headers,
+                        stream,
+                        until - now,
+                        overall is not None and overall < now + self._timeouts.total,
                     )
                 finally:
                     with self._lock:
@@ -621,6 +630,7 @@ class FhirClient:
         headers: Mapping[str, str],
         stream: bool,
         seconds: float,
+        budget: bool,
     ) -> requests.Response:
         try:
             response = session.request(
@@ -637,13 +647,13 @@ class FhirClient:
             )
         except requests.RequestException as exc:
             if watch.expired:
-                raise _DeadlinePassed(seconds) from exc
+                raise _DeadlinePassed(seconds, budget) from exc
             raise
         if watch.expired:
             # Cut mid-answer, http.client may still hand back what it had (headers without
             # their end, a short body): never a usable answer.
             response.close()
-            raise _DeadlinePassed(seconds)
+            raise _DeadlinePassed(seconds, budget)
         return response
 
     def _wait(
@@ -678,8 +688,10 @@ class FhirClient:
 
 
 class _DeadlinePassed(Exception):
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, budget: bool) -> None:
         self.seconds = seconds
+        #: the call's overall deadline (not the per-request total) was what ran out
+        self.budget = budget
 
 
 def _next_link(bundle: Mapping[str, Any], base: str) -> str | None:

@@ -162,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
                 tag=args.tag,
                 group=args.group,
                 patient_ids=args.patient or (),
+                patient_deadline_s=args.patient_timeout,
             )
             summary = sweep_rest(client, opts, rest)
     print_summary(summary, sys.stdout)
@@ -290,6 +291,14 @@ def register(subparsers: Any, fixtures_subparsers: Any) -> None:
         default=60.0,
         metavar="SECONDS",
         help="time allowed for each request and its whole answer (default 60)",
+    )
+    parser.add_argument(
+        "--patient-timeout",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="time allowed for all of one patient's requests over REST, retries included; "
+        "past it the patient is an error in errors.ndjson (default 300)",
     )
     smart = parser.add_argument_group("SMART Backend Services (optional)")
     smart.add_argument("--smart-client-id", metavar="ID")
