@@ -18,6 +18,7 @@ from cds.errors import (
     FhirNotFound,
     FhirSearchFailed,
     HookRequestError,
+    InputError,
     PrefetchUnavailable,
     UntrustedFhirServer,
 )
@@ -315,6 +316,11 @@ def _run(
                 result.slowest_query_s = max(result.slowest_query_s, seconds)
                 continue
             result.fhir_calls += 1
+            if isinstance(error, InputError) and plan.optional:
+                # A reference the client sent that no request may be made for ("Medication/..")
+                result.incomplete.append(key)
+                result.warnings.append(f"{key}: not a resource that can be read")
+                continue
             if not isinstance(error, FhirError):
                 raise error
             if isinstance(error, FhirSearchFailed):
