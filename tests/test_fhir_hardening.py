@@ -205,20 +205,36 @@ def _record_server(failing: set[str]) -> Callable[[Seen], Fault]:
     return route
 
 
+def _lines(answer: dict[str, object], marker: str) -> set[str]:
+    cards: list[dict[str, str]] = answer["cards"]  # type: ignore[assignment]
+    return {
+        line.strip()
+        for card in cards
+        for line in card.get("detail", "").splitlines()
+        if marker in line
+    }
+
+
 def test_hooks_a_failed_search_makes_its_criteria_unknown(injector, caplog):
     """Item 4 in the hooks service: Procedure and MedicationRequest searches fail; the
-    criteria they feed are unknown, never "None on record"."""
+    criteria they feed are unknown ("Not assessed"), never "None on record"."""
     app = dev_app(fhir_trusted_servers=[injector.base_url])
     injector.route = _record_server(set())
     clean = post(app.test_client(), SERVICE, hook_body(fhirServer=injector.base_url)).get_json()
-    assert "None on record" in json.dumps(clean)  # the record itself has none of them
     injector.route = _record_server({"Procedure", "MedicationRequest"})
     with caplog.at_level(logging.INFO, logger="cds.hooks.calls"):
         response = post(app.test_client(), SERVICE, hook_body(fhirServer=injector.base_url))
-    text = json.dumps(response.get_json())
     assert response.status_code == 200
-    assert "None on record" not in text
-    assert "Not assessed" in text
+    failed = response.get_json()
+    # The criteria fed by the failed searches said "None on record" on the clean record;
+    # now each of them is "Not assessed", and the others read as before.
+    clean_none, failed_none = _lines(clean, "None on record"), _lines(failed, "None on record")
+    lost = clean_none - failed_none
+    assert lost and failed_none < clean_none
+    not_assessed = _lines(failed, "Not assessed")
+    for line in lost:
+        title = line.split("**:", 1)[0]
+        assert any(other.startswith(title + "**:") for other in not_assessed), line
     line = json.loads(caplog.records[-1].getMessage())
     assert {"procedures", "medication-requests"} <= set(line["prefetch_incomplete"])
 
