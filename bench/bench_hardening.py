@@ -570,6 +570,7 @@ def bench_faults_hooks() -> list[dict[str, Any]]:
     handler = Keep()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # kept for the table, not printed
     try:
         app = dev_app(fhir_trusted_servers=[server.base_url])
         client = app.test_client()

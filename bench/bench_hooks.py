@@ -138,11 +138,19 @@ def full_prefetch(resources: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         found = [r for r in resources if r["resourceType"] == query.resource_type]
         if query.resource_type == "Observation":
-            wanted = set(parse_qs(urlsplit(query.template).query)["code"][0].split(","))
+            # code= matches Observation.code, combo-code= also its components
+            params = parse_qs(urlsplit(query.template).query)
+            key = "code" if "code" in params else "combo-code"
+            wanted = set(params[key][0].split(","))
+
+            def codes(r: dict[str, Any], combo: bool = key == "combo-code") -> list[Any]:
+                parts = [r.get("code") or {}]
+                if combo:
+                    parts += [c.get("code") or {} for c in r.get("component") or []]
+                return [c for part in parts for c in part.get("coding") or []]
+
             found = [
-                r
-                for r in found
-                if any(f"{c['system']}|{c['code']}" in wanted for c in r["code"]["coding"])
+                r for r in found if any(f"{c['system']}|{c['code']}" in wanted for c in codes(r))
             ]
         bundle: dict[str, Any] = {
             "resourceType": "Bundle",
