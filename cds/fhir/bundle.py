@@ -9,6 +9,7 @@ from typing import Any
 from cds.criteria.reads import CLINICAL_TYPES
 from cds.criteria.record import PatientRecord, RecordBuilder, RecordIndex
 from cds.errors import InputError
+from cds.fhir.outcome import outcome_failed, outcome_message
 
 _BUNDLE_TYPES = {
     "searchset",
@@ -43,20 +44,6 @@ def patient_reference(resource: dict[str, Any], aliases: dict[str, str]) -> str 
             if ref.startswith("Patient/"):
                 return ref
     return None
-
-
-#: OperationOutcome severities that mean a search failed (FHIR R4 issue-severity: error and
-#: fatal; information and warning do not)
-_FAILED_SEVERITIES = frozenset({"error", "fatal"})
-
-
-def outcome_failed(resource: dict[str, Any]) -> bool:
-    """Whether an OperationOutcome inside a search Bundle reports a failed search (FHIR R4
-    3.1.1.5.4: ``search.mode`` outcome). One with no readable issue is taken as failed."""
-    issues = resource.get("issue")
-    if not isinstance(issues, list) or not issues:
-        return True
-    return any(isinstance(i, dict) and i.get("severity") in _FAILED_SEVERITIES for i in issues)
 
 
 @dataclass
@@ -110,12 +97,13 @@ def _read_bundle(bundle: dict[str, Any], source: str, content: BundleContent, de
             continue
         if rtype == "OperationOutcome":
             mode = (entry.get("search") or {}).get("mode")
+            message = outcome_message(resource) or "no message"
             if outcome_failed(resource):
                 # said the same whatever door the record came through: no file name
-                content.failures.append(_outcome_text(resource))
+                content.failures.append(message)
             else:
                 kind = "a search outcome" if mode == "outcome" else "an OperationOutcome"
-                content.warnings.append(f"{where} is {kind} ({_outcome_text(resource)}); not data")
+                content.warnings.append(f"{where} is {kind} ({message}); not data")
             continue
         rid = resource.get("id")
         full_url = entry.get("fullUrl")
@@ -130,15 +118,6 @@ def _read_bundle(bundle: dict[str, Any], source: str, content: BundleContent, de
         if isinstance(full_url, str):
             content.aliases[full_url] = f"{rtype}/{rid}"
         content.resources.append(resource)
-
-
-def _outcome_text(outcome: dict[str, Any]) -> str:
-    texts = [
-        str(i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code"))
-        for i in outcome.get("issue") or ()
-        if isinstance(i, dict)
-    ]
-    return "; ".join(texts) or "no issue given"
 
 
 def failed_search_reason(failures: list[str]) -> str:

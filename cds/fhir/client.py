@@ -7,6 +7,7 @@ import json
 import logging
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,6 +37,16 @@ from cds.fhir import deadline as _deadline
 from cds.fhir.auth import BearerToken, TokenSource
 from cds.fhir.outcome import SearchPage, outcome_message, read_searchset
 from cds.fhir.trust import TrustPolicy, check_within_base
+
+#: FHIR R4 id datatype: ``[A-Za-z0-9\-\.]{1,64}``
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def is_resource_id(value: str) -> bool:
+    """A FHIR R4 id that is safe in a URL path: "." and ".." match the datatype, but as path
+    segments they are resolved away (RFC 3986 5.2.4: "Patient/.." is the base)."""
+    return bool(_FHIR_ID.fullmatch(value)) and value not in (".", "..")
+
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +324,7 @@ class FhirClient:
 
     def read(self, resource_type: str, resource_id: str) -> JSONDict:
         """``GET [base]/Type/id``; FhirNotFound for 404/410."""
-        if resource_id in (".", ".."):
-            # A dot segment would be resolved away (RFC 3986 5.2.4): "Patient/.." is the base.
+        if not is_resource_id(resource_id):
             raise InputError("not a FHIR resource id", source=f"{resource_type} id {resource_id!r}")
         path = f"{resource_type}/{quote(resource_id, safe='')}"
         return self._expect(resource_type, self.get(path))
@@ -780,6 +790,7 @@ __all__ = [
     "SearchResult",
     "Timeouts",
     "encode_query",
+    "is_resource_id",
     "outcome_message",
     "parse_retry_after",
 ]

@@ -24,7 +24,7 @@ from cds.errors import (
     FixtureLoadError,
     InputError,
 )
-from cds.fhir.client import FhirClient, outcome_message
+from cds.fhir.client import FhirClient, is_resource_id, outcome_message
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ DEFAULT_TAG = (DEFAULT_TAG_SYSTEM, "fixture")
 #: the repository's fixtures (present in a checkout, not in an installed wheel)
 FIXTURES_DIR = Path(__file__).resolve().parents[2] / "fhir_fixtures"
 
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _ENTRY_EXPRESSION = re.compile(r"Bundle\.entry\[(\d+)\]")
 #: meta elements the server owns: left out when deciding whether a resource changed
 _SERVER_META = ("versionId", "lastUpdated", "source")
@@ -143,7 +142,7 @@ def prepare_entries(
         full_url = entry.get("fullUrl")
         rtype = resource["resourceType"]
         rid = resource.get("id") or _id_from_full_url(full_url, rtype)
-        if not isinstance(rid, str) or not _FHIR_ID.fullmatch(rid):
+        if not isinstance(rid, str) or not is_resource_id(rid):
             raise InputError(
                 f"{rtype} has no usable id (fixtures need stable ids: resource.id, or a "
                 "urn:uuid or Type/id fullUrl)",

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from cds.criteria.reads import MEDICATION_TYPES, REFERENCED_TYPES
 from cds.errors import FhirBadResponse, InputError
-from cds.fhir.client import FhirClient, encode_query
+from cds.fhir.client import FhirClient, encode_query, is_resource_id
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,6 @@ JSONDict = dict[str, Any]
 #: CDS Hooks 2.0 prefetch token for the patient in context.
 PATIENT_PLACEHOLDER = "{{context.patientId}}"
 
-#: FHIR R4 id datatype: ``[A-Za-z0-9\-\.]{1,64}``.
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 #: Observations are searched by the criteria's codes. ``combo-code`` (FHIR R4 Observation
 #: search parameter: code or component.code) also finds a panel whose components carry the
@@ -96,7 +94,7 @@ class FetchResult:
 
 
 def check_patient_id(patient_id: str) -> str:
-    if not _FHIR_ID.fullmatch(patient_id):
+    if not is_resource_id(patient_id):
         raise InputError("not a FHIR resource id", source=f"patient id {patient_id[:70]!r}")
     return patient_id
 
@@ -300,7 +298,7 @@ def referenced_reads(resources: Sequence[JSONDict]) -> list[tuple[str, str]]:
         if len(parts) < 2 or parts[-2] not in REFERENCED_TYPES:
             continue
         key = (parts[-2], parts[-1])
-        if key not in have and _FHIR_ID.fullmatch(key[1]):
+        if key not in have and is_resource_id(key[1]):
             wanted[key] = None
     return list(wanted)
 

@@ -21,7 +21,7 @@ from cds.hooks.cards import trial_infos
 from cds.hooks.cors import install_cors
 from cds.hooks.outcome import register_error_handlers
 from cds.hooks.registry import Service, ServiceRegistry
-from cds.hooks.screening import criteria_by_type, order_check, patient_view
+from cds.hooks.screening import order_check, patient_view
 from cds.hooks.state import EXTENSION, HooksState
 from cds.hooks.store import Store
 
@@ -103,7 +103,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         registry=build_registry(trials),
         store=store,
         authenticator=Authenticator(settings, store) if settings.auth_required else None,
-        criteria_by_type=criteria_by_type(trials),
     )
     app = Flask("cds.hooks")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes

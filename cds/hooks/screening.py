@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from cds.criteria import TrialSet
 from cds.criteria.engine import evaluate
-from cds.criteria.model import PatientEvaluation, Result
+from cds.criteria.model import PatientEvaluation
 from cds.criteria.record import PatientRecord
 from cds.hooks.auth import ClientIdentity
 from cds.hooks.calllog import CallLog
@@ -28,7 +26,7 @@ from cds.hooks.registry import Service
 from cds.hooks.state import HooksState
 from cds.hooks.store import IssuedCard
 
-__all__ = ["HookCall", "criteria_by_type", "order_check", "patient_view"]
+__all__ = ["HookCall", "order_check", "patient_view"]
 
 log = logging.getLogger("cds.hooks")
 
@@ -75,36 +73,6 @@ class HookCall:
             resources=self.resources,
             launch_url=self.launch_url,
         )
-
-
-def criteria_by_type(trials: TrialSet) -> dict[str, frozenset[tuple[str, str]]]:
-    """Resource type -> the (trial, criterion) pairs whose rules read that type."""
-    found: dict[str, set[tuple[str, str]]] = {}
-    for trial in trials:
-        for criterion in trial.criteria:
-            if criterion.rule is None:
-                continue
-            for rtype in trials.resource_types_read(criterion):
-                found.setdefault(rtype, set()).add((trial.id, criterion.id))
-    return {rtype: frozenset(pairs) for rtype, pairs in found.items()}
-
-
-def _degrade(
-    evaluation: PatientEvaluation, affected: set[tuple[str, str]], why: str
-) -> PatientEvaluation:
-    """Criteria fed by data we could not get become unknown instead of silently passing:
-    an absent Procedure list would otherwise read as "no prior embolization"."""
-    trials = []
-    for trial in evaluation.trials:
-        criteria = []
-        for c in trial.criteria:
-            # A pass or a fail read from data we did not get in full is not known: "none on
-            # record" may only mean the query failed.
-            if (trial.trial, c.id) in affected and c.result in (Result.PASS, Result.FAIL):
-                c = c._replace(result=Result.UNKNOWN, explanation=why, evidence=())
-            criteria.append(c)
-        trials.append(dataclasses.replace(trial, criteria=tuple(criteria)))
-    return dataclasses.replace(evaluation, trials=tuple(trials))
 
 
 def _dedupe(resources: Iterable[JSONDict]) -> list[JSONDict]:
@@ -154,23 +122,25 @@ def screen(call: HookCall, trial_ids: Iterable[str] | None = None) -> PatientEva
             return None
         # null Patient: no demographics; the criteria that need them become unknown.
         patients = [{"resourceType": "Patient", "id": call.patient_id}]
-    record = PatientRecord.from_resources(
-        [r for r in resources if r.get("resourceType") != "Patient"],
-        st.trials,
-        patient=patients[0],
-        warnings=data.warnings,
-    )
-    trials = st.trials if trial_ids is None else st.trials.only(trial_ids)
-    evaluation = evaluate(record, trials, call.card_context().as_of)
+    incomplete = None
     if data.incomplete:
-        types = {q.resource_type for q in st.queries if q.key in data.incomplete}
-        affected = set().union(*(st.criteria_by_type.get(t, frozenset()) for t in types))
+        # A pass or a fail read from data we did not get in full is not known (the engine
+        # makes it unknown): an absent Procedure list would read as "no prior embolization".
         why = (
             "Not assessed: the data it needs could not be fetched in time"
             if data.timed_out
             else "Not assessed: the data it needs was not available in full"
         )
-        evaluation = _degrade(evaluation, affected, why)
+        incomplete = {q.resource_type: why for q in st.queries if q.key in data.incomplete}
+    record = PatientRecord.from_resources(
+        [r for r in resources if r.get("resourceType") != "Patient"],
+        st.trials,
+        patient=patients[0],
+        warnings=data.warnings,
+        incomplete=incomplete,
+    )
+    trials = st.trials if trial_ids is None else st.trials.only(trial_ids)
+    evaluation = evaluate(record, trials, call.card_context().as_of)
     for trial in evaluation.trials:
         cl.trial_statuses[trial.trial] = trial.status.value
         cl.rules_version[trial.trial] = trial.version

@@ -41,12 +41,12 @@ from flask import (
 from flask.blueprints import BlueprintSetupState
 from werkzeug.wrappers import Response as BaseResponse
 
-from cds.config import Settings, normalize_base_url
+from cds.config import Settings
 from cds.criteria.model import CriterionResult, PatientEvaluation, Result, TrialEvaluation
-from cds.errors import FhirError, InputError
+from cds.errors import FhirError, InputError, UntrustedFhirServer
 from cds.fhir.client import FhirClient, Timeouts
 from cds.fhir.queries import check_patient_id, fetch_patient_resources
-from cds.fhir.trust import check_transport
+from cds.fhir.trust import check_transport, normalise_base_url
 from cds.hooks.cards import TrialInfo, open_items
 from cds.hooks.evidence import EvidenceItem, describe, index_resources, without_ids
 from cds.hooks.state import EXTENSION, HooksState, state
@@ -227,9 +227,12 @@ def _client(st: HooksState, iss: str, token: str | None) -> FhirClient:
 def _trusted_iss(st: HooksState, iss: str | None) -> str:
     if not iss:
         raise LaunchError("The launch names no FHIR server (iss).")
-    wanted = normalize_base_url(iss)
+    try:
+        wanted = normalise_base_url(iss)
+    except UntrustedFhirServer as exc:
+        raise LaunchError("The launch's FHIR server (iss) is not a FHIR base URL.") from exc
     for server in st.settings.smart_servers():
-        if normalize_base_url(server) == wanted:
+        if normalise_base_url(server) == wanted:
             return server
     # SMART App Launch 2.x: the app "MUST" check iss against the servers it trusts before
     # following any of its endpoints.

@@ -33,7 +33,6 @@ class HooksState:
     #: None when client authentication is off (development only)
     authenticator: Authenticator | None
     #: resource type -> (trial, criterion) pairs whose rules read it
-    criteria_by_type: Mapping[str, frozenset[tuple[str, str]]]
 
 
 def state() -> HooksState:
