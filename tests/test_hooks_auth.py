@@ -143,6 +143,18 @@ def test_j3_other_asymmetric_algorithms_are_rejected(client: FlaskClient, signer
     _assert_401(_get(client, DISCOVERY, token))
 
 
+def test_an_audience_mismatch_logs_both_audiences_and_not_the_token(
+    client: FlaskClient, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = signer.token("http://localhost:8085/cds-services")
+    with caplog.at_level(logging.INFO):
+        _assert_401(_get(client, DISCOVERY, token))
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "'http://localhost:8085/cds-services'" in said
+    assert f"'{PUBLIC}{DISCOVERY}'" in said
+    assert token not in said and token.split(".")[2] not in said
+
+
 def test_j4_audience(client: FlaskClient, signer: Signer) -> None:
     _assert_401(_get(client, DISCOVERY, signer.token(f"{PUBLIC}/cds-services/other")))
     _assert_401(_get(client, DISCOVERY, signer.token("https://evil.example/cds-services")))

@@ -197,6 +197,14 @@ class Authenticator:
                 leeway=self._settings.jwt_leeway_s,
                 options={"require": ["iss", "aud", "exp", "iat", "jti"]},
             )
+        except jwt.InvalidAudienceError as exc:
+            # Said in full (URLs, not secrets): the commonest set-up error is a client that
+            # signs for "localhost" while the service is configured as 127.0.0.1.
+            received = unverified.get("aud")
+            raise ClientAuthError(
+                f"JWT from {iss!r} is for audience {str(received)[:300]!r}, "
+                f"but this endpoint is {audience!r}"
+            ) from exc
         except PyJWTError as exc:
             raise ClientAuthError(f"JWT from {iss!r} rejected: {exc}") from exc
         except (OverflowError, ValueError, TypeError, RecursionError) as exc:
