@@ -506,6 +506,13 @@ NET_VARIANTS: tuple[tuple[str, Callable[[PatientBuilder, Roles], None]], ...] = 
         _add_condition([(ICD10, "R32", "Unspecified urinary incontinence")], 600),
     ),
     ("portal-vein-thrombosis", _add_condition([(ICD10, "I81", "Portal vein thrombosis")], 90)),
+    (
+        "other-malignancy",
+        _add_condition(
+            [(ICD10, "C50.911", "Malignant neoplasm of unspecified site of right female breast")],
+            200,
+        ),
+    ),
     ("diabetes-uncontrolled", _diabetes(260)),
     ("diabetes-controlled", _diabetes(95)),
     ("diabetes-no-glucose", _diabetes(None)),

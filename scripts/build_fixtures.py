@@ -216,6 +216,9 @@ PNET = [
 ]
 LIVER_METS = [(ICD10, "C7B.02", "Secondary carcinoid tumors of liver")]
 ILEAL_NET = [(ICD10, "C7A.012", "Malignant carcinoid tumor of the ileum")]
+LIVER_SECONDARY = [
+    (ICD10, "C78.7", "Secondary malignant neoplasm of liver and intrahepatic bile duct")
+]
 LAB_DAY = "2026-10-20"
 
 
@@ -682,12 +685,13 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         "cirrhosis and ascites (exclude from the pancreatic "
         "trial); brain metastases, heart failure and urinary incontinence (unknown: treated "
         "and stable? NYHA class? safe to give PRRT?); portal vein thrombosis (patency to "
-        "confirm for the Y90 trial)",
+        "confirm for the Y90 trial); the heart failure makes the Y90 trial's uncontrolled "
+        "intercurrent illness unknown (manual before NCT04339036 1.1.0)",
         p,
         {
             A: {
                 "status": "needs-review",
-                "exc-intercurrent-illness": "manual",
+                "exc-intercurrent-illness": "unknown",
                 "inc-portal-vein": "unknown",
             },
             B: {
@@ -699,6 +703,152 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
                 "exc-urinary-incontinence": "unknown",
             },
         },
+    )
+
+    # --- issue 12: codings real NET patients carry -------------------------------------
+    p, r = base("net-snomed-site-specific")
+    p.remove(r["pnet"])
+    # liver metastases coded without a NET code, so that only the SNOMED concept says NET
+    p.remove(r["liver"])
+    p.condition(LIVER_SECONDARY, "2025-10-01")
+    p.condition(
+        [(SNOMED, "192701000119101", "Malignant carcinoid tumor of ileum (disorder)")], "2025-10-01"
+    )
+    scenario(
+        "net-snomed-site-specific",
+        "a small-bowel NET coded only as the SNOMED CT site-specific concept 'malignant "
+        "carcinoid tumor of ileum': a NET diagnosis for the any-primary trial, not a "
+        "pancreatic NET (liver metastases coded C78.7)",
+        p,
+        {
+            A: {"status": "candidate", "inc-net-diagnosis": "pass"},
+            B: {"status": "excluded", "inc-pancreatic-net": "fail"},
+        },
+    )
+
+    p, r = base("islet-cell-snomed")
+    p.remove(r["pnet"])
+    # liver metastases coded without a NET code, so that only the SNOMED concept says NET
+    p.remove(r["liver"])
+    p.condition(LIVER_SECONDARY, "2025-10-01")
+    p.condition(
+        [(SNOMED, "187794005", "Malignant tumor of Islets of Langerhans (disorder)")], "2025-10-01"
+    )
+    scenario(
+        "islet-cell-snomed",
+        "a pancreatic NET coded only as SNOMED CT 'malignant tumor of islets of "
+        "Langerhans' (liver metastases coded C78.7): a NET and a pancreatic NET, a "
+        "candidate for both",
+        p,
+        {
+            A: {"status": "candidate", "inc-net-diagnosis": "pass"},
+            B: {"status": "candidate", "inc-pancreatic-net": "pass"},
+        },
+    )
+
+    p, r = base("recent-gemcitabine")
+    p.med_admin("1720960", "26.3 ML gemcitabine 38 MG/ML Injection", "2026-10-18")
+    scenario(
+        "recent-gemcitabine",
+        "gemcitabine 14 days ago (cytotoxic, though not a NET regimen): both "
+        "chemotherapy washouts fail",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {"status": "excluded", "inc-chemotherapy-washout": "fail"},
+        },
+    )
+
+    p, r = base("chemotherapy-procedure")
+    p.procedure(
+        [(CPT, "96413", "Chemotherapy administration, intravenous infusion, up to 1 hour")],
+        "2026-10-22",
+    )
+    scenario(
+        "chemotherapy-procedure",
+        "chemotherapy recorded only as an administration procedure (CPT 96413) 10 days "
+        "ago, with no drug record: both washouts fail",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {"status": "excluded", "inc-chemotherapy-washout": "fail"},
+        },
+    )
+
+    p, r = base("recent-radiotherapy-broad")
+    p.procedure(
+        [(SNOMED, "108290001", "Radiation oncology AND/OR radiotherapy (procedure)")],
+        "2026-10-20",
+    )
+    scenario(
+        "recent-radiotherapy-broad",
+        "radiotherapy coded as the general SNOMED CT concept (not an external-beam "
+        "code) 12 days ago: the CapTem + Y90 washout fails; the pancreatic trial has no "
+        "radiotherapy washout",
+        p,
+        {A: {"status": "excluded", "inc-washout": "fail"}, B: {"status": "candidate"}},
+    )
+
+    p, r = base("prrt-medication")
+    p.med_admin("1999682", "Lutathera (lutetium Lu 177 dotatate) injection", "2026-10-10")
+    scenario(
+        "prrt-medication",
+        "PRRT recorded as a MedicationAdministration of Lutathera 22 days ago (no "
+        "procedure code): the CapTem + Y90 washout (radiotherapy) fails",
+        p,
+        {A: {"status": "excluded", "inc-washout": "fail"}, B: {"status": "candidate"}},
+    )
+
+    p, r = base("biliary-stent-percutaneous")
+    p.procedure([(CPT, "47538", "Percutaneous placement of biliary stent")], "2025-09-02")
+    scenario(
+        "biliary-stent-percutaneous",
+        "a percutaneous biliary stent (CPT 47538), course across the papilla not "
+        "recorded: unknown for the CapTem + Y90 trial ('confirm transpapillary'), not an "
+        "exclusion",
+        p,
+        {
+            A: {"status": "needs-review", "exc-biliary-intervention": "unknown"},
+            B: {"status": "candidate"},
+        },
+    )
+
+    p, r = base("other-active-cancer")
+    p.condition(
+        [(ICD10, "C50.911", "Malignant neoplasm of unspecified site of right female breast")],
+        "2026-03-01",
+    )
+    p.condition([(ICD10, "C44.91", "Basal cell carcinoma of skin, unspecified")], "2026-02-01")
+    scenario(
+        "other-active-cancer",
+        "an active breast cancer besides the pancreatic NET (and a basal cell skin "
+        "carcinoma, which the protocol exempts): the pancreatic trial's other-malignancy "
+        "exclusion is unknown ('confirm definitively treated'), naming the breast cancer",
+        p,
+        {
+            A: {"status": "candidate"},
+            B: {"status": "needs-review", "exc-other-malignancy": "unknown"},
+        },
+    )
+
+    p, r = base("skin-cancer-only")
+    p.condition([(ICD10, "C44.91", "Basal cell carcinoma of skin, unspecified")], "2026-02-01")
+    scenario(
+        "skin-cancer-only",
+        "a basal cell skin carcinoma is the only other cancer: exempt by the protocol, the "
+        "other-malignancy criterion stays with the study team (manual)",
+        p,
+        {B: {"status": "candidate", "exc-other-malignancy": "manual"}},
+    )
+
+    p, r = base("active-sepsis")
+    p.condition([(ICD10, "A40.1", "Sepsis due to streptococcus, group B")], "2026-10-28")
+    scenario(
+        "active-sepsis",
+        "an active streptococcal sepsis: the CapTem + Y90 trial's uncontrolled "
+        "intercurrent illness is unknown (named), never a fail",
+        p,
+        {A: {"status": "needs-review", "exc-intercurrent-illness": "unknown"}},
     )
 
     p, r = base("provisional-exclusions")

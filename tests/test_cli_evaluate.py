@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cds.cli import main
+from cds.criteria.definitions import load_trials
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fhir_fixtures"
@@ -58,7 +59,8 @@ def test_text_format_is_a_checklist(capsys: pytest.CaptureFixture[str]) -> None:
         "NCT04339036",
     )
     assert code == 0
-    assert "NCT04339036 CapTem + Y90 v1.0.0 [registry: RECRUITING]: EXCLUDED" in out
+    version = load_trials()["NCT04339036"].version
+    assert f"NCT04339036 CapTem + Y90 v{version} [registry: RECRUITING]: EXCLUDED" in out
     assert "FAIL     inc  Total bilirubin ≤ 2.0 mg/dL" in out
     assert "NCT05610826" not in out
 

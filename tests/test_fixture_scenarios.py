@@ -64,6 +64,10 @@ def test_fixtures_cover_pass_fail_and_unknown_for_every_computable_criterion() -
         # Patient cannot carry past a FHIR server: tests/test_rules.py holds that case.
         ("NCT04339036", "inc-living-patient"): {"unknown"},
         ("NCT05610826", "inc-living-patient"): {"unknown"},
+        # Manual criteria the record can inform (issue 12 section 5): a finding only raises a
+        # question and silence leaves them to the study team, so never a pass or a fail.
+        ("NCT04339036", "exc-intercurrent-illness"): {"pass", "fail"},
+        ("NCT05610826", "exc-other-malignancy"): {"pass", "fail"},
     }
     missing = []
     for trial in trials:

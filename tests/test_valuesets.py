@@ -88,6 +88,17 @@ EXPECTED_IDS = {
     "ki67",
     "tumour-grade",
     "measured-creatinine-clearance",
+    # issue 12
+    "benign-net",
+    "pancreas-site",
+    "other-malignancy",
+    "other-antineoplastics",
+    "chemotherapy-administration",
+    "radiotherapy",
+    "biliary-stent-unconfirmed",
+    "captem-allergy-substances",
+    "iodinated-contrast",
+    "pregnancy-status",
 }
 
 ICD10CM_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
@@ -485,6 +496,170 @@ def test_counts_are_not_estimates() -> None:
 )
 def test_family_and_dotless_matching(vs_id: str, system: str, code: str) -> None:
     assert contains(valueset(vs_id), system, code)
+
+
+# --------------------------------------------------------------------------- issue 12
+
+REFERENCE_VSAC = ROOT.parent / "shared" / "reference" / "vsac"
+VSAC_SOURCE = re.compile(r"^VSAC expansion ([0-9.]+) ")
+
+
+def test_vsac_sourced_concepts_are_in_the_cited_expansion() -> None:
+    """A concept citing a VSAC expansion by OID is in that expansion (displays may differ: some
+    older concepts keep a SNOMED CT FSN the expansion has since renamed).
+
+    The expansions are the vetted reference beside the repository (shared/reference/vsac), not
+    shipped with it: the check runs where they are and is skipped on a bare clone.
+    """
+    if not REFERENCE_VSAC.is_dir():
+        pytest.skip("shared/reference/vsac is not beside this checkout")
+    expansions: dict[str, dict[tuple[str, str], str]] = {}
+    checked = 0
+    for path in VALUESET_FILES:
+        for system, concept in concepts(load(path)):
+            match = VSAC_SOURCE.match(source_of(concept) or "")
+            if match is None:
+                continue
+            oid = match.group(1)
+            if not (REFERENCE_VSAC / f"valueset-{oid}.json").is_file():
+                continue  # an expansion cited before the reference folder was assembled
+            if oid not in expansions:
+                data = load(REFERENCE_VSAC / f"valueset-{oid}.json")
+                expansions[oid] = {
+                    key(c["system"], c["code"]): c["display"] for c in data["expansion"]["contains"]
+                }
+            found = expansions[oid].get(key(system, concept["code"]))
+            assert found is not None, f"{path.stem}: {concept['code']} not in {oid}"
+            checked += 1
+    assert checked > 1000
+
+
+@pytest.mark.parametrize(
+    ("vs_id", "system", "code"),
+    [
+        ("net-diagnosis", SNOMED, "192701000119101"),  # malignant carcinoid tumor of ileum
+        ("net-diagnosis", SNOMED, "187794005"),  # malignant tumor of islets of Langerhans
+        ("net-diagnosis", SNOMED, "721670007"),  # primary malignant NE neoplasm, small intestine
+        ("pancreatic-net", SNOMED, "187794005"),
+        ("pancreatic-net", SNOMED, "254611009"),  # malignant tumor of endocrine pancreas
+        ("poorly-differentiated-net", SNOMED, "718604008"),  # small cell NEC of bladder
+        ("liver-metastases", SNOMED, "285613005"),  # metastasis to liver of unknown primary
+        ("benign-net", ICD10CM, "D3A.010"),
+        ("benign-net", ICD10CM, "D3A.8"),
+        ("pancreas-site", ICD10CM, "C25.0"),
+        ("pancreas-site", ICD10CM, "C25.4"),
+    ],
+)
+def test_net_codings_real_patients_carry(vs_id: str, system: str, code: str) -> None:
+    assert contains(valueset(vs_id), system, code)
+
+
+def test_site_specific_nets_elsewhere_are_not_pancreatic() -> None:
+    pnet = valueset("pancreatic-net")
+    assert not contains(pnet, SNOMED, "192701000119101")  # ileum
+    assert not contains(pnet, SNOMED, "253006001")  # somatostatinoma: pancreas or duodenum
+
+
+def test_benign_and_uncertain_nets_are_not_malignant_nets() -> None:
+    assert explicit_keys(valueset("benign-net")) & explicit_keys(valueset("net-diagnosis")) == set()
+
+
+@pytest.mark.parametrize(
+    ("system", "code"),
+    [
+        (ICD10CM, "C44.91"),  # basal cell carcinoma of skin: exempt by the protocol
+        (ICD10CM, "C78.7"),  # the NET's own liver metastases
+        (ICD10CM, "C7B.02"),
+        (ICD10CM, "C7A.012"),
+        (ICD10CM, "C25.4"),
+        (ICD10CM, "C79.9"),
+        (SNOMED, "254701007"),  # basal cell carcinoma of skin
+        (SNOMED, "94381002"),  # secondary malignant neoplasm of liver
+        (SNOMED, "187794005"),  # islet cell malignancy
+    ],
+)
+def test_other_malignancy_leaves_out_the_net_its_spread_and_exempt_cancers(
+    system: str, code: str
+) -> None:
+    assert not contains(valueset("other-malignancy"), system, code)
+
+
+def test_other_malignancy_holds_other_primaries() -> None:
+    other = valueset("other-malignancy")
+    for code in ("C50.911", "C43.9", "C61", "C18.9"):
+        assert contains(other, ICD10CM, code), code
+    assert contains(other, SNOMED, "372244006") or contains(other, SNOMED, "254637007")
+    for vs_id in (
+        "net-diagnosis",
+        "pancreatic-net",
+        "liver-metastases",
+        "poorly-differentiated-net",
+    ):
+        assert explicit_keys(other) & explicit_keys(valueset(vs_id)) == set(), vs_id
+
+
+def test_chemotherapy_is_any_cytotoxic_agent() -> None:
+    chemo = valueset("cytotoxic-chemotherapy")
+    for code in ("1720960", "312199", "1001405", "1726319", "1734917"):
+        # gemcitabine, paclitaxel, docetaxel, irinotecan, cyclophosphamide 500 mg injection
+        assert contains(chemo, RXNORM, code), code
+
+
+def test_other_antineoplastics_are_apart_from_chemotherapy() -> None:
+    other = valueset("other-antineoplastics")
+    chemo = valueset("cytotoxic-chemotherapy")
+    assert explicit_keys(other) & explicit_keys(chemo) == set()
+    for code in ("845507", "357977", "1363268", "1193331", "105585", "197797"):
+        # everolimus tablet, sunitinib, cabozantinib, ruxolitinib, methotrexate 2.5 mg, hydroxyurea
+        assert contains(other, RXNORM, code), code
+    somatostatin = explicit_keys(valueset("somatostatin-analogues"))
+    assert explicit_keys(other) & somatostatin == set()
+
+
+def test_chemotherapy_administration_is_systemic_cancer_chemotherapy() -> None:
+    admin = valueset("chemotherapy-administration")
+    assert contains(admin, CPT, "96413")
+    assert contains(admin, HCPCS_ALIAS, "G0498")
+    assert contains(admin, SNOMED, "367336001")
+    for code in ("96523", "96402", "96405", "51720"):
+        assert not contains(admin, CPT, code), code
+    for code in ("182975000", "68619000", "24977001"):
+        # tuberculosis chemotherapy, non-neoplastic disease, topical
+        assert not contains(admin, SNOMED, code), code
+
+
+def test_radiotherapy_sets_do_not_overlap() -> None:
+    broad = valueset("radiotherapy")
+    assert contains(broad, SNOMED, "108290001")
+    assert explicit_keys(broad) & explicit_keys(valueset("external-beam-radiotherapy")) == set()
+
+
+def test_percutaneous_biliary_stent_is_unconfirmed_not_transpapillary() -> None:
+    assert not contains(valueset("biliary-stent"), CPT, "47538")
+    assert contains(valueset("biliary-stent-unconfirmed"), CPT, "47538")
+    assert contains(valueset("biliary-stent"), CPT, "43274")
+
+
+def test_allergy_substance_sets() -> None:
+    captem = valueset("captem-allergy-substances")
+    for code in ("194000", "37776", "4492"):
+        assert contains(captem, RXNORM, code), code
+    assert contains(valueset("iodinated-contrast"), SNOMED, "426722004")
+    assert not contains(valueset("iodinated-contrast"), SNOMED, "44588005")  # iodine itself
+
+
+def test_infection_and_cardiac_sets_widened_from_vsac() -> None:
+    assert contains(valueset("active-infection"), ICD10CM, "A40.1")
+    assert contains(valueset("active-infection"), ICD10CM, "R65.21")
+    assert contains(valueset("cardiac-arrhythmia"), SNOMED, "71908006")  # ventricular fibrillation
+    assert not contains(valueset("cardiac-arrhythmia"), SNOMED, "44808001")  # conduction disorder
+    assert contains(valueset("congestive-heart-failure"), SNOMED, "703272007")  # HFrEF
+
+
+def test_pregnancy_status_question_is_apart_from_its_answer() -> None:
+    assert contains(valueset("pregnancy-status"), LOINC, "82810-3")
+    assert not contains(valueset("pregnancy"), LOINC, "82810-3")
+    assert contains(valueset("pregnancy"), LOINC, "LA15173-0")
 
 
 # --------------------------------------------------------------------------- analyte_answers.json
