@@ -61,6 +61,9 @@ class Settings:
     public_base_url: str | None = None
     #: NCT numbers of the trials to screen for; None = every shipped trial
     trials: tuple[str, ...] | None = None
+    #: NCT numbers whose CDS Hooks cards this site turns off (e.g. a trial it does not run or
+    #: that is not enrolling); `cds evaluate` and sweeps still screen them
+    cards_off: tuple[str, ...] = ()
     trusted_issuers: Mapping[str, IssuerConfig] = field(default_factory=dict)
     #: FHIR base URLs trusted for every issuer (and the only ones when auth is off)
     fhir_trusted_servers: tuple[str, ...] = ()
@@ -304,6 +307,7 @@ _PARSERS: dict[str, Any] = {
     "auth_required": _bool,
     "public_base_url": _opt_str,
     "trials": _trials,
+    "cards_off": _str_list,
     "trusted_issuers": _issuers,
     "fhir_trusted_servers": _servers,
     "cors_origins": _str_list,

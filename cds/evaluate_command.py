@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from cds.criteria import TrialSet, load_trials
 from cds.criteria.engine import evaluate
-from cds.criteria.model import PatientEvaluation, Result
+from cds.criteria.model import PatientEvaluation, Result, registry_phrase
 from cds.criteria.record import PatientRecord
 from cds.errors import InputError
 from cds.fhir.bundle import PatientSorter, bundle_resources, records_from_bundle
@@ -110,7 +110,8 @@ def write_text(evaluation: PatientEvaluation, trials: TrialSet, out: TextIO) -> 
         trial = trials[trial_eval.trial]
         out.write(
             f"  {trial.id} {trial.short_title} v{trial.version} "
-            f"[registry: {trial.registry_status}]: {trial_eval.status.value.upper()}\n"
+            f"[registry: {registry_phrase(trial.registry_status)}]: "
+            f"{trial_eval.status.value.upper()}\n"
         )
         for c in trial_eval.criteria:
             out.write(f"    {_MARK[c.result]}  {c.kind[:3]}  {c.label}\n")

@@ -51,6 +51,25 @@ class CriterionResult(NamedTuple):
         }
 
 
+#: ClinicalTrials.gov overall recruitment statuses under which a study takes patients; any other
+#: (NOT_YET_RECRUITING, ACTIVE_NOT_RECRUITING, SUSPENDED, TERMINATED, COMPLETED, WITHDRAWN, ...)
+#: means a card or report must say the trial is not open to enrolment (issue 12 section 6).
+ENROLLING_STATUSES = frozenset({"RECRUITING", "ENROLLING_BY_INVITATION"})
+
+
+def is_enrolling(registry_status: str) -> bool:
+    """Whether a registry status (API form ``ENROLLING_BY_INVITATION`` or the web page's
+    "Enrolling by invitation") means the trial takes patients."""
+    return registry_status.strip().upper().replace(" ", "_") in ENROLLING_STATUSES
+
+
+def registry_phrase(registry_status: str) -> str:
+    """The registry status as reports show it, saying so when the trial does not enrol."""
+    if is_enrolling(registry_status):
+        return registry_status
+    return f"{registry_status}, not open to enrolment"
+
+
 @dataclass(frozen=True, slots=True)
 class TrialEvaluation:
     """All criteria of one trial for one patient, in protocol order, and the overall status."""
@@ -72,6 +91,12 @@ class TrialEvaluation:
         else:
             status = TrialStatus.CANDIDATE
         object.__setattr__(self, "status", status)
+
+    @property
+    def enrolling(self) -> bool:
+        """Whether the registry says the trial takes patients (a card for one that does not
+        must say so; sweeps screen it all the same)."""
+        return is_enrolling(self.registry_status)
 
     def with_result(self, result: Result) -> tuple[CriterionResult, ...]:
         return tuple(c for c in self.criteria if c.result is result)

@@ -13,6 +13,7 @@ from flask import Flask, Response, g, request
 from cds.config import Settings, load_config
 from cds.criteria import TrialSet, load_trials
 from cds.criteria.reads import REFERENCED_TYPES
+from cds.errors import InputError
 from cds.fhir.queries import build_patient_queries, prefetch_templates
 from cds.hooks import feedback, ops, services, smart
 from cds.hooks.auth import Authenticator, ClientIdentity
@@ -93,7 +94,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     :mod:`cds.config`); every setting is validated before any file or socket is opened."""
     settings = load_config(config, env=os.environ)
     # None enables every shipped trial; an empty list enables none (discovery then empty).
-    trials = load_trials() if settings.trials is None else load_trials().only(settings.trials)
+    shipped = load_trials()
+    trials = shipped if settings.trials is None else shipped.only(settings.trials)
+    unknown_off = [t for t in settings.cards_off if t not in shipped.ids]
+    if unknown_off:
+        raise InputError(
+            f"unknown trial {', '.join(unknown_off)} (known: {', '.join(shipped.ids)})",
+            source="cards_off",
+        )
     store = Store(settings.feedback_db)
     hooks_state = HooksState(
         settings=settings,

@@ -167,7 +167,13 @@ def _record(call: HookCall, cards: list[tuple[str, JSONDict]]) -> list[JSONDict]
 
 def patient_view(call: HookCall) -> list[JSONDict]:
     """patient-view: at most one card per trial the patient may be a candidate for."""
-    evaluation = screen(call)
+    # A trial whose cards the site turned off is not screened here at all (sweeps still do).
+    off = set(call.state.settings.cards_off)
+    shown = [t for t in call.state.trials.ids if t not in off]
+    if not shown:
+        call.log.note = "cards are turned off for every enabled trial"
+        return []
+    evaluation = screen(call, shown if off else None)
     if evaluation is None:
         return []
     suppressed = call.state.store.suppressed(call.scope, call.patient_id)
@@ -189,7 +195,8 @@ def order_check(call: HookCall) -> list[JSONDict]:
     st = call.state
     selections = call.context.get("selections") if call.service.hook == "order-select" else None
     orders = draft_orders(call.context["draftOrders"], selections)
-    at_stake = trials_at_stake(st.trials, st.trials.ids, orders)
+    shown = [t for t in st.trials.ids if t not in st.settings.cards_off]
+    at_stake = trials_at_stake(st.trials, shown, orders)
     if not at_stake:
         # Nothing when no trial is at stake: answered without touching any patient data.
         call.log.note = "no draft order concerns an enabled trial"

@@ -6,6 +6,7 @@ import html
 from typing import Any
 
 from cds.criteria import TrialSet
+from cds.criteria.model import is_enrolling, registry_phrase
 from cds.sweep.core import STATUSES, Tally
 
 JSONDict = dict[str, Any]
@@ -42,6 +43,7 @@ def build_summary(tally: Tally, trials: TrialSet, meta: JSONDict) -> JSONDict:
             "title": trial.title,
             "version": trial.version,
             "registry_status": trial.registry_status,
+            "enrolling": is_enrolling(trial.registry_status),
             "status": dict(tally.status[trial.id]),
             "funnel": funnel,
         }
@@ -57,7 +59,8 @@ def summary_text(summary: JSONDict) -> str:
     ]
     for tid, trial in summary["trials"].items():
         counts = ", ".join(f"{k} {v:,}" for k, v in trial["status"].items())
-        lines.append(f"\n{tid} v{trial['version']} [{trial['registry_status']}]: {counts}")
+        registry = registry_phrase(trial["registry_status"])
+        lines.append(f"\n{tid} v{trial['version']} [{registry}]: {counts}")
         lines.append(
             f"  {'criterion':<44} {'in':>7} {'pass':>7} {'fail':>7} {'unknown':>7} "
             f"{'manual':>7} {'left':>7}"
@@ -139,7 +142,7 @@ def report_html(summary: JSONDict) -> str:
         body.append(f"<h2>{esc(tid)}: {esc(trial['title'])}</h2>")
         body.append(
             f"<p>Definition v{esc(trial['version'])}; registry status "
-            f"{esc(trial['registry_status'])}.</p>"
+            f"{esc(registry_phrase(trial['registry_status']))}.</p>"
         )
         body.append(
             "<table><tr>"
