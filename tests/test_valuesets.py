@@ -99,6 +99,8 @@ EXPECTED_IDS = {
     "captem-allergy-substances",
     "iodinated-contrast",
     "pregnancy-status",
+    "net-primary-site-unspecified",
+    "secondary-net-site-unspecified",
 }
 
 ICD10CM_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
@@ -548,6 +550,9 @@ def test_vsac_sourced_concepts_are_in_the_cited_expansion() -> None:
         ("benign-net", ICD10CM, "D3A.8"),
         ("pancreas-site", ICD10CM, "C25.0"),
         ("pancreas-site", ICD10CM, "C25.4"),
+        ("net-primary-site-unspecified", ICD10CM, "C7A.00"),
+        ("net-primary-site-unspecified", ICDO3, "8240/3"),
+        ("secondary-net-site-unspecified", ICD10CM, "C7B.8"),
     ],
 )
 def test_net_codings_real_patients_carry(vs_id: str, system: str, code: str) -> None:
@@ -558,6 +563,18 @@ def test_site_specific_nets_elsewhere_are_not_pancreatic() -> None:
     pnet = valueset("pancreatic-net")
     assert not contains(pnet, SNOMED, "192701000119101")  # ileum
     assert not contains(pnet, SNOMED, "253006001")  # somatostatinoma: pancreas or duodenum
+
+
+def test_site_unspecified_nets_are_nets_and_say_no_site() -> None:
+    net = explicit_keys(valueset("net-diagnosis"))
+    unspecified = valueset("net-primary-site-unspecified")
+    for system, code in explicit_keys(unspecified):
+        assert (system, code) in net or contains(valueset("net-diagnosis"), system, code), code
+    assert not contains(unspecified, ICD10CM, "C7A.012")  # ileum
+    assert explicit_keys(unspecified) & explicit_keys(valueset("pancreatic-net")) == set()
+    secondary = valueset("secondary-net-site-unspecified")
+    assert not contains(secondary, ICD10CM, "C7B.02")  # liver: liver-metastases
+    assert explicit_keys(secondary) & explicit_keys(valueset("liver-metastases")) == set()
 
 
 def test_benign_and_uncertain_nets_are_not_malignant_nets() -> None:
@@ -572,6 +589,7 @@ def test_benign_and_uncertain_nets_are_not_malignant_nets() -> None:
         (ICD10CM, "C7B.02"),
         (ICD10CM, "C7A.012"),
         (ICD10CM, "C25.4"),
+        (ICD10CM, "C25.0"),  # in a pancreatic NET trial, most often the NET's own site code
         (ICD10CM, "C79.9"),
         (SNOMED, "254701007"),  # basal cell carcinoma of skin
         (SNOMED, "94381002"),  # secondary malignant neoplasm of liver
