@@ -406,6 +406,8 @@ def test_liver_embolization_holds_only_liver_specific_codes() -> None:
     for code in ("37243", "37242", "36245", "36246", "36247", "36248"):
         assert not contains(liver, CPT, code)
     assert contains(unspecified, CPT, "37243")
+    # 37242 codes non-target coiling at Y-90 mapping: neither liver-directed nor a question.
+    assert not contains(unspecified, CPT, "37242")
     assert not contains(liver, ICD10PCS, "04L33DZ")  # also GDA coiling and bleeding control
     assert contains(unspecified, ICD10PCS, "04L33DZ")
     assert contains(liver, CPT, "79445")
