@@ -333,6 +333,14 @@ def test_grade_sets_leave_out_ambiguous_icdo3_8249() -> None:
         assert not contains(valueset(vs_id), ICDO3, "8249/3"), vs_id
 
 
+@pytest.mark.parametrize(
+    ("grade", "code"), [(1, "1155708003"), (2, "1286893008"), (3, "1155707008")]
+)
+def test_mcode_histologic_grade_values_are_who_nets_grades(grade: int, code: str) -> None:
+    # WHO 2019 names the NET grades G1/G2/G3 low, intermediate and high grade.
+    assert contains(valueset(f"net-grade-{grade}"), SNOMED, code)
+
+
 def test_grade_sets_are_disjoint() -> None:
     g1, g2, g3 = (explicit_keys(valueset(f"net-grade-{n}")) for n in (1, 2, 3))
     assert not (g1 & g2 or g1 & g3 or g2 & g3)
