@@ -101,6 +101,7 @@ EXPECTED_IDS = {
     "pregnancy-status",
     "net-primary-site-unspecified",
     "secondary-net-site-unspecified",
+    "neuroendocrine-carcinoma-nos",
 }
 
 ICD10CM_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
@@ -339,6 +340,13 @@ def test_grade_sets_leave_out_ambiguous_icdo3_8249() -> None:
 def test_mcode_histologic_grade_values_are_who_nets_grades(grade: int, code: str) -> None:
     # WHO 2019 names the NET grades G1/G2/G3 low, intermediate and high grade.
     assert contains(valueset(f"net-grade-{grade}"), SNOMED, code)
+
+
+def test_carcinoma_nos_is_a_subset_of_poorly_differentiated() -> None:
+    nos = explicit_keys(valueset("neuroendocrine-carcinoma-nos"))
+    assert nos <= explicit_keys(valueset("poorly-differentiated-net"))
+    assert (SNOMED, "253000007") in nos
+    assert (SNOMED, "123631000119103") not in nos  # says poorly differentiated
 
 
 def test_grade_sets_are_disjoint() -> None:
