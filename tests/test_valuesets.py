@@ -102,6 +102,8 @@ EXPECTED_IDS = {
     "net-primary-site-unspecified",
     "secondary-net-site-unspecified",
     "neuroendocrine-carcinoma-nos",
+    "pancreas-excision-open",
+    "duodenum-resection-open",
 }
 
 ICD10CM_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
