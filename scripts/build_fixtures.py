@@ -453,17 +453,19 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
     r["alt"]["valueQuantity"]["value"] = 250  # 6.25 x ULN 40
     r["ast"]["valueQuantity"]["value"] = 120  # 3 x ULN: passes
     r["alb"]["valueQuantity"]["value"] = 2.2  # A fails; B fails but PT normal rescues
-    r["plt"]["valueQuantity"]["value"] = 90  # A: <= 100 fails (transfusion); B: >= 75
+    r["plt"]["valueQuantity"]["value"] = 90  # A: <= 100, unknown (transfusion); B: >= 75
     r["creat"]["valueQuantity"]["value"] = 2.3  # A fails; B: CG 40 mL/min fails
-    r["inr"]["valueQuantity"]["value"] = 1.7  # A fails (transfusion); B rescued by PT
+    r["inr"]["valueQuantity"]["value"] = 1.7  # A unknown (transfusion); B: normal PT, unknown
     r["hb"]["valueQuantity"]["value"] = 7.1  # B fails
     r["wbc"]["valueQuantity"]["value"] = 1.5  # B fails
     scenario(
         "labs-out-of-range",
-        "labs beyond the limits: A fails bilirubin, ALT, albumin, "
-        "platelets (correctable by transfusion), creatinine and INR; B fails creatinine "
-        "clearance, Hb and WBC, while its INR and albumin limits are waived by a normal "
-        "prothrombin time",
+        "labs beyond the limits: A fails bilirubin, ALT, albumin and creatinine, "
+        "while platelets and INR are unknown (the protocol allows correction by "
+        "transfusion; fail before NCT04339036 1.2.0); B fails creatinine clearance, Hb and "
+        "WBC, its albumin limit is waived by a normal prothrombin time, and an INR of 1.7 "
+        "with a normal prothrombin time is unknown (inconsistent; a pass before "
+        "NCT05610826 1.2.0, which gives the PT waiver to albumin only)",
         p,
         {
             A: {
@@ -472,14 +474,14 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
                 "inc-alt": "fail",
                 "inc-ast": "pass",
                 "inc-albumin": "fail",
-                "inc-platelets": "fail",
+                "inc-platelets": "unknown",
                 "inc-creatinine": "fail",
-                "inc-inr": "fail",
+                "inc-inr": "unknown",
             },
             B: {
                 "status": "excluded",
                 "exc-bilirubin": "pass",
-                "exc-inr": "pass",
+                "exc-inr": "unknown",
                 "exc-albumin": "pass",
                 "exc-platelets": "pass",
                 "exc-renal-function": "fail",
@@ -500,16 +502,17 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         "pt-abnormal",
         "liver failure signs: INR 1.7 and albumin 2.8 with a prolonged "
         "prothrombin time (the pancreatic trial's PT exception does not apply), bilirubin "
-        "3.4 mg/dL, AST 5.5 x ULN, platelets 60",
+        "3.4 mg/dL, AST 5.5 x ULN, platelets 60 (A's platelet and INR limits are unknown: "
+        "correctable by transfusion, a fail before NCT04339036 1.2.0)",
         p,
         {
             A: {
                 "status": "excluded",
-                "inc-inr": "fail",
+                "inc-inr": "unknown",
                 "inc-albumin": "pass",
                 "inc-ast": "fail",
                 "inc-bilirubin": "fail",
-                "inc-platelets": "fail",
+                "inc-platelets": "unknown",
             },
             B: {
                 "status": "excluded",
@@ -849,6 +852,260 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         "intercurrent illness is unknown (named), never a fail",
         p,
         {A: {"status": "needs-review", "exc-intercurrent-illness": "unknown"}},
+    )
+
+    # --- issue 12: rules as the protocols write them --------------------------------------
+    p, r = base("net-ki67-only")
+    p.remove(r["pnet"])
+    p.remove(r["liver"])
+    p.condition(LIVER_SECONDARY, "2025-10-01")
+    scenario(
+        "net-ki67-only",
+        "a Ki-67 result and liver metastases but no NET code: the NET criteria are unknown "
+        "(a NET signal), not 'no NET on record'",
+        p,
+        {
+            A: {"status": "needs-review", "inc-net-diagnosis": "unknown"},
+            B: {"status": "needs-review", "inc-pancreatic-net": "unknown"},
+        },
+    )
+
+    p, r = base("net-benign-coded")
+    p.remove(r["pnet"])
+    p.remove(r["liver"])
+    p.remove(r["ki67"])
+    p.condition([(ICD10, "D3A.8", "Other benign neuroendocrine tumors")], "2025-10-01")
+    p.condition(LIVER_SECONDARY, "2025-10-01")
+    scenario(
+        "net-benign-coded",
+        "a NET coded as benign (D3A.8) with liver metastases: unknown ('recorded as "
+        "benign; liver metastases imply malignancy'), neither a NET nor 'no NET'",
+        p,
+        {
+            A: {"status": "needs-review", "inc-net-diagnosis": "unknown"},
+            B: {"status": "needs-review", "inc-pancreatic-net": "unknown"},
+        },
+    )
+
+    p, r = base("pnet-by-site-code")
+    p.remove(r["pnet"])
+    p.condition([(ICD10, "C7A.8", "Other malignant neuroendocrine tumors")], "2025-10-01")
+    p.condition([(ICD10, "C25.0", "Malignant neoplasm of head of pancreas")], "2025-10-01")
+    scenario(
+        "pnet-by-site-code",
+        "a NET coded C7A.8 with the site coded C25.0 (head of pancreas): a pancreatic "
+        "NET, a candidate for both",
+        p,
+        {
+            A: {"status": "candidate", "inc-net-diagnosis": "pass"},
+            B: {"status": "candidate", "inc-pancreatic-net": "pass"},
+        },
+    )
+
+    p, r = base("net-unknown-primary")
+    p.remove(r["pnet"])
+    p.condition([(ICD10, "C7A.00", "Malignant carcinoid tumor of unspecified site")], "2025-10-01")
+    scenario(
+        "net-unknown-primary",
+        "a NET of unknown primary (C7A.00): a NET for the any-primary trial; unknown for "
+        "the pancreatic trial ('confirm a pancreatic primary')",
+        p,
+        {
+            A: {"status": "candidate", "inc-net-diagnosis": "pass"},
+            B: {"status": "needs-review", "inc-pancreatic-net": "unknown"},
+        },
+    )
+
+    p, r = base("secondary-net-unstated-site")
+    p.remove(r["liver"])
+    p.condition([(ICD10, "C7B.8", "Other secondary neuroendocrine tumors")], "2025-11-03")
+    scenario(
+        "secondary-net-unstated-site",
+        "metastases coded only as C7B.8 (other secondary NETs, site not stated): liver "
+        "metastases unknown for both ('confirm liver involvement')",
+        p,
+        {
+            A: {"status": "needs-review", "inc-liver-metastases": "unknown"},
+            B: {"status": "needs-review", "inc-liver-metastases": "unknown"},
+        },
+    )
+
+    p, r = base("ki67-below-3")
+    r["ki67"]["valueQuantity"]["value"] = 2
+    scenario(
+        "ki67-below-3",
+        "Ki-67 2 % and no mitotic count: G1 by Ki-67 alone, unknown for the grade 2 trial "
+        "(a mitotic count could make it G2), G1/G2 for the pancreatic trial",
+        p,
+        {
+            A: {"status": "needs-review", "inc-grade-2": "unknown"},
+            B: {"status": "candidate", "inc-grade-1-2": "pass"},
+        },
+    )
+
+    p, r = base("hb-molar-limit")
+    r["hb"]["valueQuantity"].update(value=4.98, unit="mmol/L", code="mmol/L")
+    r["hb"]["referenceRange"] = [
+        {
+            "low": {"value": 8.1, "unit": "mmol/L", "system": UCUM, "code": "mmol/L"},
+            "high": {"value": 10.9, "unit": "mmol/L", "system": UCUM, "code": "mmol/L"},
+        }
+    ]
+    scenario(
+        "hb-molar-limit",
+        "haemoglobin 4.98 mmol/L: below the protocol's 5.0 mmol/L, though 8.02 g/dL when "
+        "converted: excluded from the pancreatic trial",
+        p,
+        {B: {"status": "excluded", "exc-hemoglobin": "fail"}},
+    )
+
+    p, r = base("mapping-coil-only")
+    p.procedure(
+        [
+            (
+                CPT,
+                "37242",
+                "Vascular embolization/occlusion, arterial, other than hemorrhage or tumor",
+            )
+        ],
+        "2026-09-15",
+    )
+    scenario(
+        "mapping-coil-only",
+        "CPT 37242 alone (coil embolization of a non-target vessel, as at a Y-90 mapping "
+        "session): not a prior liver-directed therapy, and no longer a question (it was "
+        "'site unspecified', unknown, before version 1.2.0 of both definitions)",
+        p,
+        {
+            A: {"status": "candidate", "exc-prior-liver-embolization": "pass"},
+            B: {"status": "candidate", "exc-prior-liver-directed-therapy": "pass"},
+        },
+    )
+
+    p, r = base("capecitabine-supply")
+    p.resources.append(
+        {
+            "resourceType": "MedicationRequest",
+            "id": "capecitabine-supply-rx1",
+            "status": "completed",
+            "intent": "order",
+            "subject": {"reference": "Patient/capecitabine-supply"},
+            "medicationCodeableConcept": {
+                "coding": [{"system": RXNORM, "code": "200328", "display": "capecitabine 500 MG"}]
+            },
+            "authoredOn": "2026-09-20",
+            "dispenseRequest": {
+                "expectedSupplyDuration": {
+                    "value": 21,
+                    "unit": "days",
+                    "system": UCUM,
+                    "code": "d",
+                }
+            },
+        }
+    )
+    scenario(
+        "capecitabine-supply",
+        "capecitabine ordered 42 days ago for a 21-day supply: the last dose is 2026-10-10, "
+        "22 days ago, so the CapTem + Y90 washout fails (the order date alone passed it "
+        "before issue 12)",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {"status": "excluded", "inc-chemotherapy-washout": "fail"},
+        },
+    )
+
+    p, r = base("grade-as-text")
+    p.remove(r["ki67"])
+    p.resources.append(
+        {
+            "resourceType": "Observation",
+            "id": "grade-as-text-obs99",
+            "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": "21858-6", "display": "Grade Cancer"}]},
+            "subject": {"reference": "Patient/grade-as-text"},
+            "effectiveDateTime": "2025-11-10",
+            "valueString": "Grade 2 (WHO 2019)",
+        }
+    )
+    scenario(
+        "grade-as-text",
+        "the grade recorded only as text ('Grade 2 (WHO 2019)') and no Ki-67: read as G2, "
+        "a candidate for both",
+        p,
+        {
+            A: {"status": "candidate", "inc-grade-2": "pass"},
+            B: {"status": "candidate", "inc-grade-1-2": "pass"},
+        },
+    )
+
+    p, r = base("grade-mcode-intermediate")
+    p.remove(r["ki67"])
+    p.coded_obs(
+        "21858-6",
+        "Grade Cancer",
+        (SNOMED, "1286893008", "Intermediate histologic grade (qualifier value)"),
+        "2025-11-10",
+    )
+    scenario(
+        "grade-mcode-intermediate",
+        "an mCODE histologic grade 'intermediate' (WHO 2019: G2) and no Ki-67: G2, a "
+        "candidate for both",
+        p,
+        {A: {"status": "candidate", "inc-grade-2": "pass"}, B: {"status": "candidate"}},
+    )
+
+    p, r = base("ki67-discordant")
+    p.lab("29593-1", "Ki-67 index", 25, "%", "2026-06-01")
+    scenario(
+        "ki67-discordant",
+        "Ki-67 8 % (2025) and 25 % (2026): the results disagree across the G2/G3 boundary, "
+        "grade unknown for both, naming both results",
+        p,
+        {
+            A: {"status": "needs-review", "inc-grade-2": "unknown"},
+            B: {"status": "needs-review", "inc-grade-1-2": "unknown", "exc-grade-3": "unknown"},
+        },
+    )
+
+    p, r = base("nec-nos-low-ki67")
+    p.condition([(SNOMED, "253000007", "Neuroendocrine carcinoma (disorder)")], "2025-11-03")
+    scenario(
+        "nec-nos-low-ki67",
+        "'neuroendocrine carcinoma' (not said to be poorly differentiated) with Ki-67 8 %: "
+        "grade unknown, not G3",
+        p,
+        {
+            A: {"status": "needs-review", "inc-grade-2": "unknown"},
+            B: {"status": "needs-review", "exc-grade-3": "unknown"},
+        },
+    )
+
+    p, r = base("whipple-pcs-parts")
+    pcs = "http://www.cms.gov/Medicare/Coding/ICD10"
+    p.procedure([(pcs, "0FBG0ZZ", "Excision of Pancreas, Open Approach")], "2024-03-05")
+    p.procedure([(pcs, "0DT90ZZ", "Resection of Duodenum, Open Approach")], "2024-03-05")
+    scenario(
+        "whipple-pcs-parts",
+        "a Whipple coded only as its ICD-10-PCS parts (open excision of pancreas and open "
+        "resection of duodenum, same day): a biliary-enteric anastomosis, excluded from the "
+        "CapTem + Y90 trial",
+        p,
+        {A: {"status": "excluded", "exc-biliary-intervention": "fail"}, B: {"status": "candidate"}},
+    )
+
+    p, r = base("recent-everolimus")
+    p.med_admin("845507", "everolimus 10 MG Oral Tablet", "2026-10-22")
+    scenario(
+        "recent-everolimus",
+        "everolimus (an mTOR inhibitor, not cytotoxic chemotherapy) 10 days ago: both "
+        "washouts unknown with the drug named, never a fail",
+        p,
+        {
+            A: {"status": "needs-review", "inc-washout": "unknown"},
+            B: {"status": "needs-review", "inc-chemotherapy-washout": "unknown"},
+        },
     )
 
     p, r = base("provisional-exclusions")

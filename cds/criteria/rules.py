@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -21,7 +22,14 @@ from cds.criteria.reads import (
     value_param,
     valuesets_param,
 )
-from cds.criteria.record import SEX_ELEMENTS, Entry, PatientRecord, codings_of, concept_display
+from cds.criteria.record import (
+    SEX_ELEMENTS,
+    Entry,
+    PatientRecord,
+    codings_of,
+    concept_display,
+    parse_date,
+)
 from cds.criteria.units import Analyte, display_unit, normalize_unit
 
 if TYPE_CHECKING:
@@ -200,14 +208,41 @@ def _unconfirmed(items: Sequence[Entry], resolve: str) -> Outcome:
     )
 
 
-@rule_kind("diagnosis_present", valuesets_param("valuesets", ["Condition"], required=True))
+@rule_kind(
+    "diagnosis_present",
+    valuesets_param("valuesets", ["Condition"], required=True),
+    # A disease coded as a diagnosis plus a site (e.g. a NET code and a C25.x pancreas code).
+    valuesets_param("site_diagnoses", ["Condition"]),
+    valuesets_param("sites", ["Condition"]),
+    # Codes that neither establish nor rule out the disease (a NET of unstated primary site).
+    valuesets_param("unknown_with", ["Condition"]),
+    value_param("unknown_confirm", {"type": "string"}),
+    # What suggests the disease when no code says it: never a fail while one is on record.
+    valuesets_param("signal_conditions", ["Condition"]),
+    valuesets_param("signal_observations", ["Observation"]),
+    valuesets_param("signal_medications", MEDICATION_TYPES),
+    valuesets_param("signal_procedures", ["Procedure"]),
+    # Coded diseases that explain the signals (a NET coded at another site): then they do not
+    # count, and the absence of the required diagnosis fails.
+    valuesets_param("signals_unless", ["Condition"]),
+)
 def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
-    """A disease-defining inclusion: it must be positively recorded; absence fails."""
+    """A disease-defining inclusion: it must be positively recorded; absence fails only when
+    nothing on record suggests the disease (issue 12: no patient lost for a coding reason)."""
     by_state, bad = _conditions_by_state(ctx, rule["valuesets"])
     what = ctx.titles(rule["valuesets"])
     if by_state["active"]:
         active = by_state["active"]
         return Outcome(Result.PASS, _refs(active), f"Recorded: {_listing(active)}.")
+    if rule.get("site_diagnoses") and rule.get("sites"):
+        disease = _conditions_by_state(ctx, rule["site_diagnoses"])[0]["active"]
+        site = _conditions_by_state(ctx, rule["sites"])[0]["active"]
+        if disease and site:
+            return Outcome(
+                Result.PASS,
+                _refs([*disease, *site]),
+                f"Recorded: {_listing(disease)} with the site {_listing(site)}.",
+            )
     if by_state["unconfirmed"]:
         return _unconfirmed(by_state["unconfirmed"], "a confirmed diagnosis would decide it")
     if by_state["inactive"]:
@@ -220,11 +255,51 @@ def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
         )
     if bad:
         return _malformed_unknown(ctx, bad, f"A {what} record")
+    if rule.get("unknown_with"):
+        undecided = _conditions_by_state(ctx, rule["unknown_with"])[0]["active"]
+        if undecided:
+            confirm = rule.get("unknown_confirm", "confirm the diagnosis")
+            return Outcome(
+                Result.UNKNOWN,
+                _refs(undecided),
+                f"No {what} coded, but on record: {_listing(undecided)}; {confirm}.",
+            )
+    signals = _disease_signals(rule, ctx)
+    if signals:
+        found = "; ".join(f"{ctx.titles([vs])}: {_listing(items)}" for vs, items in signals)
+        return Outcome(
+            Result.UNKNOWN,
+            _refs([e for _, items in signals for e in items]),
+            f"No {what} coded, but on record: {found}; the diagnosis, coded, would decide it.",
+        )
     return Outcome(
         Result.FAIL,
         (ctx.record.patient_ref,),
-        f"No {what} on record on or before {ctx.as_of}; this trial requires it.",
+        f"No {what} on record on or before {ctx.as_of}, and nothing that suggests it; "
+        "this trial requires it.",
     )
+
+
+def _disease_signals(rule: dict[str, Any], ctx: Context) -> list[tuple[str, list[Entry]]]:
+    """Readable records that suggest the disease without coding it (a Ki-67 result, a
+    somatostatin analogue, a benign-coded NET ...), by value set, unless a coded disease
+    explains them."""
+    if rule.get("signals_unless"):
+        by_state = _conditions_by_state(ctx, rule["signals_unless"])[0]
+        if by_state["active"] or by_state["unconfirmed"]:
+            return []
+    found: list[tuple[str, list[Entry]]] = []
+    for vs in rule.get("signal_conditions", []):
+        conditions = _conditions_by_state(ctx, [vs])[0]
+        found.append((vs, conditions["active"] + conditions["unconfirmed"]))
+    for vs in rule.get("signal_observations", []):
+        found.append((vs, [e for e in ctx.entries(("Observation",), [vs]) if e.status in _USABLE]))
+    for vs in rule.get("signal_medications", []):
+        found.append((vs, ctx.entries(MEDICATION_TYPES, [vs])))
+    for vs in rule.get("signal_procedures", []):
+        found.append((vs, ctx.entries(("Procedure",), [vs])))
+    readable = [(vs, ctx.readable(items)[0]) for vs, items in found]
+    return [(vs, items) for vs, items in readable if items]
 
 
 @rule_kind(
@@ -274,6 +349,9 @@ def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     valuesets_param("conditions", ["Condition"]),
     valuesets_param("ambiguous_procedures", ["Procedure"]),
     value_param("confirm", {"type": "string"}),
+    # Procedures that count only together, on the same day (a Whipple coded as its parts).
+    valuesets_param("same_day_procedures", ["Procedure"]),
+    value_param("same_day_meaning", {"type": "string"}),
     any_of=("procedures", "medications", "conditions"),
 )
 def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
@@ -293,6 +371,14 @@ def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     names = ctx.titles(v for _, vs in sources for v in vs)
     if certain:
         return Outcome(Result.FAIL, _refs(certain), f"On record: {_listing(certain)}.")
+    together = _same_day(ctx, rule.get("same_day_procedures", []))
+    if together:
+        meaning = rule.get("same_day_meaning", "together they count")
+        return Outcome(
+            Result.FAIL,
+            _refs(together),
+            f"On record on the same day: {_listing(together)}; {meaning}.",
+        )
     ambiguous, bad_ambiguous = ctx.readable(
         ctx.entries(("Procedure",), rule.get("ambiguous_procedures", []))
     )
@@ -317,6 +403,24 @@ def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
         (ctx.record.patient_ref,),
         f"None on record: no {names} on or before {ctx.as_of}.",
     )
+
+
+def _same_day(ctx: Context, valueset_ids: Sequence[str]) -> list[Entry]:
+    """One readable, definitely performed procedure of each value set, all on one day (the
+    latest such day); empty when there is no such day."""
+    if not valueset_ids:
+        return []
+    by_set: list[dict[date, Entry]] = []
+    for vs in valueset_ids:
+        found = ctx.readable(ctx.entries(("Procedure",), [vs]))[0]
+        by_set.append(
+            {e.when.start: e for e in found if e.when is not None and e.status != "unknown"}
+        )
+    days = set(by_set[0]).intersection(*by_set[1:])
+    if not days:
+        return []
+    day = max(days)
+    return [entries[day] for entries in by_set]
 
 
 # --- observations ----------------------------------------------------------------------
@@ -596,6 +700,14 @@ def _latest_measurement(
         "unless_within_normal_range",
         description="analyte whose result within its own reference range overrides a fail",
     ),
+    analyte_param(
+        "unknown_if_within_normal_range",
+        description="analyte whose result within its own reference range contradicts a fail",
+    ),
+    value_param(
+        "acceptable_by_unit",
+        {"type": "array", "items": {"$ref": "#/$defs/threshold"}},
+    ),
     # a reference range may apply to one sex (Observation.referenceRange.appliesTo)
     patient_elements=SEX_ELEMENTS,
 )
@@ -627,6 +739,14 @@ def lab(rule: dict[str, Any], ctx: Context) -> Outcome:
             f"({_fmt(uln)} {unit}) = {_fmt(limit)} {unit}"
         )
     else:
+        # A protocol that states its limit in two units ("Hb < 5.0 mmol/L (< 8.0 g/dL)") means
+        # each for results reported in that unit; the two are not exact conversions.
+        reported = normalize_unit(_quantity(measured.entry.resource) or {})
+        acceptable = next(
+            (a for a in rule.get("acceptable_by_unit", ()) if a.get("unit") == reported),
+            acceptable,
+        )
+        op = acceptable["op"]
         converted = analyte.to_unit(float(acceptable["value"]), acceptable["unit"])
         assert converted is not None  # noqa: S101 - checked when the definition was loaded
         limit = converted
@@ -662,8 +782,26 @@ def lab(rule: dict[str, Any], ctx: Context) -> Outcome:
                 f"{explanation[:-1]}, but {rescued.explanation}",
             )
         explanation += f" {rescued}"
+    if rule.get("unknown_if_within_normal_range"):
+        contradicted = _normal_range_exception(
+            rule["unknown_if_within_normal_range"], ctx, lookback
+        )
+        if isinstance(contradicted, Outcome):
+            return Outcome(
+                Result.UNKNOWN,
+                (measured.entry.ref, *contradicted.evidence),
+                f"{explanation[:-1]}, but {contradicted.explanation[:-1].split(', which')[0]}: "
+                "the two are inconsistent; repeat or confirm the results.",
+            )
+        explanation += f" {contradicted}"
     if rule.get("correctable_by_transfusion"):
-        explanation += " The protocol allows correction by transfusion: re-check after transfusion."
+        side = "below" if op in (">", ">=") else "above"
+        return Outcome(
+            Result.UNKNOWN,
+            (measured.entry.ref,),
+            f"{explanation[:-1]}: {side} the limit now; the protocol allows correction by "
+            "transfusion, so a result after transfusion would decide it.",
+        )
     return Outcome(Result.FAIL, (measured.entry.ref,), explanation)
 
 
@@ -943,6 +1081,7 @@ _NET_CONDITIONS = (
     "net-diagnosis",
     "pancreatic-net",
     "poorly-differentiated-net",
+    "neuroendocrine-carcinoma-nos",
     "net-grade-1",
     "net-grade-2",
     "net-grade-3",
@@ -964,6 +1103,48 @@ def _about_another_tumour(ctx: Context, entry: Entry) -> bool:
             if "/".join(parts[-2:]) in nets:
                 return False
     return True
+
+
+# A grade written as text: "G2", "Grade 2", "grade II" (a pathology report's wording).
+_GRADE_TEXT = re.compile(r"\b(?:grade|g)\s*[:\-]?\s*(iii|ii|i|[123])\b", re.IGNORECASE)
+_ROMAN = {"i": 1, "ii": 2, "iii": 3, "1": 1, "2": 2, "3": 3}
+
+
+def _grade_of_text(resource: dict[str, Any]) -> int | None:
+    """The grade a grade Observation states only as text (valueString, or the text of an
+    uncoded valueCodeableConcept); None unless exactly one grade is named."""
+    texts = [resource.get("valueString")]
+    concept = resource.get("valueCodeableConcept")
+    if isinstance(concept, dict):
+        texts.append(concept.get("text"))
+        texts += [c.get("display") for c in concept.get("coding") or () if isinstance(c, dict)]
+    found = {
+        _ROMAN[m.group(1).lower()]
+        for text in texts
+        if isinstance(text, str)
+        for m in _GRADE_TEXT.finditer(text)
+    }
+    return found.pop() if len(found) == 1 else None
+
+
+def _ki67_grade(value: float) -> int:
+    return 1 if value < _KI67_G2_FROM else 2 if value <= _KI67_G3_ABOVE else 3
+
+
+def _ki67_grades(m: Measurement) -> tuple[int, int]:
+    """The lowest and highest WHO grade a Ki-67 result allows: one grade for an exact value,
+    possibly one for a reported bound ("> 20 %" is G3, "< 2 %" below 3 %)."""
+    eps = 1e-9
+    if m.comparator == "<":
+        return 1, _ki67_grade(m.value - eps)
+    if m.comparator == "<=":
+        return 1, _ki67_grade(m.value)
+    if m.comparator == ">":
+        return _ki67_grade(m.value + eps), 3
+    if m.comparator == ">=":
+        return _ki67_grade(m.value), 3
+    g = _ki67_grade(m.value)
+    return g, g
 
 
 @rule_kind(
@@ -997,6 +1178,8 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
         )
     )[0]:
         found = _grade_of_concept(ctx, entry.resource.get("valueCodeableConcept"))
+        if found is None:
+            found = _grade_of_text(entry.resource)
         if found is not None:
             explicit = (found, entry)
             break
@@ -1019,13 +1202,31 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
                 break
     poorly = ctx.readable(ctx.entries(("Condition",), ["poorly-differentiated-net"]))[0]
     ki67: tuple[int, Measurement] | None = None
-    ki_entries = about_the_net(_usable_observations(ctx, "ki67"))
-    if ki_entries and not ctx.record.invalid_reason(ki_entries[0]):
-        m = measure(ctx.trials.analytes["ki67"], ki_entries[0])
-        if isinstance(m, Measurement) and m.comparator is None:
-            value = m.value
-            g = 1 if value < _KI67_G2_FROM else 2 if value <= _KI67_G3_ABOVE else 3
-            ki67 = (g, m)
+    decided_ki67: list[tuple[int, Measurement]] = []
+    for ki_entry in about_the_net(_usable_observations(ctx, "ki67")):
+        if ctx.record.invalid_reason(ki_entry):
+            continue
+        m = measure(ctx.trials.analytes["ki67"], ki_entry)
+        if isinstance(m, Measurement):
+            low, high = _ki67_grades(m)
+            if low == high:
+                decided_ki67.append((low, m))
+    if len({g for g, _ in decided_ki67}) > 1:
+        # Results on either side of a WHO boundary (different specimens, or a progression):
+        # which one grades the tumour is a pathologist's call.
+        listed = "; ".join(
+            f"Ki-67 {_OP_TEXT.get(m.comparator or '', '')}{_fmt(m.value)} %{_when(m.entry)} "
+            f"({m.entry.ref}): G{g}"
+            for g, m in decided_ki67[:_MAX_LISTED]
+        )
+        return Outcome(
+            Result.UNKNOWN,
+            tuple(m.entry.ref for _, m in decided_ki67),
+            f"Ki-67 results disagree across a WHO grade boundary: {listed}; pathology review "
+            "would decide the grade.",
+        )
+    if decided_ki67:
+        ki67 = decided_ki67[0]
     decided: int | None = None
     if explicit is not None:
         decided, entry = explicit
@@ -1039,14 +1240,31 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
                 f"{_listing(poorly)} says poorly differentiated; pathology review would decide it.",
             )
     elif poorly:
+        nos = ctx.trials.valueset("neuroendocrine-carcinoma-nos")
+        if (
+            ki67 is not None
+            and ki67[0] < 3
+            and all(any(nos.contains_key(k) for k in e.keys) for e in poorly)
+        ):
+            # "Neuroendocrine carcinoma" without "poorly differentiated" against a G1/G2
+            # Ki-67: older usage called well-differentiated NETs carcinomas.
+            m = ki67[1]
+            return Outcome(
+                Result.UNKNOWN,
+                (*_refs(poorly), m.entry.ref),
+                f"{_listing(poorly)} says neuroendocrine carcinoma without saying poorly "
+                f"differentiated, but Ki-67 {_fmt(m.value)} %{_when(m.entry)} ({m.entry.ref}) "
+                f"means G{ki67[0]}; pathology review would decide the grade.",
+            )
         decided = 3
         evidence.extend(_refs(poorly))
         notes.append(f"poorly differentiated: {_listing(poorly)}")
     elif ki67 is not None:
         decided, m = ki67
         evidence.append(m.entry.ref)
+        bound = _OP_TEXT.get(m.comparator or "", "")
         notes.append(
-            f"Ki-67 {_fmt(m.value)} %{_when(m.entry)} ({m.entry.ref}) means G{decided} "
+            f"Ki-67 {bound}{_fmt(m.value)} %{_when(m.entry)} ({m.entry.ref}) means G{decided} "
             "by the WHO 2019 cut-offs (G1 < 3 %, G2 3-20 %, G3 > 20 %)"
         )
     if decided is None:
@@ -1082,26 +1300,79 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
     text = text[0].upper() + text[1:]
     if decided in allowed:
         return Outcome(Result.PASS, tuple(evidence), f"{text}: {wanted} as required.")
+    if explicit is None and not poorly and any(g > decided for g in allowed):
+        # WHO 2019 grades by the higher of Ki-67 and mitotic count: with the Ki-67 index alone,
+        # a mitotic count could still raise the grade to one the trial accepts.
+        higher = " or ".join(f"G{g}" for g in sorted(g for g in allowed if g > decided))
+        return Outcome(
+            Result.UNKNOWN,
+            tuple(evidence),
+            f"{text}, but no mitotic count or pathology grade is recorded and a mitotic count "
+            f"could make it {higher}; the pathology grade would decide it.",
+        )
     return Outcome(Result.FAIL, tuple(evidence), f"{text}: not {wanted}.")
 
 
 # --- treatment history with dates --------------------------------------------------------
 
 
+# Days per UCUM time unit in a supply duration (FHIR Duration: unit code from UCUM). A month is
+# counted as 31 days, the longest, so that a supply is never taken to end too early.
+_DAYS_PER_UNIT = {"d": 1.0, "wk": 7.0, "mo": 31.0, "h": 1 / 24, "min": 1 / 1440}
+
+
+def _days_of(duration: Any) -> float | None:
+    if not isinstance(duration, dict) or not isinstance(duration.get("value"), int | float):
+        return None
+    per = _DAYS_PER_UNIT.get(str(duration.get("code") or duration.get("unit") or "").strip())
+    return None if per is None else float(duration["value"]) * per
+
+
+def _supply_end(entry: Entry) -> date | None:
+    """The last day a medication record's own dosing facts cover, where it states them (issue
+    12: the last dose, not the order date): FHIR R4 MedicationRequest
+    ``dosageInstruction.timing.repeat.boundsPeriod.end``, else ``authoredOn`` plus
+    ``dispenseRequest.expectedSupplyDuration``; MedicationDispense ``whenHandedOver`` plus
+    ``daysSupply``. Administration and statement periods are the record's ``until``."""
+    resource = entry.resource
+    if entry.type == "MedicationRequest":
+        ends: list[date] = []
+        for dosage in resource.get("dosageInstruction") or ():
+            timing = dosage.get("timing") if isinstance(dosage, dict) else None
+            repeat = timing.get("repeat") if isinstance(timing, dict) else None
+            bounds = repeat.get("boundsPeriod") if isinstance(repeat, dict) else None
+            end = parse_date(bounds.get("end")) if isinstance(bounds, dict) else None
+            if end is not None:
+                ends.append(end.end)
+        if ends:
+            return max(ends)
+        dispense = resource.get("dispenseRequest")
+        days = (
+            _days_of(dispense.get("expectedSupplyDuration")) if isinstance(dispense, dict) else None
+        )
+        if days is not None and entry.when is not None:
+            return entry.when.end + timedelta(days=max(math.ceil(days) - 1, 0))
+        return None
+    if entry.type == "MedicationDispense":
+        days = _days_of(resource.get("daysSupply"))
+        if days is not None and entry.when is not None:
+            return entry.when.end + timedelta(days=max(math.ceil(days) - 1, 0))
+    return None
+
+
 def _last_exposure(entry: Entry, as_of: date) -> date | None:
     """The last day a therapy record shows the patient exposed, ``as_of`` if still ongoing."""
-    if (
-        entry.type in ("MedicationRequest", "MedicationStatement")
-        and entry.status
-        in (
-            "active",
-            "on-hold",
-        )
-        and (entry.until is None or entry.until.end >= as_of)
-    ):
+    end = _supply_end(entry)
+    if end is None and entry.until is not None:
+        end = entry.until.end
+    ongoing = entry.type in ("MedicationRequest", "MedicationStatement") and entry.status in (
+        "active",
+        "on-hold",
+    )
+    if ongoing and (end is None or end >= as_of):
         return as_of
-    if entry.until is not None:
-        return min(entry.until.end, as_of)
+    if end is not None:
+        return min(end, as_of)
     return min(entry.when.end, as_of) if entry.when else None
 
 
@@ -1110,6 +1381,9 @@ def _last_exposure(entry: Entry, as_of: date) -> date | None:
     value_param("days", {"type": "integer", "minimum": 1}, required=True),
     valuesets_param("medications", MEDICATION_TYPES),
     valuesets_param("procedures", ["Procedure"]),
+    # Drugs that may or may not be what the protocol means (targeted agents, dual-use
+    # cytotoxics): inside the window they make the washout unknown, named; never a fail.
+    valuesets_param("unknown_medications", MEDICATION_TYPES),
     any_of=("medications", "procedures"),
 )
 def washout(rule: dict[str, Any], ctx: Context) -> Outcome:
@@ -1145,6 +1419,9 @@ def washout(rule: dict[str, Any], ctx: Context) -> Outcome:
                 f"Latest dated therapy: {what}, {since} days before {ctx.as_of}, but "
                 f"{_listing(undated)} has no date; its date would decide it.",
             )
+        maybe = _maybe_counted(rule, ctx)
+        if maybe is not None:
+            return maybe
         return Outcome(
             Result.PASS,
             (last.ref,),
@@ -1158,10 +1435,35 @@ def washout(rule: dict[str, Any], ctx: Context) -> Outcome:
         )
     if bad:
         return _malformed_unknown(ctx, bad, "A therapy record")
+    maybe = _maybe_counted(rule, ctx)
+    if maybe is not None:
+        return maybe
     return Outcome(
         Result.PASS,
         (ctx.record.patient_ref,),
         f"None on record: no {names} on or before {ctx.as_of}.",
+    )
+
+
+def _maybe_counted(rule: dict[str, Any], ctx: Context) -> Outcome | None:
+    """UNKNOWN when a drug of ``unknown_medications`` was taken inside the washout window (or
+    on an unknown date): whether it is the protocol's chemotherapy is a clinical call."""
+    days = rule["days"]
+    recent: list[Entry] = []
+    for entry in ctx.readable(ctx.entries(MEDICATION_TYPES, rule.get("unknown_medications", [])))[
+        0
+    ]:
+        last_day = _last_exposure(entry, ctx.as_of)
+        if last_day is None or (ctx.as_of - last_day).days < days:
+            recent.append(entry)
+    if not recent:
+        return None
+    return Outcome(
+        Result.UNKNOWN,
+        _refs(recent),
+        f"Within {days} days before {ctx.as_of} (or undated): {_listing(recent)}, an "
+        "antineoplastic that is not cytotoxic chemotherapy or has non-cancer uses; confirm "
+        "whether it counts as the protocol's chemotherapy.",
     )
 
 

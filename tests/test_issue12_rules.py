@@ -1,0 +1,366 @@
+"""Issue 12's rule changes: the protocol sentences read as written, and the codings real NET
+patients carry (each test builds the record it is about; fixed as-of date 2026-11-01)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import A, B, criterion, obs, run
+
+SNOMED = "http://snomed.info/sct"
+ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+def condition(cid: str, system: str, code: str, *, onset: str = "2025-11-03") -> dict[str, Any]:
+    return {
+        "resourceType": "Condition",
+        "id": cid,
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": system, "code": code}]},
+        "clinicalStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                    "code": "active",
+                }
+            ]
+        },
+        "onsetDateTime": onset,
+    }
+
+
+def med_admin(mid: str, rxcui: str, when: str) -> dict[str, Any]:
+    return {
+        "resourceType": "MedicationAdministration",
+        "id": mid,
+        "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": rxcui}]},
+        "effectiveDateTime": when,
+    }
+
+
+LIVER = condition("liver", ICD10, "C78.7")
+
+
+# --------------------------------------------------------------------------- 4. labs
+
+
+@pytest.mark.parametrize(
+    ("analyte", "code", "value", "unit"),
+    [
+        ("inc-platelets", "777-3", 90, "10*3/uL"),
+        ("inc-inr", "6301-6", 1.7, "{INR}"),
+    ],
+)
+def test_transfusion_correctable_limits_are_unknown_not_fail(
+    analyte: str, code: str, value: float, unit: str
+) -> None:
+    result = criterion(run([obs("o1", code, value, unit)]), A, analyte)
+    assert result.result.value == "unknown"
+    assert "the limit now" in result.explanation
+    assert "transfusion" in result.explanation
+
+
+def test_transfusion_correctable_limit_met_passes() -> None:
+    result = criterion(run([obs("o1", "777-3", 150, "10*3/uL")]), A, "inc-platelets")
+    assert result.result.value == "pass"
+
+
+def test_pt_waiver_belongs_to_albumin_not_inr() -> None:
+    pt_normal = obs("pt", "5902-2", 12.0, "s", high=13.5, low=11.0)
+    ev = run([obs("inr", "6301-6", 1.7, "{INR}"), obs("alb", "1751-7", 2.8, "g/dL"), pt_normal])
+    inr = criterion(ev, B, "exc-inr")
+    assert inr.result.value == "unknown"
+    assert "inconsistent" in inr.explanation
+    assert criterion(ev, B, "exc-albumin").result.value == "pass"
+
+
+def test_inr_above_limit_with_prolonged_pt_fails() -> None:
+    pt_long = obs("pt", "5902-2", 16.0, "s", high=13.5, low=11.0)
+    ev = run([obs("inr", "6301-6", 1.7, "{INR}"), pt_long])
+    assert criterion(ev, B, "exc-inr").result.value == "fail"
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        (4.98, "mmol/L", "fail"),  # < 5.0 mmol/L, though 4.98 x 1.61 = 8.02 g/dL
+        (5.0, "mmol/L", "pass"),
+        (7.9, "g/dL", "fail"),
+        (8.0, "g/dL", "pass"),
+        (79, "g/L", "fail"),  # a mass unit: compared with 8.0 g/dL
+    ],
+)
+def test_hemoglobin_threshold_follows_the_result_unit(
+    value: float, unit: str, expected: str
+) -> None:
+    result = criterion(run([obs("hb", "718-7", value, unit)]), B, "exc-hemoglobin")
+    assert result.result.value == expected, result.explanation
+
+
+# --------------------------------------------------------------------------- 1. NET signals
+
+
+def test_no_net_signal_at_all_fails() -> None:
+    ev = run([condition("htn", ICD10, "I10"), LIVER])
+    assert criterion(ev, A, "inc-net-diagnosis").result.value == "fail"
+    assert criterion(ev, B, "inc-pancreatic-net").result.value == "fail"
+
+
+def test_ki67_without_a_coded_net_is_unknown() -> None:
+    ev = run([obs("k", "29593-1", 8, "%", "2025-11-10"), LIVER])
+    for trial, cid in ((A, "inc-net-diagnosis"), (B, "inc-pancreatic-net")):
+        result = criterion(ev, trial, cid)
+        assert result.result.value == "unknown", result.explanation
+        assert "Ki-67" in result.explanation
+
+
+def test_somatostatin_analogue_without_a_coded_net_is_unknown() -> None:
+    ev = run([med_admin("m", "312068", "2026-10-01"), LIVER])
+    assert criterion(ev, A, "inc-net-diagnosis").result.value == "unknown"
+
+
+def test_benign_coded_net_is_unknown() -> None:
+    ev = run([condition("d3a", ICD10, "D3A.8"), LIVER])
+    result = criterion(ev, A, "inc-net-diagnosis")
+    assert result.result.value == "unknown"
+    assert "benign" in result.explanation
+
+
+def test_net_code_with_a_pancreas_site_code_is_a_pancreatic_net() -> None:
+    ev = run([condition("net", ICD10, "C7A.8"), condition("site", ICD10, "C25.0"), LIVER])
+    assert criterion(ev, B, "inc-pancreatic-net").result.value == "pass"
+
+
+def test_net_of_unknown_primary_is_unknown_for_the_pancreatic_trial() -> None:
+    ev = run([condition("net", ICD10, "C7A.00"), LIVER])
+    assert criterion(ev, A, "inc-net-diagnosis").result.value == "pass"
+    result = criterion(ev, B, "inc-pancreatic-net")
+    assert result.result.value == "unknown"
+    assert "pancreatic primary" in result.explanation
+
+
+def test_net_of_another_known_site_still_fails_the_pancreatic_trial() -> None:
+    ev = run([condition("net", ICD10, "C7A.012"), LIVER])
+    assert criterion(ev, B, "inc-pancreatic-net").result.value == "fail"
+
+
+@pytest.mark.parametrize("code", ["C7B.00", "C7B.8", "C7B.09"])
+def test_secondary_net_of_unstated_site_is_unknown_for_liver_metastases(code: str) -> None:
+    ev = run([condition("net", ICD10, "C7A.012"), condition("sec", ICD10, code)])
+    result = criterion(ev, A, "inc-liver-metastases")
+    assert result.result.value == "unknown"
+    assert "liver" in result.explanation
+
+
+# --------------------------------------------------------------------------- 3. washouts
+
+
+def test_other_antineoplastic_makes_the_washout_unknown_naming_the_drug() -> None:
+    ev = run([med_admin("m", "845507", "2026-10-22")])  # everolimus 10 MG Oral Tablet
+    for trial, cid in ((A, "inc-washout"), (B, "inc-chemotherapy-washout")):
+        result = criterion(ev, trial, cid)
+        assert result.result.value == "unknown", result.explanation
+        assert "everolimus" in result.explanation
+
+
+def test_other_antineoplastic_long_ago_does_not_matter() -> None:
+    ev = run([med_admin("m", "845507", "2025-01-10")])
+    assert criterion(ev, A, "inc-washout").result.value == "pass"
+
+
+def test_somatostatin_analogue_never_counts_in_a_washout() -> None:
+    ev = run([med_admin("m", "312068", "2026-10-30")])
+    assert criterion(ev, B, "inc-chemotherapy-washout").result.value == "pass"
+
+
+# --------------------------------------------------------------------------- 2. grade
+
+
+def test_ki67_below_3_alone_is_unknown_for_the_grade_2_trial() -> None:
+    ev = run([condition("net", ICD10, "C25.4"), obs("k", "29593-1", 2, "%", "2025-11-10")])
+    result = criterion(ev, A, "inc-grade-2")
+    assert result.result.value == "unknown", result.explanation
+    assert "mitotic count" in result.explanation
+    assert criterion(ev, B, "inc-grade-1-2").result.value == "pass"
+
+
+# --------------------------------------------------------------------------- 3. exposure dates
+
+
+def capecitabine_request(**extra: Any) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "resourceType": "MedicationRequest",
+        "id": "rx",
+        "status": "completed",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "200328"}]},
+        "authoredOn": "2026-09-20",  # 42 days before the as-of date
+    }
+    r.update(extra)
+    return r
+
+
+def test_order_date_alone_is_the_exposure_date() -> None:
+    ev = run([capecitabine_request()])
+    assert criterion(ev, A, "inc-washout").result.value == "pass"
+
+
+def test_expected_supply_duration_extends_exposure_past_the_order_date() -> None:
+    supply = {"expectedSupplyDuration": {"value": 21, "unit": "days", "code": "d"}}
+    result = criterion(run([capecitabine_request(dispenseRequest=supply)]), A, "inc-washout")
+    assert result.result.value == "fail", result.explanation
+    assert "2026-10-10" in result.explanation  # 21 days from 2026-09-20, inclusive
+
+
+def test_bounds_period_end_is_the_last_dose() -> None:
+    dosage = [
+        {"timing": {"repeat": {"boundsPeriod": {"start": "2026-09-20", "end": "2026-10-15"}}}}
+    ]
+    result = criterion(run([capecitabine_request(dosageInstruction=dosage)]), A, "inc-washout")
+    assert result.result.value == "fail"
+    assert "2026-10-15" in result.explanation
+
+
+def test_active_request_whose_dosing_ended_is_not_ongoing() -> None:
+    dosage = [
+        {"timing": {"repeat": {"boundsPeriod": {"start": "2026-08-01", "end": "2026-08-21"}}}}
+    ]
+    request = capecitabine_request(
+        status="active", authoredOn="2026-08-01", dosageInstruction=dosage
+    )
+    assert criterion(run([request]), A, "inc-washout").result.value == "pass"
+
+
+def test_dispense_date_plus_days_supply() -> None:
+    dispense = {
+        "resourceType": "MedicationDispense",
+        "id": "d1",
+        "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "200328"}]},
+        "whenHandedOver": "2026-09-25",
+        "daysSupply": {"value": 14, "unit": "day", "code": "d"},
+    }
+    result = criterion(run([dispense]), A, "inc-washout")
+    assert result.result.value == "fail", result.explanation
+    assert "2026-10-08" in result.explanation
+
+
+def grade_obs(oid: str, **value: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "21858-6"}]},
+        "effectiveDateTime": "2025-11-10",
+        **value,
+    }
+
+
+PNET = condition("net", ICD10, "C25.4")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"valueString": "Grade 2"},
+        {"valueString": "NET, G2 (WHO 2019)"},
+        {"valueCodeableConcept": {"text": "grade II"}},
+        {"valueCodeableConcept": {"coding": [{"system": SNOMED, "code": "1286893008"}]}},
+    ],
+)
+def test_grade_as_text_or_mcode_value_is_read(value: dict[str, Any]) -> None:
+    ev = run([PNET, grade_obs("g", **value)])
+    result = criterion(ev, A, "inc-grade-2")
+    assert result.result.value == "pass", result.explanation
+
+
+def test_text_naming_two_grades_is_not_read() -> None:
+    ev = run([PNET, grade_obs("g", valueString="G1 or G2")])
+    assert criterion(ev, A, "inc-grade-2").result.value == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("comparator", "value", "a", "b"),
+    [
+        (">", 20, "fail", "fail"),  # > 20 %: G3
+        ("<", 2, "unknown", "pass"),  # < 2 %: below 3 %, G1 (a mitotic count could make G2)
+        ("<", 10, "unknown", "unknown"),  # G1 or G2: not decided
+    ],
+)
+def test_ki67_bounds_decide_when_they_can(comparator: str, value: float, a: str, b: str) -> None:
+    ki67 = obs("k", "29593-1", value, "%", "2025-11-10", comparator=comparator)
+    ev = run([PNET, ki67])
+    assert criterion(ev, A, "inc-grade-2").result.value == a
+    assert criterion(ev, B, "inc-grade-1-2").result.value == b
+
+
+def test_ki67_results_across_a_boundary_are_unknown_naming_both() -> None:
+    older = obs("k1", "29593-1", 8, "%", "2025-06-01")
+    newer = obs("k2", "29593-1", 25, "%", "2025-11-10")
+    result = criterion(run([PNET, older, newer]), B, "exc-grade-3")
+    assert result.result.value == "unknown"
+    assert "Observation/k1" in result.explanation and "Observation/k2" in result.explanation
+
+
+def test_neuroendocrine_carcinoma_nos_against_a_low_ki67_is_unknown() -> None:
+    nec = condition("nec", SNOMED, "253000007")
+    ev = run([PNET, nec, obs("k", "29593-1", 8, "%", "2025-11-10")])
+    for trial, cid in ((A, "inc-grade-2"), (B, "exc-grade-3")):
+        result = criterion(ev, trial, cid)
+        assert result.result.value == "unknown", result.explanation
+        assert "without saying poorly" in result.explanation
+
+
+def test_explicitly_poorly_differentiated_stays_grade_3() -> None:
+    poorly = condition("pd", SNOMED, "123631000119103")
+    ev = run([PNET, poorly, obs("k", "29593-1", 8, "%", "2025-11-10")])
+    assert criterion(ev, B, "exc-grade-3").result.value == "fail"
+
+
+# --------------------------------------------------------------------------- biliary
+
+
+def pcs(pid: str, code: str, when: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Procedure",
+        "id": pid,
+        "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://www.cms.gov/Medicare/Coding/ICD10", "code": code}]},
+        "performedDateTime": when,
+    }
+
+
+def test_whipple_coded_as_its_parts_is_a_biliary_enteric_anastomosis() -> None:
+    ev = run([pcs("a", "0FBG0ZZ", "2024-03-05"), pcs("b", "0DT90ZZ", "2024-03-05")])
+    result = criterion(ev, A, "exc-biliary-intervention")
+    assert result.result.value == "fail"
+    assert set(result.evidence) == {"Procedure/a", "Procedure/b"}
+    assert "Whipple" in result.explanation
+
+
+def test_whipple_parts_on_different_days_do_not_count() -> None:
+    ev = run([pcs("a", "0FBG0ZZ", "2024-03-05"), pcs("b", "0DT90ZZ", "2025-01-10")])
+    assert criterion(ev, A, "exc-biliary-intervention").result.value == "pass"
+
+
+def test_percutaneous_biliary_stent_is_unknown() -> None:
+    stent = {
+        "resourceType": "Procedure",
+        "id": "s",
+        "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "47538"}]},
+        "performedDateTime": "2025-09-02",
+    }
+    result = criterion(run([stent]), A, "exc-biliary-intervention")
+    assert result.result.value == "unknown"
+    assert "transpapillary" in result.explanation
