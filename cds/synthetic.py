@@ -384,6 +384,31 @@ def _add_condition(
     return change
 
 
+def _allergy(code: tuple[str, str, str]) -> Callable[[PatientBuilder, Roles], None]:
+    def change(p: PatientBuilder, r: Roles) -> None:
+        system, value, display = code
+        p.resources.append(
+            {
+                "resourceType": "AllergyIntolerance",
+                "id": p._id("a"),
+                "patient": p._subject(),
+                "code": {"coding": [{"system": system, "code": value, "display": display}]},
+                "clinicalStatus": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/"
+                            "allergyintolerance-clinical",
+                            "code": "active",
+                        }
+                    ]
+                },
+                "recordedDate": p.day(700),
+            }
+        )
+
+    return change
+
+
 def _non_net(p: PatientBuilder, r: Roles) -> None:
     _drop("pnet", "liver", "ki67")(p, r)
 
@@ -506,6 +531,8 @@ NET_VARIANTS: tuple[tuple[str, Callable[[PatientBuilder, Roles], None]], ...] = 
         _add_condition([(ICD10, "R32", "Unspecified urinary incontinence")], 600),
     ),
     ("portal-vein-thrombosis", _add_condition([(ICD10, "I81", "Portal vein thrombosis")], 90)),
+    ("fluorouracil-allergy", _allergy((RXNORM, "4492", "Fluorouracil"))),
+    ("contrast-allergy", _allergy((SNOMED, "426722004", "Iodinated contrast media (substance)"))),
     (
         "other-malignancy",
         _add_condition(

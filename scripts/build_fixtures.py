@@ -1095,6 +1095,48 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         {A: {"status": "excluded", "exc-biliary-intervention": "fail"}, B: {"status": "candidate"}},
     )
 
+    p, r = base("allergies-captem-contrast")
+    for n, (system, code, display) in enumerate(
+        [
+            (RXNORM, "4492", "Fluorouracil"),
+            (SNOMED, "426722004", "Iodinated contrast media (substance)"),
+        ],
+        start=1,
+    ):
+        p.resources.append(
+            {
+                "resourceType": "AllergyIntolerance",
+                "id": f"allergies-captem-contrast-allergy{n}",
+                "patient": {"reference": "Patient/allergies-captem-contrast"},
+                "code": {"coding": [{"system": system, "code": code, "display": display}]},
+                "clinicalStatus": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/"
+                            "allergyintolerance-clinical",
+                            "code": "active",
+                        }
+                    ]
+                },
+                "recordedDate": "2024-05-01",
+            }
+        )
+    scenario(
+        "allergies-captem-contrast",
+        "allergies to fluorouracil (capecitabine's active metabolite) and to iodinated "
+        "contrast: the CapTem + Y90 trial's contraindication and contrast criteria are "
+        "unknown (named), not manual and not a fail",
+        p,
+        {
+            A: {
+                "status": "needs-review",
+                "exc-capecitabine-temozolomide-contraindication": "unknown",
+                "exc-iodinated-contrast": "unknown",
+            },
+            B: {"status": "candidate"},
+        },
+    )
+
     p, r = base("recent-everolimus")
     p.med_admin("845507", "everolimus 10 MG Oral Tablet", "2026-10-22")
     scenario(

@@ -364,3 +364,80 @@ def test_percutaneous_biliary_stent_is_unknown() -> None:
     result = criterion(run([stent]), A, "exc-biliary-intervention")
     assert result.result.value == "unknown"
     assert "transpapillary" in result.explanation
+
+
+# --------------------------------------------------------------------------- 5. allergies
+
+
+def allergy(aid: str, system: str, code: str, **extra: Any) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "resourceType": "AllergyIntolerance",
+        "id": aid,
+        "patient": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": system, "code": code}]},
+        "clinicalStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                    "code": "active",
+                }
+            ]
+        },
+        "recordedDate": "2024-05-01",
+    }
+    r.update(extra)
+    return r
+
+
+CONTRAINDICATION = "exc-capecitabine-temozolomide-contraindication"
+
+
+@pytest.mark.parametrize("rxcui", ["194000", "4492", "37776"])  # capecitabine, 5-FU, TMZ
+def test_allergy_to_a_captem_drug_is_unknown_naming_it(rxcui: str) -> None:
+    result = criterion(run([allergy("al", RXNORM, rxcui)]), A, CONTRAINDICATION)
+    assert result.result.value == "unknown", result.explanation
+    assert "AllergyIntolerance/al" in result.evidence
+
+
+def test_no_allergy_on_record_stays_manual_never_pass() -> None:
+    ev = run([])
+    assert criterion(ev, A, CONTRAINDICATION).result.value == "manual"
+    assert criterion(ev, A, "exc-iodinated-contrast").result.value == "manual"
+
+
+def test_refuted_or_resolved_allergy_does_not_count() -> None:
+    refuted = allergy(
+        "al",
+        RXNORM,
+        "4492",
+        verificationStatus={
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
+                    "code": "refuted",
+                }
+            ]
+        },
+    )
+    assert criterion(run([refuted]), A, CONTRAINDICATION).result.value == "manual"
+    resolved = allergy(
+        "al2",
+        RXNORM,
+        "4492",
+        clinicalStatus={
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                    "code": "resolved",
+                }
+            ]
+        },
+    )
+    assert criterion(run([resolved]), A, CONTRAINDICATION).result.value == "manual"
+
+
+def test_iodinated_contrast_allergy_is_unknown() -> None:
+    ev = run([allergy("al", SNOMED, "426722004")])
+    result = criterion(ev, A, "exc-iodinated-contrast")
+    assert result.result.value == "unknown"
+    assert "pre-medication" in result.explanation

@@ -150,6 +150,7 @@ def test_only_value_set_codes_and_well_known_noise_codes() -> None:
         "http://terminology.hl7.org/CodeSystem/observation-category",
         "http://terminology.hl7.org/CodeSystem/condition-clinical",
         "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+        "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
     }
     answers = set(trials.answers["ecog"]) | {"http://loinc.org|LA9623-5"}
     population = Population(len(NET_VARIANTS) * 2, seed=4, net_every=2)

@@ -28,7 +28,7 @@ MEDICATION_TYPES = (
     "MedicationDispense",
 )
 #: every clinical resource type a rule may read, in the order records present them
-CLINICAL_TYPES = ("Condition", "Procedure", "Observation", *MEDICATION_TYPES)
+CLINICAL_TYPES = ("Condition", "Procedure", "Observation", *MEDICATION_TYPES, "AllergyIntolerance")
 #: resources the clinical ones point to and the rules read through them: a medication
 #: record's ``medicationReference`` (FHIR R4 MedicationRequest.medication[x] and its siblings)
 REFERENCED_TYPES = ("Medication",)

@@ -175,6 +175,7 @@ _DATE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("effectiveDateTime", "effectivePeriod.start"),
         ("effectivePeriod.end",),
     ),
+    "AllergyIntolerance": (("onsetDateTime", "onsetPeriod.start", "recordedDate"), ()),
 }
 #: the same paths, split at their dots once
 _DATE_PATHS = {
@@ -808,6 +809,13 @@ def _make_entries(
                 found.extend(codings_of(ext["valueCodeableConcept"]))
         keys = tuple(found)
     elif rtype == "Procedure":
+        concept = resource.get("code")
+        keys = concept_keys(concept)
+    elif rtype == "AllergyIntolerance":
+        # FHIR R4 AllergyIntolerance: refuted or entered-in-error verification never counts;
+        # the substance is ``code`` (clinical and verification status as for a Condition).
+        if _status_code(resource.get("verificationStatus")) in _VOID_VERIFICATION:
+            return []
         concept = resource.get("code")
         keys = concept_keys(concept)
     else:

@@ -188,11 +188,12 @@ def _condition_state(entry: Entry, as_of: date) -> str:
 
 
 def _conditions_by_state(
-    ctx: Context, valueset_ids: Sequence[str]
+    ctx: Context, valueset_ids: Sequence[str], types: Sequence[str] = ("Condition",)
 ) -> tuple[dict[str, list[Entry]], list[Entry]]:
-    """Readable Conditions of the value sets grouped by their state on the as-of date
-    ('active', 'unconfirmed', 'inactive'), and the unreadable ones."""
-    found, bad = ctx.readable(ctx.entries(("Condition",), valueset_ids))
+    """Readable Conditions (or AllergyIntolerances, whose clinical and verification statuses
+    read the same way) of the value sets grouped by their state on the as-of date ('active',
+    'unconfirmed', 'inactive'), and the unreadable ones."""
+    found, bad = ctx.readable(ctx.entries(types, valueset_ids))
     by_state: dict[str, list[Entry]] = {"active": [], "unconfirmed": [], "inactive": []}
     for entry in found:
         by_state[_condition_state(entry, ctx.as_of)].append(entry)
@@ -304,16 +305,27 @@ def _disease_signals(rule: dict[str, Any], ctx: Context) -> list[tuple[str, list
 
 @rule_kind(
     "condition_absent",
-    valuesets_param("valuesets", ["Condition"], required=True),
+    valuesets_param("valuesets", ["Condition"]),
+    # Allergies and intolerances to these substances count as the condition (issue 12: an
+    # allergy to capecitabine, or to iodinated contrast, bears on a contraindication).
+    valuesets_param("allergies", ["AllergyIntolerance"]),
     value_param("on_found", {"enum": ["fail", "unknown"]}, required=True),
     value_param("on_absent", {"enum": ["pass", "manual"]}),
     value_param("confirm", {"type": "string"}),
+    any_of=("valuesets", "allergies"),
 )
 def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A current condition that must not be present (or, with on_absent=manual, that a
     person must still rule out)."""
-    by_state, bad = _conditions_by_state(ctx, rule["valuesets"])
-    what = ctx.titles(rule["valuesets"])
+    by_state, bad = _conditions_by_state(ctx, rule.get("valuesets", []))
+    if rule.get("allergies"):
+        allergic, bad_allergies = _conditions_by_state(
+            ctx, rule["allergies"], ("AllergyIntolerance",)
+        )
+        for state, items in allergic.items():
+            by_state[state] = by_state[state] + items
+        bad = bad + bad_allergies
+    what = ctx.titles([*rule.get("valuesets", []), *rule.get("allergies", [])])
     active, unconfirmed, inactive = (by_state[s] for s in ("active", "unconfirmed", "inactive"))
     confirm = rule.get("confirm")
     if active:
