@@ -668,11 +668,17 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         "recent-radiotherapy",
         "external beam radiotherapy 17 days ago and etoposide "
         "in June: the CapTem + Y90 washout (chemo or radiotherapy) fails, the pancreatic "
-        "trial's chemotherapy washout passes",
+        "trial's chemotherapy washout passes and its marrow-radiation exclusion is unknown "
+        "(a candidate before NCT05610826 1.2.0: radiotherapy on record now asks whether more "
+        "than 25 % of the marrow was irradiated)",
         p,
         {
             A: {"status": "excluded", "inc-washout": "fail"},
-            B: {"status": "candidate", "inc-chemotherapy-washout": "pass"},
+            B: {
+                "status": "needs-review",
+                "inc-chemotherapy-washout": "pass",
+                "exc-bone-marrow-radiation": "unknown",
+            },
         },
     )
 
@@ -787,9 +793,13 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         "recent-radiotherapy-broad",
         "radiotherapy coded as the general SNOMED CT concept (not an external-beam "
         "code) 12 days ago: the CapTem + Y90 washout fails; the pancreatic trial has no "
-        "radiotherapy washout",
+        "radiotherapy washout, and its marrow-radiation exclusion is unknown (confirm the "
+        "marrow fraction from the plan)",
         p,
-        {A: {"status": "excluded", "inc-washout": "fail"}, B: {"status": "candidate"}},
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {"status": "needs-review", "exc-bone-marrow-radiation": "unknown"},
+        },
     )
 
     p, r = base("prrt-medication")

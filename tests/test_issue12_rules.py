@@ -441,3 +441,18 @@ def test_iodinated_contrast_allergy_is_unknown() -> None:
     result = criterion(ev, A, "exc-iodinated-contrast")
     assert result.result.value == "unknown"
     assert "pre-medication" in result.explanation
+
+
+def test_radiotherapy_on_record_makes_the_marrow_item_unknown_silence_manual() -> None:
+    ebrt = {
+        "resourceType": "Procedure",
+        "id": "rt",
+        "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "77385"}]},
+        "performedDateTime": "2024-02-01",
+    }
+    result = criterion(run([ebrt]), B, "exc-bone-marrow-radiation")
+    assert result.result.value == "unknown"
+    assert "25%" in result.explanation
+    assert criterion(run([]), B, "exc-bone-marrow-radiation").result.value == "manual"

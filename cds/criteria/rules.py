@@ -364,10 +364,16 @@ def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     # Procedures that count only together, on the same day (a Whipple coded as its parts).
     valuesets_param("same_day_procedures", ["Procedure"]),
     value_param("same_day_meaning", {"type": "string"}),
+    # A history that only raises a question (e.g. radiotherapy, for "more than 25 % of the
+    # bone marrow irradiated"): found -> unknown with `confirm`; none -> manual, never a pass.
+    value_param("on_found", {"enum": ["fail", "unknown"]}),
+    value_param("on_absent", {"enum": ["pass", "manual"]}),
     any_of=("procedures", "medications", "conditions"),
 )
 def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
-    """A treatment or procedure that must never have happened; nothing recorded passes."""
+    """A treatment or procedure that must never have happened; nothing recorded passes
+    (with on_found/on_absent, a manual criterion the record can inform)."""
+    informs = rule.get("on_found") == "unknown"
     sources: list[tuple[Sequence[str], list[str]]] = [
         (("Procedure",), rule.get("procedures", [])),
         (MEDICATION_TYPES, rule.get("medications", [])),
@@ -381,6 +387,11 @@ def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     certain = [e for e in good if e.status != "unknown"]
     uncertain_status = [e for e in good if e.status == "unknown"]
     names = ctx.titles(v for _, vs in sources for v in vs)
+    if certain and informs:
+        confirm = rule.get("confirm", "confirm whether it applies")
+        return Outcome(
+            Result.UNKNOWN, _refs(certain), f"On record: {_listing(certain)}; {confirm}."
+        )
     if certain:
         return Outcome(Result.FAIL, _refs(certain), f"On record: {_listing(certain)}.")
     together = _same_day(ctx, rule.get("same_day_procedures", []))
@@ -410,6 +421,13 @@ def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
         )
     if bad or bad_ambiguous:
         return _malformed_unknown(ctx, bad + bad_ambiguous, "A possibly relevant record")
+    if rule.get("on_absent") == "manual":
+        confirm = rule.get("confirm", "confirm it")
+        return Outcome(
+            Result.MANUAL,
+            (ctx.record.patient_ref,),
+            f"No {names} on record on or before {ctx.as_of}; {confirm}.",
+        )
     return Outcome(
         Result.PASS,
         (ctx.record.patient_ref,),
