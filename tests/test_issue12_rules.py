@@ -456,3 +456,13 @@ def test_radiotherapy_on_record_makes_the_marrow_item_unknown_silence_manual() -
     assert result.result.value == "unknown"
     assert "25%" in result.explanation
     assert criterion(run([]), B, "exc-bone-marrow-radiation").result.value == "manual"
+
+
+def test_ordering_radiotherapy_does_not_warn_for_a_criterion_it_cannot_fail() -> None:
+    from cds.criteria import load_trials
+
+    marrow = next(c for c in load_trials()[B].criteria if c.id == "exc-bone-marrow-radiation")
+    assert marrow.breaking_valuesets == frozenset()
+    washout = next(c for c in load_trials()[A].criteria if c.id == "inc-washout")
+    assert {"radiotherapy", "chemotherapy-administration"} <= washout.breaking_valuesets
+    assert "other-antineoplastics" not in washout.breaking_valuesets

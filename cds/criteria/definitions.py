@@ -48,6 +48,8 @@ class Criterion:
         fail: the history it excludes, or the therapy its washout counts."""
         if self.rule is None or self.rule["type"] not in ("history_absent", "washout"):
             return frozenset()
+        if self.rule.get("on_found") == "unknown":
+            return frozenset()  # a history that only raises a question never fails
         return frozenset(
             vs for key in ("procedures", "medications") for vs in self.rule.get(key, ())
         )
