@@ -466,3 +466,10 @@ def test_ordering_radiotherapy_does_not_warn_for_a_criterion_it_cannot_fail() ->
     washout = next(c for c in load_trials()[A].criteria if c.id == "inc-washout")
     assert {"radiotherapy", "chemotherapy-administration"} <= washout.breaking_valuesets
     assert "other-antineoplastics" not in washout.breaking_valuesets
+
+
+def test_a_ki67_bound_that_spans_a_boundary_says_so() -> None:
+    ki67 = obs("k", "29593-1", 10, "%", "2025-11-10", comparator="<")
+    result = criterion(run([PNET, ki67]), B, "inc-grade-1-2")
+    assert result.result.value == "unknown"
+    assert "between G1 and G2" in result.explanation

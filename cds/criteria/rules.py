@@ -773,7 +773,12 @@ def lab(rule: dict[str, Any], ctx: Context) -> Outcome:
         # each for results reported in that unit; the two are not exact conversions.
         reported = normalize_unit(_quantity(measured.entry.resource) or {})
         acceptable = next(
-            (a for a in rule.get("acceptable_by_unit", ()) if a.get("unit") == reported),
+            (
+                a
+                for a in rule.get("acceptable_by_unit", ())
+                if a.get("unit") == reported
+                and analyte.to_unit(float(a["value"]), a["unit"]) is not None
+            ),
             acceptable,
         )
         op = acceptable["op"]
@@ -1233,6 +1238,7 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
     poorly = ctx.readable(ctx.entries(("Condition",), ["poorly-differentiated-net"]))[0]
     ki67: tuple[int, Measurement] | None = None
     decided_ki67: list[tuple[int, Measurement]] = []
+    open_bounds: list[tuple[int, int, Measurement]] = []
     for ki_entry in about_the_net(_usable_observations(ctx, "ki67")):
         if ctx.record.invalid_reason(ki_entry):
             continue
@@ -1241,6 +1247,8 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
             low, high = _ki67_grades(m)
             if low == high:
                 decided_ki67.append((low, m))
+            else:
+                open_bounds.append((low, high, m))
     if len({g for g, _ in decided_ki67}) > 1:
         # Results on either side of a WHO boundary (different specimens, or a progression):
         # which one grades the tumour is a pathologist's call.
@@ -1303,6 +1311,15 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
             if set_aside
             else ""
         )
+        if open_bounds:
+            low, high, m = open_bounds[0]
+            return Outcome(
+                Result.UNKNOWN,
+                (m.entry.ref, *_refs(set_aside)),
+                f"Ki-67 {_OP_TEXT[m.comparator or '<']}{_fmt(m.value)} %{_when(m.entry)} "
+                f"({m.entry.ref}) leaves the grade between G{low} and G{high}{aside}; an exact "
+                "index or the pathology grade would decide it.",
+            )
         return Outcome(
             Result.UNKNOWN,
             (ctx.record.patient_ref, *_refs(set_aside)),
