@@ -29,7 +29,8 @@ CAPECITABINE = ("200328", "capecitabine 500 MG Oral Tablet")
 
 
 def _card_trials(cards: list[dict[str, Any]]) -> set[str]:
-    return {c["summary"].split(": ", 1)[1].split(" ", 1)[0] for c in cards}
+    # each card's source names its trial ("NCT04339036 trial screening")
+    return {c["source"]["label"].split(" ", 1)[0] for c in cards}
 
 
 @pytest.mark.parametrize(
