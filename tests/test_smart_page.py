@@ -97,7 +97,8 @@ def test_ehr_launch_end_to_end(
     assert "Needs review" in text
     assert "Repeat labs (results dated 2026-10-02 or later; last drawn 2026-08-01)" in text
     assert "Registry status WITHDRAWN: not enrolling" in text
-    assert "Criteria version 1.0.0" in text and "as of 2026-11-01" in text
+    version = load_trials()["NCT04339036"].version  # the definitions' version, not a constant
+    assert f"Criteria version {version}" in text and "as of 2026-11-01" in text
     # the token went to the server-side session only: the browser holds an opaque cookie
     cookies = browser.get_cookies()
     (session,) = [c for c in cookies if c["name"] == "cds_smart_session"]
