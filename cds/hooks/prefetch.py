@@ -17,6 +17,7 @@ from cds.errors import (
     FhirError,
     FhirNotFound,
     FhirSearchFailed,
+    FhirTemporaryError,
     HookRequestError,
     InputError,
     PrefetchUnavailable,
@@ -302,12 +303,15 @@ def _run(
         failures: list[str] = []
         for future, plan in futures.items():
             key = plan.query.key
-            if future not in done:
+            error = future.exception() if future in done else None
+            # A request whose read timeout (set to the budget) fired just before the wait
+            # ended is the same timeout, whichever saw it first.
+            cut = isinstance(error, FhirTemporaryError) and time.monotonic() >= deadline
+            if future not in done or cut:
                 result.timed_out = True
                 result.incomplete.append(key)
                 result.warnings.append(f"{key}: not fetched within the time budget")
                 continue
-            error = future.exception()
             if error is None:
                 found, calls, seconds = future.result()
                 result.resources.extend(found)
