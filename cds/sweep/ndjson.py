@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import date
@@ -88,6 +88,23 @@ class PartitionStats:
     #: clinical resources no criterion reads, left out before they were parsed or bucketed
     irrelevant: int = 0
 
+    def merge(self, other: PartitionStats) -> None:
+        """Add another reader's counts (each counted its own lines)."""
+        for name in (
+            "lines",
+            "patients",
+            "resources",
+            "shared",
+            "unreadable",
+            "non_resource",
+            "orphans",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.bytes += other.bytes
+        self.irrelevant += other.irrelevant
+        for rtype, n in other.skipped_types.items():
+            self.skipped_types[rtype] = self.skipped_types.get(rtype, 0) + n
+
     def to_json(self) -> JSONDict:
         return {
             "lines": self.lines,
@@ -111,12 +128,61 @@ def choose_buckets(files: list[Path], workers: int) -> int:
 BLOCK_BYTES = 4 << 20
 
 
+def bucket_of(pid: bytes, buckets: int) -> int:
+    """The routing rule: the partition of a patient's lines (one function for every engine, so
+    a patient's resources meet in one partition whichever engine sweeps them)."""
+    return zlib.crc32(pid) % buckets
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """A piece of one input file: the lines that START in ``[start, end)`` of it. Ranges that
+    tile a file give each of its lines to exactly one reader, whoever reads them."""
+
+    path: str
+    start: int
+    end: int
+
+
+def byte_ranges(files: list[Path], pieces: int, *, min_bytes: int = 1 << 20) -> list[ByteRange]:
+    """Each file cut into at most ``pieces`` ranges of at least ``min_bytes`` (a small file is
+    one range), in file order and, within a file, in byte order."""
+    ranges: list[ByteRange] = []
+    for path in files:
+        size = path.stat().st_size
+        n = max(1, min(pieces, size // max(1, min_bytes)))
+        cuts = [size * k // n for k in range(n + 1)]
+        ranges += [ByteRange(str(path), a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return ranges
+
+
+def read_range(piece: ByteRange, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """The lines that start in a byte range, in blocks of whole lines (a block ends at the end
+    of its last line, which may lie past the range's end: the line is the range's)."""
+    with open(piece.path, "rb") as f:
+        if piece.start > 0:
+            # A line that starts before the range is the previous range's: skip its rest.
+            f.seek(piece.start - 1)
+            if f.read(1) != b"\n":
+                f.readline()
+        position = f.tell()
+        while position < piece.end:
+            block = f.read(min(block_bytes, piece.end - position))
+            if not block:
+                return
+            if not block.endswith(b"\n"):
+                block += f.readline()
+            position += len(block)
+            yield block
+
+
 def partition_ndjson(
     files: list[Path],
     work: WorkDir,
     buckets: int,
     progress: Callable[[int], None] | None = None,
     keep: CodePrefilter | None = None,
+    workers: int = 1,
 ) -> PartitionStats:
     """Stream every line of ``files`` into ``buckets`` bucket files under the work directory.
 
@@ -130,7 +196,14 @@ def partition_ndjson(
     (what a Bulk export writes) is searched as a whole for lines that may name a code some
     criterion reads; only those are looked at one by one, the rest are counted as irrelevant
     without a Python step per line. Any other block goes line by line.
+
+    With ``workers`` > 1 each worker owns the lines that start in its byte range of every file
+    and writes bucket files of its own; where each file's lines begin in them is recorded
+    (``spans.json``), so a bucket is read back in input order, as one worker would have
+    written it (a record's resources keep the order `cds evaluate` sees).
     """
+    if workers > 1:
+        return _partition_parallel(files, work, buckets, progress, keep, workers)
     with ExitStack() as stack:
         handles: list[IO[bytes]] = [
             stack.enter_context(open(work.input / f"b{i:05d}.ndjson", "wb", buffering=1 << 16))
@@ -140,16 +213,125 @@ def partition_ndjson(
         partition = _Partition(handles, shared, keep)
         stats = partition.stats
         for path in files:
-            partition.source, partition.line_no = str(path), 0
-            with open(path, "rb") as f:
-                while block := f.read(BLOCK_BYTES):
-                    if not block.endswith(b"\n"):
-                        block += f.readline()
-                    stats.bytes += len(block)
-                    partition.block(block)
-                    if progress is not None:
-                        progress(stats.bytes)
+            partition.start(str(path))
+            for block in read_range(ByteRange(str(path), 0, path.stat().st_size)):
+                stats.bytes += len(block)
+                partition.block(block)
+                if progress is not None:
+                    progress(stats.bytes)
     return stats
+
+
+#: per bucket, (file, offset, length) of its lines in input order (parallel partitioning)
+Spans = list[tuple[str, int, int]]
+
+
+def _partition_parallel(
+    files: list[Path],
+    work: WorkDir,
+    buckets: int,
+    progress: Callable[[int], None] | None,
+    keep: CodePrefilter | None,
+    workers: int,
+) -> PartitionStats:
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # workers inherit the prefilter
+    done = context.Value("q", 0)
+    jobs = [
+        _RangeJob(k, workers, [str(p) for p in files], str(work.input), buckets, keep)
+        for k in range(workers)
+    ]
+    global _BYTES_DONE  # noqa: PLW0603 - the fork inherits it: the workers' progress counter
+    _BYTES_DONE = done
+    with context.Pool(workers) as pool:
+        pending = pool.map_async(_partition_worker, jobs)
+        while not pending.ready():
+            pending.wait(0.5)
+            if progress is not None:
+                progress(done.value)
+        results = pending.get()
+    stats = PartitionStats()
+    spans: list[Spans] = [[] for _ in range(buckets)]
+    with open(work.input / "shared.ndjson", "wb") as shared:
+        for f in range(len(files)):
+            for k, (_, worker_spans, worker_shared) in enumerate(results):
+                shared.write(worker_shared[f])
+                name = f"b{{:05d}}.w{k}.ndjson"
+                for b in range(buckets):
+                    offset, length = worker_spans[f][b]
+                    if length:
+                        spans[b].append((name.format(b), offset, length))
+    for worker_stats, _, _ in results:
+        stats.merge(worker_stats)
+    write_spans(work, spans)
+    return stats
+
+
+_BYTES_DONE: Any = None
+
+
+@dataclass(frozen=True)
+class _RangeJob:
+    index: int
+    workers: int
+    files: list[str]
+    directory: str
+    buckets: int
+    keep: CodePrefilter | None
+
+
+def _partition_worker(
+    job: _RangeJob,
+) -> tuple[PartitionStats, list[list[tuple[int, int]]], list[bytes]]:
+    """One worker's share of the partitioning pass: its byte range of every file, into bucket
+    files of its own; returns its stats, per file and bucket where that file's lines lie in
+    its bucket files, and per file its Medication lines."""
+    directory = Path(job.directory)
+    spans: list[list[tuple[int, int]]] = []
+    shared_by_file: list[bytes] = []
+    with ExitStack() as stack:
+        handles: list[IO[bytes]] = [
+            stack.enter_context(
+                open(directory / f"b{i:05d}.w{job.index}.ndjson", "wb", buffering=1 << 16)
+            )
+            for i in range(job.buckets)
+        ]
+        shared = io.BytesIO()
+        partition = _Partition(handles, shared, job.keep)
+        for name in job.files:
+            size = Path(name).stat().st_size
+            piece = ByteRange(
+                name, size * job.index // job.workers, size * (job.index + 1) // job.workers
+            )
+            before = [h.tell() for h in handles]
+            partition.start(name, piece.start)
+            for block in read_range(piece):
+                partition.stats.bytes += len(block)
+                partition.block(block)
+                if _BYTES_DONE is not None:
+                    with _BYTES_DONE.get_lock():
+                        _BYTES_DONE.value += len(block)
+            spans.append([(a, h.tell() - a) for a, h in zip(before, handles, strict=True)])
+            shared_by_file.append(shared.getvalue())
+            shared.seek(0)
+            shared.truncate()
+    return partition.stats, spans, shared_by_file
+
+
+def write_spans(work: WorkDir, spans: list[Spans]) -> None:
+    with open(work.input / "spans.json", "w", encoding="utf-8") as f:
+        json.dump(spans, f)
+
+
+def read_spans(work: WorkDir) -> list[Spans] | None:
+    """Where each bucket's lines lie, when the partitioning pass was parallel; else None."""
+    try:
+        with open(work.input / "spans.json", encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    return [[(str(n), int(o), int(ln)) for n, o, ln in spans] for spans in data]
 
 
 class _Partition:
@@ -165,6 +347,28 @@ class _Partition:
         #: the file being read and the number of its last line read, for reports
         self.source = ""
         self.line_no = 0
+        #: where in the file counting started (a byte range's start), so line numbers are
+        #: ``line_no`` after the lines before it (counted only if a report needs them)
+        self.offset = 0
+
+    def start(self, source: str, offset: int = 0) -> None:
+        """Lines from here on are those of ``source`` from the first line that starts at or
+        after byte ``offset``."""
+        self.source, self.line_no, self.offset = source, 0, offset
+
+    def where(self) -> str:
+        """The file and line number of the last line read."""
+        before = 0
+        if self.offset:
+            try:
+                with open(self.source, "rb") as f:
+                    head = f.read(self.offset)
+                    if not head.endswith(b"\n"):
+                        head += f.readline()  # the previous range's last line
+                    before = head.count(b"\n")
+            except OSError:
+                return f"{self.source} line {self.line_no} after byte {self.offset}"
+        return f"{self.source} line {before + self.line_no}"
 
     def block(self, block: bytes) -> None:
         uniform = _uniform_type(block) if self.keep is not None else None
@@ -192,7 +396,7 @@ class _Partition:
                 self.line(line, numbered=False)  # counts itself
                 continue
             kept += 1
-            share = pending.get(bucket := zlib.crc32(pid) % buckets)
+            share = pending.get(bucket := bucket_of(pid, buckets))
             if share is None:
                 share = pending[bucket] = []
             share += (pid, b"\t", line)
@@ -208,7 +412,7 @@ class _Partition:
         """A line that is not a readable resource: reported with its file and line number,
         and, when the patient it names can still be read from it, marked in that patient's
         data so the patient is never evaluated as if the line held nothing."""
-        where = f"{self.source} line {self.line_no}"
+        where = self.where()
         log.warning("%s: not a readable FHIR resource; skipped", where)
         refs = {r for r in _REF_RE.findall(line) if _reference_id(r.decode(errors="replace"))}
         if len(refs) != 1:
@@ -221,7 +425,7 @@ class _Partition:
             "issue": [{"severity": "error", "code": "structure", "diagnostics": where}],
         }
         encoded = pid.encode()
-        self.handles[zlib.crc32(encoded) % len(self.handles)].write(
+        self.handles[bucket_of(encoded, len(self.handles))].write(
             encoded + b"\t" + json.dumps(mark).encode() + b"\n"
         )
 
@@ -279,7 +483,7 @@ class _Partition:
         else:
             # The patient id leads the line, so reading a bucket back never has to look for
             # it again (ids cannot contain a tab).
-            self.handles[zlib.crc32(pid) % len(self.handles)].write(pid + b"\t" + line)
+            self.handles[bucket_of(pid, len(self.handles))].write(pid + b"\t" + line)
             if kind == "Patient":
                 stats.patients += 1
             else:
@@ -373,6 +577,9 @@ class BucketTask:
     out: Path
     trial_ids: tuple[str, ...]
     as_of: date
+    #: where the bucket's lines lie, in input order, when they are not one whole file
+    #: (parallel partitioning): (file name in the bucket's directory, offset, length)
+    spans: tuple[tuple[str, int, int], ...] | None = None
 
 
 _CODE_VALUE_RE = re.compile(rb'"code"\s*:\s*"([^"\\]*)"')
@@ -504,25 +711,42 @@ class BucketPatient:
     lost: list[str] = field(default_factory=list)
 
 
-def read_bucket(path: Path) -> Iterator[BucketPatient]:
+def read_bucket(
+    path: Path, spans: tuple[tuple[str, int, int], ...] | None = None
+) -> Iterator[BucketPatient]:
     """Each patient of a bucket in order of first appearance, parsed; only one bucket's raw
-    lines are in memory at a time.
+    lines are in memory at a time. ``spans``: the bucket's pieces (in the bucket's directory)
+    instead of its one file."""
+    if spans is None:
+        with open(path, "rb", buffering=1 << 20) as f:  # a quarter fewer cycles than 8 KB reads
+            yield from group_lines(f)
+        return
+    pieces = []
+    for name, offset, length in spans:
+        with open(path.parent / name, "rb") as f:
+            f.seek(offset)
+            pieces.append(f.read(length))
+    yield from group_lines(io.BytesIO(b"".join(pieces)))
+
+
+def group_lines(lines: Iterable[bytes]) -> Iterator[BucketPatient]:
+    """Routed lines (``patient id TAB resource``) grouped per patient in order of first
+    appearance, each patient's resources in input order, parsed.
 
     A patient's lines are parsed in one call (one JSON array), which costs less than a call per
     line; if that fails, line by line to name the line that is not JSON.
     """
     groups: dict[bytes, list[bytes]] = {}
-    with open(path, "rb", buffering=1 << 20) as f:  # a quarter fewer cycles than 8 KB reads
-        for line in f:
-            pid, _, resource = line.partition(b"\t")
-            groups.setdefault(pid, []).append(resource)
-    for key, lines in groups.items():
+    for line in lines:
+        pid, _, resource = line.partition(b"\t")
+        groups.setdefault(pid, []).append(resource)
+    for key, raw in groups.items():
         unreadable = None
         try:
-            parsed = json.loads(b"[" + b",".join(lines) + b"]")
+            parsed = json.loads(b"[" + b",".join(raw) + b"]")
         except ValueError:
             parsed = []
-            for number, line in enumerate(lines, 1):
+            for number, line in enumerate(raw, 1):
                 try:
                     parsed.append(json.loads(line))
                 except ValueError as exc:
@@ -560,9 +784,16 @@ def evaluate_partition(task: BucketTask) -> tuple[list[PatientOutcome], Tally]:
     """Evaluate one bucket: each patient's outcome and the partition's tally, nothing written."""
     trials = load_trials(task.trial_ids)  # cached per process: loaded once per worker
     shared = read_shared(task.shared)
+    return evaluate_patients(read_bucket(task.bucket, task.spans), shared, trials, task.as_of)
+
+
+def evaluate_patients(
+    items: Iterable[BucketPatient], shared: list[JSONDict], trials: TrialSet, as_of: date
+) -> tuple[list[PatientOutcome], Tally]:
+    """The map step of every engine: grouped patients in, outcomes and their tally out."""
     tally = Tally.for_trials(trials)
     outcomes: list[PatientOutcome] = []
-    for item in read_bucket(task.bucket):
+    for item in items:
         if item.patient is None:
             # Resources for a patient the export does not contain: nothing to evaluate.
             continue
@@ -584,7 +815,7 @@ def evaluate_partition(task: BucketTask) -> tuple[list[PatientOutcome], Tally]:
             evaluation = evaluate_resources(
                 [*item.resources, *shared] if shared else item.resources,
                 trials,
-                task.as_of,
+                as_of,
                 patient=item.patient,
                 incomplete=incomplete,
             )

@@ -33,6 +33,7 @@ from cds.sweep.ndjson import (
     evaluate_partition,
     ndjson_files,
     partition_ndjson,
+    read_spans,
 )
 from cds.sweep.progress import Progress
 from cds.sweep.report import build_summary, report_html, summary_text
@@ -199,6 +200,7 @@ def _quiet_gc_here() -> Iterator[None]:
 def _run_buckets(sweep: Sweep, buckets: int, progress: Progress) -> None:
     opts = sweep.opts
     done = sweep.work.done()
+    spans = read_spans(sweep.work)
     tasks = [
         BucketTask(
             i,
@@ -207,6 +209,7 @@ def _run_buckets(sweep: Sweep, buckets: int, progress: Progress) -> None:
             opts.out,
             opts.trials.ids,
             sweep.as_of,
+            tuple(spans[i]) if spans is not None else None,
         )
         for i in range(buckets)
         if i not in done
@@ -280,6 +283,7 @@ def sweep_files(sweep: Sweep, files: Callable[[], list[Path]]) -> JSONDict:
             buckets = choose_buckets(found, max(opts.workers, 1))
             for old in sweep.work.input.glob("b*.ndjson"):
                 old.unlink()
+            (sweep.work.input / "spans.json").unlink(missing_ok=True)
             total = sum(p.stat().st_size for p in found)
             bar = opts.progress("partitioning", total, unit="bytes")
             stats = partition_ndjson(
@@ -288,6 +292,7 @@ def sweep_files(sweep: Sweep, files: Callable[[], list[Path]]) -> JSONDict:
                 buckets,
                 progress=bar.set,
                 keep=CodePrefilter(opts.trials),
+                workers=opts.workers,
             )
             bar.close()
             sweep.state.update(
