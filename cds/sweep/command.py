@@ -112,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.engine == "spark":
+        from cds.sweep.spark import run_spark
+
+        return run_spark(args)
+    if args.overwrite:
+        raise InputError("--overwrite applies to --engine spark", source="--overwrite")
     as_of = parse_as_of(args.as_of) if args.as_of else None
     trials = load_trials(args.trial) if args.trial else load_trials()
     workers = args.workers or max(1, os.cpu_count() or 1)
@@ -306,4 +312,7 @@ def register(subparsers: Any, fixtures_subparsers: Any) -> None:
     smart.add_argument("--smart-kid", metavar="KID", help="key id (default: the client id)")
     smart.add_argument("--smart-token-url", metavar="URL")
     smart.add_argument("--smart-alg", choices=("RS384", "ES384"), default="RS384")
+    from cds.sweep.spark import add_spark_arguments
+
+    add_spark_arguments(parser)
     parser.set_defaults(func=run)

@@ -1,0 +1,428 @@
+"""`cds sweep --engine spark`: the NDJSON sweep on Apache Spark, for more patients than one
+machine holds.
+
+The same steps as the single-machine sweep (:mod:`cds.sweep.ndjson`), as one Spark job:
+
+1. map: each task reads a byte range of one input file (the lines that start in it), routes
+   every line by the NDJSON sweep's own rule (``_Partition``: prefilter, patient id,
+   ``bucket_of``) and emits, per bucket, one chunk of ``patient TAB line`` bytes keyed by the
+   bucket; plus, to an extra partition, its counts and its Medication lines;
+2. shuffle: ``partitionBy`` on the bucket (a few large chunks, not a record per line);
+3. the extra partition is collected first (counts and the Medication catalogue, which every
+   patient reads, as in the single-machine sweep); Spark keeps the map output, so the map
+   stage runs once;
+4. reduce: each bucket's chunks in input order (sorted by map task), grouped per patient
+   (``group_lines``) and evaluated by ``evaluate_patients``, the function the single-machine
+   sweep runs; each task writes its part files and returns its tally as data (not an
+   accumulator: a retried task would count twice).
+
+The driver holds tallies, the map tasks' counts and the Medication catalogue, never a
+population. Task failures are retried by Spark; a part file is written under a temporary name
+and renamed, so a retried or speculative task rewrites the same bytes.
+
+PySpark is an optional extra (``pip install 'cds-trial-screening[spark]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+from cds.criteria import TrialSet, load_trials
+from cds.errors import InputError
+from cds.evaluate_command import parse_as_of
+from cds.sweep.core import CSV_HEADER, Tally
+from cds.sweep.ndjson import (
+    BUCKET_BYTES,
+    MAX_BUCKETS,
+    ByteRange,
+    CodePrefilter,
+    PartitionStats,
+    _Partition,
+    byte_ranges,
+    evaluate_patients,
+    group_lines,
+    ndjson_files,
+    read_range,
+)
+from cds.sweep.report import build_summary, report_html, summary_text
+from cds.sweep.store import atomic_open, encode_partition, write_json
+
+JSONDict = dict[str, Any]
+
+#: the input is read in byte ranges of about this size (one map task each)
+SPLIT_BYTES = 64 << 20
+#: the single-machine outputs assembled from the part files
+OUTPUTS = ("results.ndjson", "candidates.csv", "errors.ndjson", "summary.json", "report.html")
+PARTS = "parts"
+#: kinds of part files: (directory under parts/, suffix, assembled output)
+PART_KINDS = (
+    ("results", ".ndjson", "results.ndjson"),
+    ("csv", ".csv", "candidates.csv"),
+    ("errors", ".ndjson", "errors.ndjson"),
+)
+#: free space an assembly leaves on the output's disk at least
+ASSEMBLY_MARGIN = 1 << 30
+
+
+@dataclass
+class SparkOptions:
+    out: Path
+    trials: TrialSet
+    as_of: date | None
+    master: str = "local[*]"
+    conf: list[tuple[str, str]] = field(default_factory=list)
+    overwrite: bool = False
+    #: buckets (reduce partitions); default from the input size, as the NDJSON sweep
+    buckets: int | None = None
+    stream: TextIO | None = None
+
+
+def parse_conf(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"{text!r} is not KEY=VALUE", source="--spark-conf")
+    return key.strip(), value
+
+
+def local_input(path: str) -> Path:
+    """The local directory a PATH names (a plain path or a ``file:`` URL). Python workers read
+    their byte ranges themselves, so the input must be a filesystem path every executor sees
+    (local, or a shared mount on a cluster)."""
+    if path.startswith("file:"):
+        path = "/" + path[len("file:") :].lstrip("/")  # file:///d, or file:/d once a Path
+    elif "://" in path:
+        raise InputError(
+            "the Spark engine reads NDJSON from a filesystem path every executor sees (local "
+            "disk or a shared mount); other URL schemes are not supported yet",
+            source=path,
+        )
+    return Path(path)
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write over an earlier sweep's outputs unless ``overwrite``; with it, remove
+    exactly those outputs (never anything else in the directory)."""
+    existing = [name for name in (*OUTPUTS, PARTS) if (out / name).exists()]
+    if existing and not overwrite:
+        raise InputError(
+            f"holds the outputs of an earlier sweep ({', '.join(existing)}); choose another "
+            "--out or pass --overwrite to replace them",
+            source=str(out),
+        )
+    for name in existing:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    for kind, _, _ in PART_KINDS:
+        (out / PARTS / kind).mkdir(parents=True)
+
+
+def spark_conf_pairs(master: str, conf: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The Spark configuration of a sweep: no UI; a local master's driver bound to loopback
+    (nothing listens beyond the machine); the user's own settings last, so they win."""
+    pairs = [
+        ("spark.app.name", "cds sweep"),
+        ("spark.ui.enabled", "false"),
+        ("spark.log.level", "ERROR"),
+        # Python workers stay up between tasks, so trials are loaded once per worker.
+        ("spark.python.worker.reuse", "true"),
+    ]
+    if master.startswith("local"):
+        pairs += [("spark.driver.host", "127.0.0.1"), ("spark.driver.bindAddress", "127.0.0.1")]
+    return pairs + list(conf)
+
+
+def start_spark(master: str, conf: list[tuple[str, str]]) -> Any:
+    try:
+        from pyspark import SparkConf, SparkContext
+    except ImportError as exc:
+        raise InputError(
+            "PySpark is not installed; install the extra: pip install 'cds-trial-screening[spark]'",
+            source="--engine",
+        ) from exc
+    # The Python workers must import cds: the interpreter running this command has it (on a
+    # cluster, set PYSPARK_PYTHON to an environment with the cds wheel installed).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark_conf = SparkConf().setMaster(master)
+    for key, value in spark_conf_pairs(master, conf):
+        spark_conf.set(key, value)
+    return SparkContext.getOrCreate(spark_conf)
+
+
+# -- the tasks (run in the Python workers) -----------------------------------------------
+
+
+@functools.cache
+def _prefilter(trial_ids: tuple[str, ...]) -> CodePrefilter:
+    return CodePrefilter(load_trials(trial_ids))
+
+
+def route_task(
+    tasks: Iterable[tuple[int, ByteRange]], buckets: int, trial_ids: tuple[str, ...]
+) -> Iterator[tuple[int, Any]]:
+    """Map: route the lines of byte ranges by the NDJSON sweep's rule. Yields (bucket, (task,
+    chunk)) per bucket that got lines, and (``buckets``, (task, counts, Medication lines))."""
+    keep = _prefilter(trial_ids)
+    for index, piece in tasks:
+        handles = [io.BytesIO() for _ in range(buckets)]
+        shared = io.BytesIO()
+        partition = _Partition(list[IO[bytes]](handles), shared, keep)
+        for block in read_range(piece):
+            partition.stats.bytes += len(block)
+            partition.block(block)
+        for bucket, handle in enumerate(handles):
+            if handle.tell():
+                yield bucket, (index, handle.getvalue())
+        yield buckets, (index, _stats_json(partition.stats), shared.getvalue())
+
+
+def _stats_json(stats: PartitionStats) -> JSONDict:
+    data = stats.to_json()
+    data["bytes"] = stats.bytes
+    return data
+
+
+def _stats_from_json(data: JSONDict) -> PartitionStats:
+    return PartitionStats(
+        lines=data["lines"],
+        patients=data["patients"],
+        resources=data["resources"],
+        shared=data["shared_medications"],
+        skipped_types=dict(data["skipped_types"]),
+        unreadable=data["unreadable_lines"],
+        orphans=data["resources_naming_no_patient"],
+        bytes=data["bytes"],
+        irrelevant=data["irrelevant_resources"],
+    )
+
+
+def side_only(index: int, items: Iterable[tuple[int, Any]], buckets: int) -> Iterator[Any]:
+    """The extra partition's records (counts and Medication lines); nothing of the buckets."""
+    if index == buckets:
+        for _, value in items:
+            yield value
+
+
+#: error lines a task returns to the driver at most, for summary.json's samples
+_ERROR_SAMPLES = 20
+
+
+def evaluate_task(
+    index: int,
+    items: Iterable[tuple[int, Any]],
+    buckets: int,
+    shared_lines: Any,
+    trial_ids: tuple[str, ...],
+    as_of: date,
+    out: str,
+) -> Iterator[JSONDict]:
+    """Reduce: one bucket's patients evaluated by the single-machine sweep's function; its part
+    files written; its tally returned as data."""
+    if index >= buckets:
+        return
+    chunks = sorted(value for _, value in items)  # (map task, bytes): input order
+    lines = io.BytesIO(b"".join(chunk for _, chunk in chunks))
+    del chunks
+    trials = load_trials(trial_ids)
+    shared = [json.loads(line) for line in shared_lines.value]
+    outcomes, tally = evaluate_patients(group_lines(lines), shared, trials, as_of)
+    encoded = encode_partition(outcomes)
+    del outcomes
+    parts = Path(out) / PARTS
+    for (kind, suffix, _), (_, data) in zip(PART_KINDS, encoded.files(), strict=True):
+        with atomic_open(parts / kind / f"part-{index:05d}{suffix}", "wb", durable=False) as f:
+            f.write(data)
+    samples = [json.loads(line) for line in encoded.errors.splitlines()[:_ERROR_SAMPLES]]
+    yield {"index": index, "tally": tally.to_json(), "error_samples": samples}
+
+
+def _identity(key: int) -> int:
+    return key
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+def sweep_spark(path: str, opts: SparkOptions, *, context: Any = None) -> JSONDict:
+    """Sweep a directory of NDJSON files on Spark; returns summary.json's content. With
+    ``context``, that SparkContext is used (and left running); else one is started from
+    ``opts`` and stopped at the end."""
+    started = time.monotonic()
+    directory = local_input(path).resolve()
+    files = ndjson_files(directory)
+    prepare_out(opts.out, opts.overwrite)
+    as_of = opts.as_of or date.today()
+    sc = context if context is not None else start_spark(opts.master, opts.conf)
+    try:
+        startup = time.monotonic() - started
+        summary = _run(sc, directory, files, opts, as_of)
+    finally:
+        if context is None:
+            sc.stop()
+    summary["elapsed_seconds"] = round(time.monotonic() - started, 3)
+    summary["engine"]["startup_seconds"] = round(startup, 3)
+    write_json(opts.out / "summary.json", summary)
+    return summary
+
+
+def _run(sc: Any, directory: Path, files: list[Path], opts: SparkOptions, as_of: date) -> JSONDict:
+    trial_ids = opts.trials.ids
+    size = sum(p.stat().st_size for p in files)
+    buckets = opts.buckets or max(
+        1, min(MAX_BUCKETS, max(sc.defaultParallelism, -(-size // BUCKET_BYTES)))
+    )
+    ranges = byte_ranges(files, pieces=1 << 20, min_bytes=SPLIT_BYTES)
+    tasks = sc.parallelize(list(enumerate(ranges)), len(ranges))
+    routed = tasks.mapPartitions(
+        functools.partial(route_task, buckets=buckets, trial_ids=trial_ids)
+    ).partitionBy(buckets + 1, _identity)
+    side = routed.mapPartitionsWithIndex(functools.partial(side_only, buckets=buckets)).collect()
+    stats = PartitionStats()
+    shared_lines: list[bytes] = []
+    for _, counts, medications in sorted(side, key=lambda item: item[0]):
+        stats.merge(_stats_from_json(counts))
+        shared_lines += [line for line in medications.splitlines() if line.strip()]
+    shared = sc.broadcast(shared_lines)
+    tallies = routed.mapPartitionsWithIndex(
+        functools.partial(
+            evaluate_task,
+            buckets=buckets,
+            shared_lines=shared,
+            trial_ids=trial_ids,
+            as_of=as_of,
+            out=str(opts.out.resolve()),
+        )
+    ).collect()
+    shared.destroy()
+    tally = Tally.for_trials(opts.trials)
+    samples: list[JSONDict] = []
+    for item in sorted(tallies, key=lambda t: t["index"]):
+        tally.merge(Tally.from_json(item["tally"]))
+        samples += item["error_samples"][: _ERROR_SAMPLES - len(samples)]
+    assembled = assemble(opts.out, buckets)
+    meta = {
+        "as_of": as_of.isoformat(),
+        "complete": len(tallies) == buckets,
+        "source": {"key": f"ndjson:{directory}", "description": f"NDJSON files in {directory}"},
+        "partitions": {"done": len(tallies), "total": buckets},
+        "input": stats.to_json(),
+        "error_samples": samples,
+        "engine": {
+            "name": "spark",
+            "master": sc.master,
+            "version": sc.version,
+            "map_tasks": len(ranges),
+            "assembled": assembled,
+        },
+    }
+    summary = build_summary(tally, opts.trials, meta)
+    with atomic_open(opts.out / "report.html") as f:
+        f.write(report_html(summary))
+    return summary
+
+
+def assemble(out: Path, buckets: int) -> list[str]:
+    """The single-machine outputs from the part files, in bucket order, each when it fits on
+    the output's disk with room to spare (else the part files are the output, and
+    summary.json says which were assembled)."""
+    header = io.StringIO()
+    csv.writer(header).writerow(CSV_HEADER)
+    heads = {"results": b"", "csv": header.getvalue().encode(), "errors": b""}
+    done = []
+    for kind, suffix, name in PART_KINDS:
+        parts = [out / PARTS / kind / f"part-{i:05d}{suffix}" for i in range(buckets)]
+        size = sum(p.stat().st_size for p in parts)
+        if shutil.disk_usage(out).free < size + ASSEMBLY_MARGIN:
+            continue
+        with atomic_open(out / name, "wb", durable=False) as f:
+            f.write(heads[kind])
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+        done.append(name)
+    return done
+
+
+def print_spark_summary(summary: JSONDict, out: Path, stream: TextIO) -> None:
+    stream.write(summary_text(summary))
+    assembled = summary["engine"]["assembled"]
+    stream.write(
+        f"wrote {out}/{PARTS}/ (part files), summary.json, report.html"
+        + (f", {', '.join(assembled)}" if assembled else "")
+        + "\n"
+    )
+
+
+def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Spark engine (optional extra: cds-trial-screening[spark])")
+    group.add_argument(
+        "--engine",
+        choices=("local", "spark"),
+        default="local",
+        help="local: this machine's processes (default); spark: an Apache Spark job (--ndjson "
+        "input only)",
+    )
+    group.add_argument(
+        "--spark-master",
+        default="local[*]",
+        metavar="URL",
+        help="Spark master (default local[*]: this machine's cores)",
+    )
+    group.add_argument(
+        "--spark-conf",
+        action="append",
+        type=parse_conf,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Spark setting (repeatable)",
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier Spark sweep's outputs in --out (without it, the sweep refuses)",
+    )
+
+
+def run_spark(args: argparse.Namespace) -> int:
+    """`cds sweep --engine spark`."""
+    if args.ndjson is None:
+        raise InputError("--engine spark reads --ndjson input", source="--engine")
+    for flag, given in (
+        ("--resume", args.resume),
+        ("--write-back", args.write_back),
+        ("--workers", args.workers),
+    ):
+        if given:
+            raise InputError(
+                f"{flag} applies to --engine local (Spark retries failed tasks itself; "
+                "--spark-master and --spark-conf set its resources)",
+                source=flag,
+            )
+    opts = SparkOptions(
+        out=args.out,
+        trials=load_trials(args.trial) if args.trial else load_trials(),
+        as_of=parse_as_of(args.as_of) if args.as_of else None,
+        master=args.spark_master,
+        conf=list(args.spark_conf),
+        overwrite=args.overwrite,
+        stream=sys.stderr,
+    )
+    summary = sweep_spark(str(args.ndjson), opts)
+    print_spark_summary(summary, args.out, sys.stdout)
+    return 0
