@@ -31,9 +31,11 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
@@ -93,8 +95,11 @@ class SparkOptions:
 def parse_conf(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise InputError(f"{text!r} is not KEY=VALUE", source="--spark-conf")
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
     return key.strip(), value
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # hdfs://, s3a:// (hdfs:/ once a Path)
 
 
 def local_input(path: str) -> Path:
@@ -103,7 +108,7 @@ def local_input(path: str) -> Path:
     (local, or a shared mount on a cluster)."""
     if path.startswith("file:"):
         path = "/" + path[len("file:") :].lstrip("/")  # file:///d, or file:/d once a Path
-    elif "://" in path:
+    elif _URL.match(path):
         raise InputError(
             "the Spark engine reads NDJSON from a filesystem path every executor sees (local "
             "disk or a shared mount); other URL schemes are not supported yet",
@@ -139,6 +144,7 @@ def spark_conf_pairs(master: str, conf: list[tuple[str, str]]) -> list[tuple[str
     pairs = [
         ("spark.app.name", "cds sweep"),
         ("spark.ui.enabled", "false"),
+        ("spark.ui.showConsoleProgress", "false"),  # the command prints its own summary
         ("spark.log.level", "ERROR"),
         # Python workers stay up between tasks, so trials are loaded once per worker.
         ("spark.python.worker.reuse", "true"),
@@ -159,6 +165,10 @@ def start_spark(master: str, conf: list[tuple[str, str]]) -> Any:
     # The Python workers must import cds: the interpreter running this command has it (on a
     # cluster, set PYSPARK_PYTHON to an environment with the cds wheel installed).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if master.startswith("local"):
+        # Spark otherwise looks up the host's outward address (and warns when the host name
+        # resolves to loopback); a local sweep has nothing to reach beyond the machine.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     spark_conf = SparkConf().setMaster(master)
     for key, value in spark_conf_pairs(master, conf):
         spark_conf.set(key, value)
@@ -256,6 +266,16 @@ def _identity(key: int) -> int:
     return key
 
 
+def _collect(rdd: Any) -> list[Any]:
+    """``rdd.collect()``. PySpark reads the result from a local socket that it leaves to the
+    garbage collector to close (pyspark/util.py, _load_from_socket: "The socket will be
+    automatically closed when garbage-collected"), which warns as a ResourceWarning: not ours
+    to fix, so not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return list(rdd.collect())
+
+
 # -- the driver ---------------------------------------------------------------------------
 
 
@@ -292,23 +312,25 @@ def _run(sc: Any, directory: Path, files: list[Path], opts: SparkOptions, as_of:
     routed = tasks.mapPartitions(
         functools.partial(route_task, buckets=buckets, trial_ids=trial_ids)
     ).partitionBy(buckets + 1, _identity)
-    side = routed.mapPartitionsWithIndex(functools.partial(side_only, buckets=buckets)).collect()
+    side = _collect(routed.mapPartitionsWithIndex(functools.partial(side_only, buckets=buckets)))
     stats = PartitionStats()
     shared_lines: list[bytes] = []
     for _, counts, medications in sorted(side, key=lambda item: item[0]):
         stats.merge(_stats_from_json(counts))
         shared_lines += [line for line in medications.splitlines() if line.strip()]
     shared = sc.broadcast(shared_lines)
-    tallies = routed.mapPartitionsWithIndex(
-        functools.partial(
-            evaluate_task,
-            buckets=buckets,
-            shared_lines=shared,
-            trial_ids=trial_ids,
-            as_of=as_of,
-            out=str(opts.out.resolve()),
+    tallies = _collect(
+        routed.mapPartitionsWithIndex(
+            functools.partial(
+                evaluate_task,
+                buckets=buckets,
+                shared_lines=shared,
+                trial_ids=trial_ids,
+                as_of=as_of,
+                out=str(opts.out.resolve()),
+            )
         )
-    ).collect()
+    )
     shared.destroy()
     tally = Tally.for_trials(opts.trials)
     samples: list[JSONDict] = []

@@ -1,0 +1,233 @@
+"""`cds sweep --engine spark` against the single-machine NDJSON sweep: the same result lines
+(sorted by patient), candidates, summary and funnel for the same input, on a real local Spark
+(PySpark from the project's `spark` extra, which `make test` installs; driver bound to
+127.0.0.1, no UI). Also the byte-range reading both engines' map steps share and the parallel
+partition pass of the single-machine sweep (no Spark needed)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cds.sweep.ndjson as ndjson_module
+import cds.sweep.spark as spark_module
+from cds.cli import main
+from cds.criteria import load_trials
+from cds.errors import InputError
+from cds.fhir.bundle import bundle_resources
+from cds.sweep.ndjson import (
+    ByteRange,
+    CodePrefilter,
+    byte_ranges,
+    partition_ndjson,
+    read_range,
+    read_spans,
+)
+from cds.sweep.runner import sweep_ndjson
+from cds.sweep.spark import SparkOptions, spark_conf_pairs, sweep_spark
+from cds.sweep.store import WorkDir
+from cds.synthetic import NET_VARIANTS, Population, write_population
+from tests.helpers import AS_OF, sweep_options
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: every NET variant several times over, ordinary patients with short histories (speed)
+POPULATION = Population(2000, seed=14, net_every=4, visits=(2, 5))
+
+
+def fixtures_as_ndjson(target: Path) -> Path:
+    """fhir_fixtures/ (Bundles) as a Bulk export would give them: one NDJSON file per type,
+    compact lines, urn:uuid references resolved to Type/id."""
+    files: dict[str, list[str]] = {}
+    for path in sorted((REPO_ROOT / "fhir_fixtures").glob("*.json")):
+        resources, aliases, _ = bundle_resources(json.loads(path.read_text()), source=str(path))
+
+        def resolve(node: Any, aliases: dict[str, str] = aliases) -> Any:
+            if isinstance(node, dict):
+                return {
+                    k: aliases.get(v, v) if k == "reference" and isinstance(v, str) else resolve(v)
+                    for k, v in node.items()
+                }
+            if isinstance(node, list):
+                return [resolve(item) for item in node]
+            return node
+
+        for resource in resources:
+            line = json.dumps(resolve(resource), separators=(",", ":"), ensure_ascii=False)
+            files.setdefault(resource["resourceType"], []).append(line + "\n")
+    target.mkdir(parents=True)
+    for rtype, lines in files.items():
+        (target / f"{rtype}.ndjson").write_text("".join(lines), encoding="utf-8")
+    return target
+
+
+@pytest.fixture(scope="module")
+def spark_context() -> Iterator[Any]:
+    pytest.importorskip("pyspark", reason="the spark extra is not installed (make test does)")
+    sc = spark_module.start_spark("local[2]", [])
+    yield sc
+    sc.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("spark-inputs")
+    write_population(POPULATION, root / "generated", "ndjson")
+    fixtures_as_ndjson(root / "fixtures")
+    return {"generated": root / "generated", "fixtures": root / "fixtures"}
+
+
+def _sorted_lines(path: Path) -> list[bytes]:
+    return sorted(path.read_bytes().splitlines(True))
+
+
+@pytest.mark.parametrize("which", ["generated", "fixtures"])
+def test_spark_sweep_equals_the_ndjson_sweep(
+    which: str,
+    inputs: dict[str, Path],
+    spark_context: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = inputs[which]
+    # Several buckets and several map tasks per file: lines cut at range ends, buckets fed
+    # by many tasks, which must still meet in input order.
+    monkeypatch.setattr(ndjson_module, "BUCKET_BYTES", 4 << 20)
+    monkeypatch.setattr(spark_module, "SPLIT_BYTES", 3 << 20)
+    local = sweep_ndjson(source, sweep_options(tmp_path / "local", workers=2))
+    spark = sweep_spark(
+        str(source),
+        SparkOptions(out=tmp_path / "spark", trials=load_trials(), as_of=AS_OF, buckets=5),
+        context=spark_context,
+    )
+    if which == "generated":
+        assert spark["engine"]["map_tasks"] > len(list(source.iterdir()))
+        variants = {name for name, _ in NET_VARIANTS}
+        assert {POPULATION.variant(i) for i in range(POPULATION.patients)} >= variants
+    assert spark["patients"] == local["patients"] > 0
+    for key in ("patients", "errors", "trials", "input", "as_of", "complete"):
+        assert spark[key] == local[key], key
+    assert spark["error_samples"] == local["error_samples"]
+    for name in ("results.ndjson", "candidates.csv", "errors.ndjson"):
+        assert _sorted_lines(tmp_path / "spark" / name) == _sorted_lines(tmp_path / "local" / name)
+    parts = sorted((tmp_path / "spark" / "parts" / "results").iterdir())
+    assert len(parts) == 5
+    assert sorted(b"".join(p.read_bytes() for p in parts).splitlines(True)) == _sorted_lines(
+        tmp_path / "local" / "results.ndjson"
+    )
+    saved = json.loads((tmp_path / "spark" / "summary.json").read_text())
+    assert saved["trials"] == local["trials"] and saved["engine"]["name"] == "spark"
+    assert (tmp_path / "spark" / "report.html").read_text().count("<svg") == 2
+
+
+def test_a_rerun_refuses_an_earlier_sweeps_outputs_unless_overwrite(
+    inputs: dict[str, Path], spark_context: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    opts = SparkOptions(out=out, trials=load_trials(), as_of=AS_OF)
+    sweep_spark(str(inputs["fixtures"]), opts, context=spark_context)
+    before = _sorted_lines(out / "results.ndjson")
+    (out / "notes.txt").write_text("the user's own file")
+    with pytest.raises(InputError, match="--overwrite"):
+        sweep_spark(str(inputs["fixtures"]), opts, context=spark_context)
+    opts.overwrite = True
+    sweep_spark(str(inputs["fixtures"]), opts, context=spark_context)
+    assert _sorted_lines(out / "results.ndjson") == before
+    assert (out / "notes.txt").read_text() == "the user's own file"  # only its outputs go
+
+
+def test_cli_spark_sweep(
+    inputs: dict[str, Path],
+    spark_context: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The command end to end (it stops the Spark context it used: this test comes last)."""
+    out = tmp_path / "out"
+    argv = ["sweep", "--engine", "spark", "--spark-master", "local[2]", "--as-of", "2026-11-01"]
+    assert main([*argv, "--ndjson", str(inputs["fixtures"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "results.ndjson" in printed and "NCT04339036" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["patients"] >= 40
+
+
+def test_cli_refuses_spark_with_local_only_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["sweep", "--engine", "spark", "--out", str(tmp_path / "o")]
+    cases = [
+        ([*base, "--ndjson", str(tmp_path), "--resume"], "--resume"),
+        ([*base, "--ndjson", str(tmp_path), "--workers", "2"], "--workers"),
+        ([*base, "--fhir-base", "http://127.0.0.1:9/fhir"], "--ndjson"),
+        ([*base, "--ndjson", "hdfs://namenode/export"], "not supported"),
+    ]
+    for argv, named in cases:
+        assert main(argv) == 2, argv
+        assert named in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main([*base, "--ndjson", str(tmp_path), "--spark-conf", "novalue"])
+    assert exited.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
+    assert main(["sweep", "--ndjson", str(tmp_path), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "--engine spark" in capsys.readouterr().err
+
+
+def test_loopback_and_no_ui_for_local_masters_user_settings_last() -> None:
+    pairs = dict(spark_conf_pairs("local[2]", [("spark.ui.enabled", "true")]))
+    assert pairs["spark.driver.host"] == pairs["spark.driver.bindAddress"] == "127.0.0.1"
+    assert pairs["spark.ui.enabled"] == "true"  # the user's setting wins
+    assert "spark.driver.host" not in dict(spark_conf_pairs("spark://cluster:7077", []))
+
+
+def test_byte_ranges_give_every_line_to_exactly_one_reader(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    lines = [b"x" * rng.randint(0, 300) + b"\n" for _ in range(2000)]
+    lines[-1] = lines[-1].rstrip(b"\n")  # a last line without its newline
+    path = tmp_path / "f.ndjson"
+    path.write_bytes(b"".join(lines))
+    size = path.stat().st_size
+    for pieces in (1, 2, 3, 7, 64):
+        ranges = byte_ranges([path], pieces, min_bytes=1)
+        assert len(ranges) == pieces and ranges[0].start == 0 and ranges[-1].end == size
+        got = b"".join(b"".join(read_range(r, block_bytes=97)) for r in ranges)
+        assert got == path.read_bytes()
+    # a cut exactly at a line start gives that line to the range it starts
+    cut = len(lines[0]) + len(lines[1])
+    second = b"".join(read_range(ByteRange(str(path), cut, size)))
+    assert second.startswith(lines[2])
+
+
+def test_parallel_partition_pass_gives_each_bucket_in_input_order(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    files = ndjson_module.ndjson_files(inputs["generated"])
+    keep = CodePrefilter(load_trials())
+    buckets: dict[int, list[bytes]] = {}
+    stats = {}
+    for workers in (1, 3):
+        work = WorkDir(tmp_path / f"w{workers}")
+        work.start(False, {})
+        stats[workers] = partition_ndjson(files, work, 4, keep=keep, workers=workers).to_json()
+        spans = read_spans(work)
+        assert (spans is None) == (workers == 1)
+        for b in range(4):
+            task_path = work.input / f"b{b:05d}.ndjson"
+            got = [
+                (p.id, len(p.resources))
+                for p in ndjson_module.read_bucket(task_path, tuple(spans[b]) if spans else None)
+            ]
+            if workers == 1:
+                buckets[b] = [line for line in task_path.read_bytes().splitlines(True)]
+                assert got
+            else:
+                pieces = b"".join(
+                    (work.input / name).read_bytes()[offset : offset + length]
+                    for name, offset, length in spans[b]  # type: ignore[index]
+                )
+                assert pieces.splitlines(True) == buckets[b]
+        assert (work.input / "shared.ndjson").exists()
+    assert stats[1] == stats[3]
