@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SERVER_VENV := .fhir-server-venv
 
-.PHONY: setup run test lint typecheck unit bench fixtures clean
+.PHONY: setup spark bench-spark run test lint typecheck unit bench fixtures clean
 
 $(BIN)/cds: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ tests/smart_as/node_modules/.package-lock.json: tests/smart_as/package-lock.json
 
 setup: $(BIN)/cds $(SERVER_VENV)/bin/uvicorn tests/smart_as/node_modules/.package-lock.json
 
+# The `spark` extra (~450 MB: PySpark and its jars) only where it is used: the Spark sweep's
+# test (in `make test`) and benchmark; a Java runtime too if the machine has none.
+$(VENV)/.spark-extra: pyproject.toml scripts/install-spark $(BIN)/cds
+	bash scripts/install-spark $(VENV)
+	touch $@
+
+## spark: PySpark into .venv (and Java 17 if missing), for `cds sweep --engine spark`
+spark: $(VENV)/.spark-extra
+
 ## run: start a local FHIR server loaded with fhir_fixtures/, the CDS service, and an example call
 run: setup
 	bash scripts/demo
@@ -39,7 +48,7 @@ unit: $(BIN)/cds
 	$(BIN)/python -m pytest -m "not integration"
 
 ## test: lint, type-check and the whole suite, integration tests against a real FHIR server included
-test: setup lint typecheck
+test: setup spark lint typecheck
 	$(BIN)/python -m pytest
 
 bench: setup
@@ -47,6 +56,9 @@ bench: setup
 	$(BIN)/python bench/bench_fetch.py
 	$(BIN)/python bench/bench_hooks.py
 	$(BIN)/python bench/bench_sweep.py
+
+bench-spark: setup spark
+	$(BIN)/python bench/bench_spark.py
 
 fixtures: $(BIN)/cds
 	$(BIN)/python scripts/build_fixtures.py
