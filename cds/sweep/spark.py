@@ -60,7 +60,7 @@ from cds.sweep.ndjson import (
     read_range,
 )
 from cds.sweep.report import build_summary, report_html, summary_text
-from cds.sweep.store import atomic_open, encode_partition, write_json
+from cds.sweep.store import _copy_range, atomic_open, encode_partition, write_json
 
 JSONDict = dict[str, Any]
 
@@ -222,11 +222,9 @@ def _stats_from_json(data: JSONDict) -> PartitionStats:
     )
 
 
-def side_only(index: int, items: Iterable[tuple[int, Any]], buckets: int) -> Iterator[Any]:
-    """The extra partition's records (counts and Medication lines); nothing of the buckets."""
-    if index == buckets:
-        for _, value in items:
-            yield value
+def values(items: Iterable[tuple[int, Any]]) -> Iterator[Any]:
+    for _, value in items:
+        yield value
 
 
 #: error lines a task returns to the driver at most, for summary.json's samples
@@ -266,14 +264,16 @@ def _identity(key: int) -> int:
     return key
 
 
-def _collect(rdd: Any) -> list[Any]:
-    """``rdd.collect()``. PySpark reads the result from a local socket that it leaves to the
-    garbage collector to close (pyspark/util.py, _load_from_socket: "The socket will be
-    automatically closed when garbage-collected"), which warns as a ResourceWarning: not ours
-    to fix, so not shown."""
+def _collect(rdd: Any, partitions: list[int] | None = None) -> list[Any]:
+    """``rdd.collect()``, or of only some partitions. PySpark reads the result from a local
+    socket that it leaves to the garbage collector to close (pyspark/util.py,
+    _load_from_socket: "The socket will be automatically closed when garbage-collected"),
+    which warns as a ResourceWarning: not ours to fix, so not shown."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        return list(rdd.collect())
+        if partitions is None:
+            return list(rdd.collect())
+        return list(rdd.context.runJob(rdd, values, partitions))
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -312,7 +312,9 @@ def _run(sc: Any, directory: Path, files: list[Path], opts: SparkOptions, as_of:
     routed = tasks.mapPartitions(
         functools.partial(route_task, buckets=buckets, trial_ids=trial_ids)
     ).partitionBy(buckets + 1, _identity)
-    side = _collect(routed.mapPartitionsWithIndex(functools.partial(side_only, buckets=buckets)))
+    # Only the extra partition is read here (the buckets' shuffle blocks are not); the map
+    # output stays for the evaluation below, which Spark runs without mapping again.
+    side = _collect(routed, [buckets])
     stats = PartitionStats()
     shared_lines: list[bytes] = []
     for _, counts, medications in sorted(side, key=lambda item: item[0]):
@@ -375,8 +377,8 @@ def assemble(out: Path, buckets: int) -> list[str]:
         with atomic_open(out / name, "wb", durable=False) as f:
             f.write(heads[kind])
             for part in parts:
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, f, 1 << 20)
+                f.flush()
+                _copy_range(part, 0, part.stat().st_size, f)
         done.append(name)
     return done
 
