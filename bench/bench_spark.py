@@ -66,6 +66,7 @@ class TreeSampler:
     def __init__(self, root: int) -> None:
         self.root = root
         self.cpu: dict[int, float] = {}
+        self.roles: dict[int, str] = {}
         self.peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -88,7 +89,7 @@ class TreeSampler:
                 continue
             _, name, cpu, size = table[pid]
             self.cpu[pid] = cpu
-            role = self.role(pid, name)
+            role = self.roles[pid] = self.role(pid, name)
             rss[role] = rss.get(role, 0) + size
             todo.extend(children.get(pid, []))
         for role, size in rss.items():
@@ -96,6 +97,12 @@ class TreeSampler:
 
     def cpu_total(self) -> float:
         return sum(self.cpu.values())
+
+    def cpu_by_role(self) -> dict[str, float]:
+        roles: dict[str, float] = {}
+        for pid, cpu in self.cpu.items():
+            roles[self.roles[pid]] = roles.get(self.roles[pid], 0.0) + cpu
+        return roles
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -122,12 +129,17 @@ def spark_child(data: str, out: str, master: str) -> None:
         startup = time.perf_counter() - started
         sampler.sample()
         startup_cpu = sampler.cpu_total()
+        startup_roles = sampler.cpu_by_role()
         opts = spark.SparkOptions(Path(out), load_trials(), ANCHOR, master=master)
         began = time.perf_counter()
         summary = spark.sweep_spark(data, opts, context=sc)
         seconds = time.perf_counter() - began
         sampler.sample()
         cpu = sampler.cpu_total() - startup_cpu
+        roles = {
+            role: round(cpu - startup_roles.get(role, 0.0), 2)
+            for role, cpu in sampler.cpu_by_role().items()
+        }
         sc.stop()
     print(
         json.dumps(
@@ -136,6 +148,11 @@ def spark_child(data: str, out: str, master: str) -> None:
                 "startup_cpu": startup_cpu,
                 "seconds": seconds,
                 "cpu": cpu,
+                "cpu_roles": roles,
+                "processes": {
+                    role: sum(1 for r in sampler.roles.values() if r == role)
+                    for role in set(sampler.roles.values())
+                },
                 "peak": sampler.peak,
                 "patients": summary["patients"],
                 "trials": summary["trials"],
@@ -170,7 +187,8 @@ def run_local(data: Path, out: Path, *, workers: int, tree: Path = REPO) -> dict
 
 def run_spark(data: Path, out: Path, *, master: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--spark-child", str(data), str(out), master]
-    done = subprocess.run(cmd, capture_output=True, check=False, cwd=REPO)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this tree's cds, in the workers too
+    done = subprocess.run(cmd, capture_output=True, check=False, cwd=REPO, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr.decode()[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
@@ -232,6 +250,10 @@ def bench(args: argparse.Namespace) -> None:
                 per = r["seconds"] / n * 1e3
                 per_patient.setdefault(label, []).append((n, per))
                 peak = ", ".join(f"{k} {_mb(v)}" for k, v in sorted(r["peak"].items()))
+                if "cpu_roles" in r:
+                    peak += "; CPU s after start-up: " + ", ".join(
+                        f"{k} {v:.1f}" for k, v in sorted(r["cpu_roles"].items())
+                    )
                 startup = (
                     f"start-up {r['startup']:.1f} s ({r['startup_cpu']:.1f} CPU s); "
                     if ("startup" in r)
