@@ -202,7 +202,9 @@ def _mb(n: int) -> str:
 def bench(args: argparse.Namespace) -> None:
     root = Path(args.data or tempfile.mkdtemp(prefix="bench-spark-", dir="/tmp"))
     before = None
-    if args.before:
+    if args.before and Path(args.before).is_dir():
+        before = Path(args.before)  # a tree unpacked already
+    elif args.before:
         # The earlier commit's package, unpacked (no worktree, nothing in .git changes).
         before = root / "before-tree"
         before.mkdir(parents=True)
@@ -300,7 +302,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--largest", type=int, nargs="*", default=[], metavar="N")
-    parser.add_argument("--before", metavar="REV", help="also the single-machine sweep at REV")
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="also the single-machine sweep at REV (a commit, or a directory with its cds/)",
+    )
     parser.add_argument("--data", help="work directory (default a new one under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep generated data")
     bench(parser.parse_args())
