@@ -85,9 +85,12 @@ def _sorted_lines(path: Path) -> list[bytes]:
     return sorted(path.read_bytes().splitlines(True))
 
 
-@pytest.mark.parametrize("which", ["generated", "fixtures"])
+@pytest.mark.parametrize(
+    ("which", "as_url"), [("generated", False), ("fixtures", False), ("fixtures", True)]
+)
 def test_spark_sweep_equals_the_ndjson_sweep(
     which: str,
+    as_url: bool,
     inputs: dict[str, Path],
     spark_context: Any,
     tmp_path: Path,
@@ -99,8 +102,9 @@ def test_spark_sweep_equals_the_ndjson_sweep(
     monkeypatch.setattr(ndjson_module, "BUCKET_BYTES", 4 << 20)
     monkeypatch.setattr(spark_module, "SPLIT_BYTES", 3 << 20)
     local = sweep_ndjson(source, sweep_options(tmp_path / "local", workers=2))
+    # A plain path: Python workers read byte ranges; a URL: Spark's own text reader.
     spark = sweep_spark(
-        str(source),
+        source.as_uri() if as_url else str(source),
         SparkOptions(out=tmp_path / "spark", trials=load_trials(), as_of=AS_OF, buckets=5),
         context=spark_context,
     )
@@ -140,22 +144,6 @@ def test_a_rerun_refuses_an_earlier_sweeps_outputs_unless_overwrite(
     assert (out / "notes.txt").read_text() == "the user's own file"  # only its outputs go
 
 
-def test_cli_spark_sweep(
-    inputs: dict[str, Path],
-    spark_context: Any,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """The command end to end (it stops the Spark context it used: this test comes last)."""
-    out = tmp_path / "out"
-    argv = ["sweep", "--engine", "spark", "--spark-master", "local[2]", "--as-of", "2026-11-01"]
-    assert main([*argv, "--ndjson", str(inputs["fixtures"]), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "results.ndjson" in printed and "NCT04339036" in printed
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] and summary["patients"] >= 40
-
-
 def test_cli_refuses_spark_with_local_only_options(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -164,7 +152,6 @@ def test_cli_refuses_spark_with_local_only_options(
         ([*base, "--ndjson", str(tmp_path), "--resume"], "--resume"),
         ([*base, "--ndjson", str(tmp_path), "--workers", "2"], "--workers"),
         ([*base, "--fhir-base", "http://127.0.0.1:9/fhir"], "--ndjson"),
-        ([*base, "--ndjson", "hdfs://namenode/export"], "not supported"),
     ]
     for argv, named in cases:
         assert main(argv) == 2, argv
@@ -174,6 +161,13 @@ def test_cli_refuses_spark_with_local_only_options(
     assert exited.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
     assert main(["sweep", "--ndjson", str(tmp_path), "--out", str(tmp_path), "--overwrite"]) == 2
     assert "--engine spark" in capsys.readouterr().err
+
+
+def test_a_url_that_is_no_directory_is_an_input_error(spark_context: Any, tmp_path: Path) -> None:
+    opts = SparkOptions(out=tmp_path / "out", trials=load_trials(), as_of=AS_OF)
+    with pytest.raises(InputError, match="cannot list it"):
+        sweep_spark((tmp_path / "missing").as_uri(), opts, context=spark_context)
+    assert not (tmp_path / "out").exists()  # nothing left that a rerun would refuse
 
 
 def test_loopback_and_no_ui_for_local_masters_user_settings_last() -> None:
@@ -231,3 +225,19 @@ def test_parallel_partition_pass_gives_each_bucket_in_input_order(
                 assert pieces.splitlines(True) == buckets[b]
         assert (work.input / "shared.ndjson").exists()
     assert stats[1] == stats[3]
+
+
+def test_cli_spark_sweep(
+    inputs: dict[str, Path],
+    spark_context: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The command end to end (it stops the Spark context it used: this test comes last)."""
+    out = tmp_path / "out"
+    argv = ["sweep", "--engine", "spark", "--spark-master", "local[2]", "--as-of", "2026-11-01"]
+    assert main([*argv, "--ndjson", str(inputs["fixtures"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "results.ndjson" in printed and "NCT04339036" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["patients"] >= 40

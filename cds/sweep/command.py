@@ -138,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(
                 "--ndjson reads files; --source applies to --fhir-base", source="--source"
             )
-        summary = sweep_ndjson(args.ndjson, opts)
+        summary = sweep_ndjson(Path(args.ndjson), opts)
         client = _client(args) if args.write_back else None
     else:
         from cds.fhir.bulk import BulkExporter, export_supported
@@ -231,7 +231,11 @@ def register(subparsers: Any, fixtures_subparsers: Any) -> None:
     where.add_argument(
         "--fhir-base", metavar="URL", help=f"FHIR server to sweep (default {DEFAULT_FHIR_BASE})"
     )
-    where.add_argument("--ndjson", type=Path, metavar="DIR", help="a directory of NDJSON files")
+    where.add_argument(
+        "--ndjson",
+        metavar="DIR",
+        help="a directory of NDJSON files (with --engine spark, also a URL Spark reads)",
+    )
     parser.add_argument(
         "--trial", action="append", metavar="NCT", help="only this trial (repeatable)"
     )

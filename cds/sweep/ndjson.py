@@ -54,12 +54,13 @@ def ndjson_files(directory: Path) -> list[Path]:
     files = sorted(p for p in directory.iterdir() if p.suffix == ".ndjson" and p.is_file())
     if not files:
         raise InputError("directory holds no *.ndjson file", source=str(directory))
+    return sorted(files, key=lambda path: file_order(path.name))
 
-    def key(path: Path) -> tuple[int, str]:
-        stem = path.stem.split(".")[0].split("_")[0].split("-")[0]
-        return TYPE_RANK.get(stem, len(TYPE_RANK)), path.name
 
-    return sorted(files, key=key)
+def file_order(name: str) -> tuple[int, str]:
+    """Where a file of a directory is read: Patient first, then by resource type."""
+    stem = name.rsplit(".", 1)[0].split(".")[0].split("_")[0].split("-")[0]
+    return TYPE_RANK.get(stem, len(TYPE_RANK)), name
 
 
 def _reference_id(reference: str) -> str | None:

@@ -47,6 +47,7 @@ from cds.errors import InputError
 from cds.evaluate_command import parse_as_of
 from cds.sweep.core import CSV_HEADER, Tally
 from cds.sweep.ndjson import (
+    BLOCK_BYTES,
     BUCKET_BYTES,
     MAX_BUCKETS,
     ByteRange,
@@ -55,6 +56,7 @@ from cds.sweep.ndjson import (
     _Partition,
     byte_ranges,
     evaluate_patients,
+    file_order,
     group_lines,
     ndjson_files,
     read_range,
@@ -99,27 +101,16 @@ def parse_conf(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # hdfs://, s3a:// (hdfs:/ once a Path)
+#: a URL (file:, hdfs:, s3a:, ...): read by Spark's own readers, not by Python workers
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
-def local_input(path: str) -> Path:
-    """The local directory a PATH names (a plain path or a ``file:`` URL). Python workers read
-    their byte ranges themselves, so the input must be a filesystem path every executor sees
-    (local, or a shared mount on a cluster)."""
-    if path.startswith("file:"):
-        path = "/" + path[len("file:") :].lstrip("/")  # file:///d, or file:/d once a Path
-    elif _URL.match(path):
-        raise InputError(
-            "the Spark engine reads NDJSON from a filesystem path every executor sees (local "
-            "disk or a shared mount); other URL schemes are not supported yet",
-            source=path,
-        )
-    return Path(path)
+def is_url(path: str) -> bool:
+    return _URL.match(path) is not None
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse to write over an earlier sweep's outputs unless ``overwrite``; with it, remove
-    exactly those outputs (never anything else in the directory)."""
+def check_out(out: Path, overwrite: bool) -> list[str]:
+    """The earlier sweep's outputs in ``out``; refused unless ``overwrite``."""
     existing = [name for name in (*OUTPUTS, PARTS) if (out / name).exists()]
     if existing and not overwrite:
         raise InputError(
@@ -127,6 +118,12 @@ def prepare_out(out: Path, overwrite: bool) -> None:
             "--out or pass --overwrite to replace them",
             source=str(out),
         )
+    return existing
+
+
+def prepare_out(out: Path, existing: list[str]) -> None:
+    """Remove exactly the earlier outputs (never anything else in the directory) and make the
+    part file directories."""
     for name in existing:
         target = out / name
         if target.is_dir():
@@ -193,20 +190,49 @@ def _worker_setup(trial_ids: tuple[str, ...]) -> CodePrefilter:
 def route_task(
     tasks: Iterable[tuple[int, ByteRange]], buckets: int, trial_ids: tuple[str, ...]
 ) -> Iterator[tuple[int, Any]]:
-    """Map: route the lines of byte ranges by the NDJSON sweep's rule. Yields (bucket, (task,
-    chunk)) per bucket that got lines, and (``buckets``, (task, counts, Medication lines))."""
+    """Map, for local files: route the lines of byte ranges (read by the worker itself) by the
+    NDJSON sweep's rule. Yields (bucket, (task, chunk)) per bucket that got lines, and
+    (``buckets``, (task, counts, Medication lines))."""
     keep = _worker_setup(trial_ids)
     for index, piece in tasks:
-        handles = [io.BytesIO() for _ in range(buckets)]
-        shared = io.BytesIO()
-        partition = _Partition(list[IO[bytes]](handles), shared, keep)
-        for block in read_range(piece):
-            partition.stats.bytes += len(block)
-            partition.block(block)
-        for bucket, handle in enumerate(handles):
-            if handle.tell():
-                yield bucket, (index, handle.getvalue())
-        yield buckets, (index, _stats_json(partition.stats), shared.getvalue())
+        yield from _route_blocks(index, read_range(piece), buckets, keep)
+
+
+def route_lines(
+    index: int, lines: Iterable[bytes], buckets: int, trial_ids: tuple[str, ...]
+) -> Iterator[tuple[int, Any]]:
+    """Map, for input Spark reads (any URL): a split's lines (without their newlines), put back
+    into blocks of whole lines and routed as :func:`route_task` routes a byte range."""
+    keep = _worker_setup(trial_ids)
+    yield from _route_blocks(index, _blocks(lines), buckets, keep)
+
+
+def _blocks(lines: Iterable[bytes]) -> Iterator[bytes]:
+    block: list[bytes] = []
+    size = 0
+    for line in lines:
+        block.append(line)
+        size += len(line) + 1
+        if size >= BLOCK_BYTES:
+            yield b"\n".join(block) + b"\n"
+            block, size = [], 0
+    if block:
+        yield b"\n".join(block) + b"\n"
+
+
+def _route_blocks(
+    index: int, blocks: Iterable[bytes], buckets: int, keep: CodePrefilter
+) -> Iterator[tuple[int, Any]]:
+    handles = [io.BytesIO() for _ in range(buckets)]
+    shared = io.BytesIO()
+    partition = _Partition(list[IO[bytes]](handles), shared, keep)
+    for block in blocks:
+        partition.stats.bytes += len(block)
+        partition.block(block)
+    for bucket, handle in enumerate(handles):
+        if handle.tell():
+            yield bucket, (index, handle.getvalue())
+    yield buckets, (index, _stats_json(partition.stats), shared.getvalue())
 
 
 def _stats_json(stats: PartitionStats) -> JSONDict:
@@ -288,18 +314,26 @@ def _collect(rdd: Any, partitions: list[int] | None = None) -> list[Any]:
 
 
 def sweep_spark(path: str, opts: SparkOptions, *, context: Any = None) -> JSONDict:
-    """Sweep a directory of NDJSON files on Spark; returns summary.json's content. With
-    ``context``, that SparkContext is used (and left running); else one is started from
-    ``opts`` and stopped at the end."""
+    """Sweep a directory of NDJSON files on Spark; returns summary.json's content. ``path``: a
+    local directory (Python workers read byte ranges of its files: every executor must see
+    it, locally or on a shared mount) or a URL Spark reads (``hdfs://``, ``s3a://`` with the
+    user's Spark configuration, ``file://``). With ``context``, that SparkContext is used
+    (and left running); else one is started from ``opts`` and stopped at the end."""
     started = time.monotonic()
-    directory = local_input(path).resolve()
-    files = ndjson_files(directory)
-    prepare_out(opts.out, opts.overwrite)
+    local = None if is_url(path) else Path(path).resolve()
+    local_files = ndjson_files(local) if local is not None else []
+    existing = check_out(opts.out, opts.overwrite)
     as_of = opts.as_of or date.today()
     sc = context if context is not None else start_spark(opts.master, opts.conf)
     try:
         startup = time.monotonic() - started
-        summary = _run(sc, directory, files, opts, as_of)
+        source: _LocalSource | _SparkSource
+        if local is not None:
+            source = _LocalSource(sc, local, local_files)
+        else:
+            source = _SparkSource(sc, path)
+        prepare_out(opts.out, existing)
+        summary = _run(sc, source, opts, as_of)
     finally:
         if context is None:
             sc.stop()
@@ -309,17 +343,67 @@ def sweep_spark(path: str, opts: SparkOptions, *, context: Any = None) -> JSONDi
     return summary
 
 
-def _run(sc: Any, directory: Path, files: list[Path], opts: SparkOptions, as_of: date) -> JSONDict:
+class _LocalSource:
+    """Local files: map tasks are byte ranges the Python workers read themselves (no line
+    passes through the JVM before the shuffle)."""
+
+    def __init__(self, sc: Any, directory: Path, files: list[Path]) -> None:
+        self.name = str(directory)
+        self.size = sum(p.stat().st_size for p in files)
+        self.ranges = byte_ranges(files, pieces=1 << 20, min_bytes=SPLIT_BYTES)
+        self.tasks = len(self.ranges)
+        self.sc = sc
+
+    def routed(self, buckets: int, trial_ids: tuple[str, ...]) -> Any:
+        tasks = self.sc.parallelize(list(enumerate(self.ranges)), len(self.ranges))
+        return tasks.mapPartitions(
+            functools.partial(route_task, buckets=buckets, trial_ids=trial_ids)
+        )
+
+
+class _SparkSource:
+    """Input Spark reads (any Hadoop filesystem URL): one text RDD per file, in the order the
+    NDJSON sweep reads files, so split k of the union is the k-th piece of the input."""
+
+    def __init__(self, sc: Any, url: str) -> None:
+        root = sc._jvm.org.apache.hadoop.fs.Path(url)
+        try:
+            fs = root.getFileSystem(sc._jsc.hadoopConfiguration())
+            statuses = fs.listStatus(root) if fs.getFileStatus(root).isDirectory() else None
+        except Exception as exc:  # py4j wraps the JVM's (file not found, unknown scheme, IO)
+            raise InputError(f"cannot list it ({_java_message(exc)})", source=url) from exc
+        if statuses is None:
+            raise InputError("not a directory", source=url)
+        files = [
+            (str(st.getPath().toString()), int(st.getLen()))
+            for st in statuses
+            if st.isFile() and str(st.getPath().getName()).endswith(".ndjson")
+        ]
+        if not files:
+            raise InputError("directory holds no *.ndjson file", source=url)
+        files.sort(key=lambda f: file_order(f[0].rsplit("/", 1)[-1]))
+        self.name = url
+        self.size = sum(size for _, size in files)
+        self.text = sc.union([sc.textFile(name, use_unicode=False) for name, _ in files])
+        self.tasks = int(self.text.getNumPartitions())
+
+    def routed(self, buckets: int, trial_ids: tuple[str, ...]) -> Any:
+        return self.text.mapPartitionsWithIndex(
+            functools.partial(route_lines, buckets=buckets, trial_ids=trial_ids)
+        )
+
+
+def _java_message(exc: Exception) -> str:
+    java = getattr(exc, "java_exception", None)
+    return str(java.getMessage()) if java is not None else str(exc).splitlines()[0]
+
+
+def _run(sc: Any, source: _LocalSource | _SparkSource, opts: SparkOptions, as_of: date) -> JSONDict:
     trial_ids = opts.trials.ids
-    size = sum(p.stat().st_size for p in files)
     buckets = opts.buckets or max(
-        1, min(MAX_BUCKETS, max(sc.defaultParallelism, -(-size // BUCKET_BYTES)))
+        1, min(MAX_BUCKETS, max(sc.defaultParallelism, -(-source.size // BUCKET_BYTES)))
     )
-    ranges = byte_ranges(files, pieces=1 << 20, min_bytes=SPLIT_BYTES)
-    tasks = sc.parallelize(list(enumerate(ranges)), len(ranges))
-    routed = tasks.mapPartitions(
-        functools.partial(route_task, buckets=buckets, trial_ids=trial_ids)
-    ).partitionBy(buckets + 1, _identity)
+    routed = source.routed(buckets, trial_ids).partitionBy(buckets + 1, _identity)
     # Only the extra partition is read here (the buckets' shuffle blocks are not); the map
     # output stays for the evaluation below, which Spark runs without mapping again.
     side = _collect(routed, [buckets])
@@ -351,7 +435,10 @@ def _run(sc: Any, directory: Path, files: list[Path], opts: SparkOptions, as_of:
     meta = {
         "as_of": as_of.isoformat(),
         "complete": len(tallies) == buckets,
-        "source": {"key": f"ndjson:{directory}", "description": f"NDJSON files in {directory}"},
+        "source": {
+            "key": f"ndjson:{source.name}",
+            "description": f"NDJSON files in {source.name}",
+        },
         "partitions": {"done": len(tallies), "total": buckets},
         "input": stats.to_json(),
         "error_samples": samples,
@@ -359,7 +446,7 @@ def _run(sc: Any, directory: Path, files: list[Path], opts: SparkOptions, as_of:
             "name": "spark",
             "master": sc.master,
             "version": sc.version,
-            "map_tasks": len(ranges),
+            "map_tasks": source.tasks,
             "assembled": assembled,
         },
     }
