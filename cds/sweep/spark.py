@@ -30,6 +30,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -86,7 +87,8 @@ class SparkOptions:
     out: Path
     trials: TrialSet
     as_of: date | None
-    master: str = "local[*]"
+    #: None: spark-submit's --master when run by spark-submit, else local[*]
+    master: str | None = None
     conf: list[tuple[str, str]] = field(default_factory=list)
     overwrite: bool = False
     #: buckets (reduce partitions); default from the input size, as the NDJSON sweep
@@ -151,7 +153,7 @@ def spark_conf_pairs(master: str, conf: list[tuple[str, str]]) -> list[tuple[str
     return pairs + list(conf)
 
 
-def start_spark(master: str, conf: list[tuple[str, str]]) -> Any:
+def start_spark(master: str | None, conf: list[tuple[str, str]]) -> Any:
     try:
         from pyspark import SparkConf, SparkContext
     except ImportError as exc:
@@ -159,9 +161,19 @@ def start_spark(master: str, conf: list[tuple[str, str]]) -> Any:
             "PySpark is not installed; install the extra: pip install 'cds-trial-screening[spark]'",
             source="--engine",
         ) from exc
+    # py4j logs each connection at INFO, which `cds -v` aside is noise on the terminal.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     # The Python workers must import cds: the interpreter running this command has it (on a
     # cluster, set PYSPARK_PYTHON to an environment with the cds wheel installed).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if master is None and "PYSPARK_GATEWAY_PORT" in os.environ:
+        # Run by spark-submit (it starts the JVM and says where): its --master and --conf
+        # are in the JVM's configuration already; only ours are added.
+        spark_conf = SparkConf()
+        for key, value in spark_conf_pairs("", conf):
+            spark_conf.set(key, value)
+        return SparkContext.getOrCreate(spark_conf)
+    master = master or "local[*]"
     if master.startswith("local"):
         # Spark otherwise looks up the host's outward address (and warns when the host name
         # resolves to loopback); a local sweep has nothing to reach beyond the machine.
@@ -499,9 +511,9 @@ def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--spark-master",
-        default="local[*]",
         metavar="URL",
-        help="Spark master (default local[*]: this machine's cores)",
+        help="Spark master (default: spark-submit's --master when run by spark-submit, else "
+        "local[*], this machine's cores)",
     )
     group.add_argument(
         "--spark-conf",
