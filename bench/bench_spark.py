@@ -156,6 +156,7 @@ def spark_child(data: str, out: str, master: str) -> None:
                 "peak": sampler.peak,
                 "patients": summary["patients"],
                 "trials": summary["trials"],
+                "task_cpu": summary["engine"]["task_cpu_seconds"],
             }
         )
     )
@@ -255,6 +256,11 @@ def bench(args: argparse.Namespace) -> None:
                 if "cpu_roles" in r:
                     peak += "; CPU s after start-up: " + ", ".join(
                         f"{k} {v:.1f}" for k, v in sorted(r["cpu_roles"].items())
+                    )
+                    peak += (
+                        " (of the workers', in cds steps: "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in r["task_cpu"].items())
+                        + ")"
                     )
                 startup = (
                     f"start-up {r['startup']:.1f} s ({r['startup_cpu']:.1f} CPU s); "

@@ -235,16 +235,18 @@ def _blocks(lines: Iterable[bytes]) -> Iterator[bytes]:
 def _route_blocks(
     index: int, blocks: Iterable[bytes], buckets: int, keep: CodePrefilter
 ) -> Iterator[tuple[int, Any]]:
+    started = time.process_time()
     handles = [io.BytesIO() for _ in range(buckets)]
     shared = io.BytesIO()
     partition = _Partition(list[IO[bytes]](handles), shared, keep)
     for block in blocks:
         partition.stats.bytes += len(block)
         partition.block(block)
+    cpu = time.process_time() - started  # reading and routing: this task's own work
     for bucket, handle in enumerate(handles):
         if handle.tell():
             yield bucket, (index, handle.getvalue())
-    yield buckets, (index, _stats_json(partition.stats), shared.getvalue())
+    yield buckets, (index, _stats_json(partition.stats), shared.getvalue(), cpu)
 
 
 def _stats_json(stats: PartitionStats) -> JSONDict:
@@ -290,7 +292,9 @@ def evaluate_task(
     if index >= buckets:
         return
     _worker_setup(trial_ids)
+    started = time.process_time()
     chunks = sorted(value for _, value in items)  # (map task, bytes): input order
+    received = time.process_time()
     lines = io.BytesIO(b"".join(chunk for _, chunk in chunks))
     del chunks
     trials = load_trials(trial_ids)
@@ -303,7 +307,8 @@ def evaluate_task(
         with atomic_open(parts / kind / f"part-{index:05d}{suffix}", "wb", durable=False) as f:
             f.write(data)
     samples = [json.loads(line) for line in encoded.errors.splitlines()[:_ERROR_SAMPLES]]
-    yield {"index": index, "tally": tally.to_json(), "error_samples": samples}
+    cpu = {"receive": received - started, "evaluate": time.process_time() - received}
+    yield {"index": index, "tally": tally.to_json(), "error_samples": samples, "cpu": cpu}
 
 
 def _identity(key: int) -> int:
@@ -421,7 +426,10 @@ def _run(sc: Any, source: _LocalSource | _SparkSource, opts: SparkOptions, as_of
     side = _collect(routed, [buckets])
     stats = PartitionStats()
     shared_lines: list[bytes] = []
-    for _, counts, medications in sorted(side, key=lambda item: item[0]):
+    # CPU seconds of the Python workers' own steps (the rest of their time is PySpark's)
+    task_cpu = {"route": 0.0, "receive": 0.0, "evaluate": 0.0}
+    for _, counts, medications, cpu in sorted(side, key=lambda item: item[0]):
+        task_cpu["route"] += cpu
         stats.merge(_stats_from_json(counts))
         shared_lines += [line for line in medications.splitlines() if line.strip()]
     shared = sc.broadcast(shared_lines)
@@ -442,6 +450,8 @@ def _run(sc: Any, source: _LocalSource | _SparkSource, opts: SparkOptions, as_of
     samples: list[JSONDict] = []
     for item in sorted(tallies, key=lambda t: t["index"]):
         tally.merge(Tally.from_json(item["tally"]))
+        for step, seconds in item["cpu"].items():
+            task_cpu[step] += seconds
         samples += item["error_samples"][: _ERROR_SAMPLES - len(samples)]
     assembled = assemble(opts.out, buckets)
     meta = {
@@ -460,6 +470,7 @@ def _run(sc: Any, source: _LocalSource | _SparkSource, opts: SparkOptions, as_of
             "version": sc.version,
             "map_tasks": source.tasks,
             "assembled": assembled,
+            "task_cpu_seconds": {step: round(v, 2) for step, v in task_cpu.items()},
         },
     }
     summary = build_summary(tally, opts.trials, meta)
