@@ -69,15 +69,15 @@ JSONDict = dict[str, Any]
 
 #: the input is read in byte ranges of about this size (one map task each)
 SPLIT_BYTES = 64 << 20
-#: the single-machine outputs assembled from the part files
-OUTPUTS = ("results.ndjson", "candidates.csv", "errors.ndjson", "summary.json", "report.html")
 PARTS = "parts"
-#: kinds of part files: (directory under parts/, suffix, assembled output)
+#: kinds of part files: (directory under parts/, suffix, the output assembled from them)
 PART_KINDS = (
     ("results", ".ndjson", "results.ndjson"),
     ("csv", ".csv", "candidates.csv"),
     ("errors", ".ndjson", "errors.ndjson"),
 )
+#: the single-machine sweep's outputs, as this sweep writes them
+OUTPUTS = (*(name for _, _, name in PART_KINDS), "summary.json", "report.html")
 #: free space an assembly leaves on the output's disk at least
 ASSEMBLY_MARGIN = 1 << 30
 
@@ -93,7 +93,6 @@ class SparkOptions:
     overwrite: bool = False
     #: buckets (reduce partitions); default from the input size, as the NDJSON sweep
     buckets: int | None = None
-    stream: TextIO | None = None
 
 
 def parse_conf(text: str) -> tuple[str, str]:
@@ -563,7 +562,6 @@ def run_spark(args: argparse.Namespace) -> int:
         master=args.spark_master,
         conf=list(args.spark_conf),
         overwrite=args.overwrite,
-        stream=sys.stderr,
     )
     summary = sweep_spark(str(args.ndjson), opts)
     print_spark_summary(summary, args.out, sys.stdout)
