@@ -6,6 +6,7 @@ partition pass of the single-machine sweep (no Spark needed)."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import cds.sweep.spark as spark_module
 from cds.cli import main
 from cds.criteria import load_trials
 from cds.errors import InputError
-from cds.fhir.bundle import bundle_resources
+from cds.fhir.loader import DEFAULT_TAG
 from cds.sweep.ndjson import (
     ByteRange,
     CodePrefilter,
@@ -32,37 +33,11 @@ from cds.sweep.runner import sweep_ndjson
 from cds.sweep.spark import SparkOptions, spark_conf_pairs, sweep_spark
 from cds.sweep.store import WorkDir
 from cds.synthetic import NET_VARIANTS, Population, write_population
-from tests.helpers import AS_OF, sweep_options
+from tests.helpers import AS_OF, sweep_options, write_ndjson
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: every NET variant several times over, ordinary patients with short histories (speed)
 POPULATION = Population(2000, seed=14, net_every=4, visits=(2, 5))
-
-
-def fixtures_as_ndjson(target: Path) -> Path:
-    """fhir_fixtures/ (Bundles) as a Bulk export would give them: one NDJSON file per type,
-    compact lines, urn:uuid references resolved to Type/id."""
-    files: dict[str, list[str]] = {}
-    for path in sorted((REPO_ROOT / "fhir_fixtures").glob("*.json")):
-        resources, aliases, _ = bundle_resources(json.loads(path.read_text()), source=str(path))
-
-        def resolve(node: Any, aliases: dict[str, str] = aliases) -> Any:
-            if isinstance(node, dict):
-                return {
-                    k: aliases.get(v, v) if k == "reference" and isinstance(v, str) else resolve(v)
-                    for k, v in node.items()
-                }
-            if isinstance(node, list):
-                return [resolve(item) for item in node]
-            return node
-
-        for resource in resources:
-            line = json.dumps(resolve(resource), separators=(",", ":"), ensure_ascii=False)
-            files.setdefault(resource["resourceType"], []).append(line + "\n")
-    target.mkdir(parents=True)
-    for rtype, lines in files.items():
-        (target / f"{rtype}.ndjson").write_text("".join(lines), encoding="utf-8")
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +52,9 @@ def spark_context() -> Iterator[Any]:
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("spark-inputs")
     write_population(POPULATION, root / "generated", "ndjson")
-    fixtures_as_ndjson(root / "fixtures")
+    # as a Bulk export gives them (the integration tests' own writer)
+    fixtures = sorted((REPO_ROOT / "fhir_fixtures").glob("*.json"))
+    write_ndjson(fixtures, DEFAULT_TAG, root / "fixtures")
     return {"generated": root / "generated", "fixtures": root / "fixtures"}
 
 
@@ -241,3 +218,19 @@ def test_cli_spark_sweep(
     assert "results.ndjson" in printed and "NCT04339036" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["patients"] >= 40
+
+
+def test_a_range_reader_reports_lines_by_their_number_in_the_file(tmp_path: Path) -> None:
+    """Line numbers in reports of unreadable lines count from the file's start, also for a
+    reader whose byte range starts in the middle of the file (in the middle of a line)."""
+    lines = [f'{{"resourceType":"Patient","id":"p{i}"}}\n'.encode() for i in range(1, 11)]
+    path = tmp_path / "Patient.ndjson"
+    path.write_bytes(b"".join(lines))
+    offset = len(b"".join(lines[:3])) + 5  # inside line 4: the range's first line is line 5
+    handles: list[Any] = [io.BytesIO()]
+    partition = ndjson_module._Partition(handles, io.BytesIO(), None)
+    partition.start(str(path), offset)
+    for block in read_range(ByteRange(str(path), offset, path.stat().st_size)):
+        partition.block(block)
+    assert partition.stats.patients == 6
+    assert partition.where() == f"{path} line 10"

@@ -206,16 +206,19 @@ def route_task(
     (``buckets``, (task, counts, Medication lines))."""
     keep = _worker_setup(trial_ids)
     for index, piece in tasks:
-        yield from _route_blocks(index, read_range(piece), buckets, keep)
+        where = (piece.path, piece.start)
+        yield from _route_blocks(index, read_range(piece), buckets, keep, where)
 
 
 def route_lines(
-    index: int, lines: Iterable[bytes], buckets: int, trial_ids: tuple[str, ...]
+    index: int, lines: Iterable[bytes], buckets: int, trial_ids: tuple[str, ...], source: str
 ) -> Iterator[tuple[int, Any]]:
     """Map, for input Spark reads (any URL): a split's lines (without their newlines), put back
     into blocks of whole lines and routed as :func:`route_task` routes a byte range."""
     keep = _worker_setup(trial_ids)
-    yield from _route_blocks(index, _blocks(lines), buckets, keep)
+    # Line numbers in reports count from the split's start (Spark does not say where it lies)
+    where = (f"{source} (Spark input split {index})", 0)
+    yield from _route_blocks(index, _blocks(lines), buckets, keep, where)
 
 
 def _blocks(lines: Iterable[bytes]) -> Iterator[bytes]:
@@ -232,12 +235,17 @@ def _blocks(lines: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def _route_blocks(
-    index: int, blocks: Iterable[bytes], buckets: int, keep: CodePrefilter
+    index: int,
+    blocks: Iterable[bytes],
+    buckets: int,
+    keep: CodePrefilter,
+    where: tuple[str, int],
 ) -> Iterator[tuple[int, Any]]:
     started = time.process_time()
     handles = [io.BytesIO() for _ in range(buckets)]
     shared = io.BytesIO()
     partition = _Partition(list[IO[bytes]](handles), shared, keep)
+    partition.start(*where)
     for block in blocks:
         partition.stats.bytes += len(block)
         partition.block(block)
@@ -262,6 +270,7 @@ def _stats_from_json(data: JSONDict) -> PartitionStats:
         shared=data["shared_medications"],
         skipped_types=dict(data["skipped_types"]),
         unreadable=data["unreadable_lines"],
+        non_resource=data["non_resource_lines"],
         orphans=data["resources_naming_no_patient"],
         bytes=data["bytes"],
         irrelevant=data["irrelevant_resources"],
@@ -405,7 +414,7 @@ class _SparkSource:
 
     def routed(self, buckets: int, trial_ids: tuple[str, ...]) -> Any:
         return self.text.mapPartitionsWithIndex(
-            functools.partial(route_lines, buckets=buckets, trial_ids=trial_ids)
+            functools.partial(route_lines, buckets=buckets, trial_ids=trial_ids, source=self.name)
         )
 
 
