@@ -184,6 +184,7 @@ def partition_ndjson(
     progress: Callable[[int], None] | None = None,
     keep: CodePrefilter | None = None,
     workers: int = 1,
+    worker_init: Callable[[], None] | None = None,
 ) -> PartitionStats:
     """Stream every line of ``files`` into ``buckets`` bucket files under the work directory.
 
@@ -204,7 +205,7 @@ def partition_ndjson(
     written it (a record's resources keep the order `cds evaluate` sees).
     """
     if workers > 1:
-        return _partition_parallel(files, work, buckets, progress, keep, workers)
+        return _partition_parallel(files, work, buckets, progress, keep, workers, worker_init)
     with ExitStack() as stack:
         handles: list[IO[bytes]] = [
             stack.enter_context(open(work.input / f"b{i:05d}.ndjson", "wb", buffering=1 << 16))
@@ -234,6 +235,7 @@ def _partition_parallel(
     progress: Callable[[int], None] | None,
     keep: CodePrefilter | None,
     workers: int,
+    worker_init: Callable[[], None] | None,
 ) -> PartitionStats:
     import multiprocessing
 
@@ -245,7 +247,7 @@ def _partition_parallel(
     ]
     global _BYTES_DONE  # noqa: PLW0603 - the fork inherits it: the workers' progress counter
     _BYTES_DONE = done
-    with context.Pool(workers) as pool:
+    with context.Pool(workers, initializer=worker_init) as pool:
         pending = pool.map_async(_partition_worker, jobs)
         while not pending.ready():
             pending.wait(0.5)

@@ -293,6 +293,7 @@ def sweep_files(sweep: Sweep, files: Callable[[], list[Path]]) -> JSONDict:
                 progress=bar.set,
                 keep=CodePrefilter(opts.trials),
                 workers=opts.workers,
+                worker_init=_worker_init,  # as the evaluation's workers
             )
             bar.close()
             sweep.state.update(
