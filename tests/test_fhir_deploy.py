@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
+from tests.hooks_data.support import GUNICORN_CMD, container_command, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-GUNICORN_CMD = REPO / "scripts" / "gunicorn-cmd"
 DOCKERFILE = REPO / "Dockerfile"
 EXPECTED = "gunicorn --config python:cds.hooks.gunicorn_conf cds.hooks.app:create_app()"
 
@@ -61,43 +57,15 @@ def test_the_dockerfile_runs_that_script_as_a_non_root_user() -> None:
     assert "pip install ." in DOCKERFILE.read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_the_service_starts_with_that_command_and_passes_the_health_check(tmp_path: Path) -> None:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "CDS_BIND": f"127.0.0.1:{port}",
+    port = free_port()
+    settings = {
         "CDS_DEV": "1",
         "CDS_AUTH_REQUIRED": "0",
         "CDS_FEEDBACK_DB": str(tmp_path / "feedback.sqlite3"),
     }
-    log = tmp_path / "gunicorn.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [str(GUNICORN_CMD)],
-            env=env,
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                    assert r.status == 200
-                    break
-            except (urllib.error.URLError, OSError):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"gunicorn did not serve /healthz:\n{log.read_text()[-3000:]}")
-                time.sleep(0.2)
+    env = {**os.environ, "CDS_BIND": f"127.0.0.1:{port}", **settings}
+    with container_command(settings, tmp_path, port):
         # The image's command answers CDS Hooks discovery with the patient-view service.
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/cds-services", timeout=5) as r:
             services = json.loads(r.read())["services"]
@@ -106,15 +74,8 @@ def test_the_service_starts_with_that_command_and_passes_the_health_check(tmp_pa
         assert health[:2] == ["python", "-c"]
         check = subprocess.run([sys.executable, "-c", health[2]], env=env, timeout=10, check=False)
         assert check.returncode == 0
-        env["CDS_BIND"] = f"127.0.0.1:{_free_port()}"  # nothing there: the check must fail
+        env["CDS_BIND"] = f"127.0.0.1:{free_port()}"  # nothing there: the check must fail
         check = subprocess.run(
             [sys.executable, "-c", health[2]], env=env, timeout=10, check=False, capture_output=True
         )
         assert check.returncode == 1
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()

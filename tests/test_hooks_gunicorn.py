@@ -4,15 +4,9 @@ the jti replay check across processes, logging, and gunicorn's own error answers
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.hooks_data.support import Signer
-
-REPO = Path(__file__).resolve().parents[1]
-GUNICORN_CMD = REPO / "scripts" / "gunicorn-cmd"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.hooks_data.support import Signer, container_command, free_port
 
 
 @dataclass
@@ -48,13 +33,10 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("gunicorn")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     signer = Signer()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "CDS_BIND": f"127.0.0.1:{port}",
+    settings = {
         "CDS_WORKERS": "2",
         # dev only for the plain-http public URL on loopback; authentication stays on
         "CDS_DEV": "1",
@@ -64,35 +46,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "CDS_FEEDBACK_DB": str(tmp / "store.sqlite3"),
         "CDS_MAX_REQUEST_BYTES": str(1_000_000),
     }
-    log = tmp / "gunicorn.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [str(GUNICORN_CMD)],
-            env=env,
-            cwd=tmp,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"gunicorn did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.2)
+    with container_command(settings, tmp, port) as log:
         yield Served(base, signer, log)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def test_a_jti_is_accepted_once_across_two_workers(served: Served) -> None:

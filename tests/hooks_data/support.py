@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -425,3 +433,57 @@ def serve_json(documents: dict[str, Any]) -> Iterator[tuple[str, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- the container's command (scripts/gunicorn-cmd), started for real ------------------------
+
+GUNICORN_CMD = REPO / "scripts" / "gunicorn-cmd"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def container_command(settings: Mapping[str, str], workdir: Path, port: int) -> Iterator[Path]:
+    """The container's command serving on 127.0.0.1:``port`` with these ``CDS_*`` settings,
+    until ``/healthz`` answers; yields its log file, and stops it (its whole process group)."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "CDS_BIND": f"127.0.0.1:{port}",
+        **settings,
+    }
+    log = workdir / "gunicorn.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(  # noqa: S603 - the project's own script
+            [str(GUNICORN_CMD)],
+            env=env,
+            cwd=workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError) as exc:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"gunicorn did not serve /healthz:\n{log.read_text()[-3000:]}"
+                    ) from exc
+                time.sleep(0.2)
+        yield log
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
