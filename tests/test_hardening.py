@@ -311,3 +311,24 @@ def test_a_sweep_stopped_by_repeated_failures_lists_them_in_errors_ndjson(tmp_pa
     assert all("database unavailable" in json.loads(line)["error"] for line in lines)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] is False and summary["error_samples"]
+
+
+@pytest.mark.parametrize(("engine", "advice"), [("local", "--resume"), ("spark", "--overwrite")])
+def test_a_full_disk_says_how_to_go_on_for_each_engine(
+    monkeypatch: pytest.MonkeyPatch, engine: str, advice: str
+) -> None:
+    """A Spark sweep keeps no checkpoint: it is told to run again with --overwrite, not to
+    resume (a fake of the disk, which a real one cannot be made to fill here)."""
+    import argparse
+    import errno
+
+    from cds.errors import OutputError
+    from cds.sweep import command
+
+    def full(args: argparse.Namespace) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/part-00001")
+
+    monkeypatch.setattr(command, "_run", full)
+    with pytest.raises(OutputError) as raised:
+        command.run(argparse.Namespace(engine=engine, out="/out"))
+    assert advice in str(raised.value) and "No space left" in str(raised.value)

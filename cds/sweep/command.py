@@ -97,10 +97,16 @@ def run(args: argparse.Namespace) -> int:
         # requests' errors are OSErrors too, but the client translates those; what is left
         # here is the output disk. Resume is exact (partitions commit atomically).
         if exc.errno in _NO_SPACE:
+            # A Spark sweep has no checkpoint to resume from (its tasks are retried by Spark
+            # itself); it is run again over the outputs it left.
+            again = (
+                "run the same command with --overwrite"
+                if args.engine == "spark"
+                else "run the same command with --resume: every partition written so far is kept"
+            )
             raise OutputError(
                 f"cannot write the sweep's output: {exc.strerror}. Free some space (or raise "
-                "the limit) and run the same command with --resume: every partition written "
-                "so far is kept",
+                f"the limit) and {again}",
                 source=str(exc.filename or args.out),
             ) from exc
         if exc.errno in _NO_WRITE:
