@@ -228,7 +228,7 @@ def test_a_range_reader_reports_lines_by_their_number_in_the_file(tmp_path: Path
     path.write_bytes(b"".join(lines))
     offset = len(b"".join(lines[:3])) + 5  # inside line 4: the range's first line is line 5
     handles: list[Any] = [io.BytesIO()]
-    partition = ndjson_module._Partition(handles, io.BytesIO(), None)
+    partition = ndjson_module.Partition(handles, io.BytesIO(), None)
     partition.start(str(path), offset)
     for block in read_range(ByteRange(str(path), offset, path.stat().st_size)):
         partition.block(block)

@@ -212,7 +212,7 @@ def partition_ndjson(
             for i in range(buckets)
         ]
         shared = stack.enter_context(open(work.input / "shared.ndjson", "wb"))
-        partition = _Partition(handles, shared, keep)
+        partition = Partition(handles, shared, keep)
         stats = partition.stats
         for path in files:
             partition.start(str(path))
@@ -301,7 +301,7 @@ def _partition_worker(
             for i in range(job.buckets)
         ]
         shared = io.BytesIO()
-        partition = _Partition(handles, shared, job.keep)
+        partition = Partition(handles, shared, job.keep)
         for name in job.files:
             size = Path(name).stat().st_size
             piece = ByteRange(
@@ -337,7 +337,7 @@ def read_spans(work: WorkDir) -> list[Spans] | None:
     return [[(str(n), int(o), int(ln)) for n, o, ln in spans] for spans in data]
 
 
-class _Partition:
+class Partition:
     """The partitioning pass's state: where lines go and what was counted."""
 
     def __init__(

@@ -153,7 +153,7 @@ def _worker_init() -> None:
     # Workers leave Ctrl-C to the parent, which stops them once it has saved what is done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent()
-    _quiet_gc()
+    quiet_gc()
 
 
 #: how often a worker checks that its parent still runs, seconds
@@ -176,7 +176,7 @@ def _end_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _quiet_gc() -> None:
+def quiet_gc() -> None:
     """Fewer garbage-collector passes. A sweep allocates millions of short-lived, acyclic
     dicts (reference counting frees them), and with the default thresholds the collector
     rescans the long-lived trial definitions over and over: measured, it doubled the time of
@@ -187,9 +187,9 @@ def _quiet_gc() -> None:
 
 @contextmanager
 def _quiet_gc_here() -> Iterator[None]:
-    """_quiet_gc for the calling process, undone afterwards (the inline, one-worker path)."""
+    """quiet_gc for the calling process, undone afterwards (the inline, one-worker path)."""
     before = gc.get_threshold()
-    _quiet_gc()
+    quiet_gc()
     try:
         yield
     finally:

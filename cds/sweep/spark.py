@@ -4,7 +4,7 @@ machine holds.
 The same steps as the single-machine sweep (:mod:`cds.sweep.ndjson`), as one Spark job:
 
 1. map: each task reads a byte range of one input file (the lines that start in it), routes
-   every line by the NDJSON sweep's own rule (``_Partition``: prefilter, patient id,
+   every line by the NDJSON sweep's own rule (``Partition``: prefilter, patient id,
    ``bucket_of``) and emits, per bucket, one chunk of ``patient TAB line`` bytes keyed by the
    bucket; plus, to an extra partition, its counts and its Medication lines;
 2. shuffle: ``partitionBy`` on the bucket (a few large chunks, not a record per line);
@@ -53,8 +53,8 @@ from cds.sweep.ndjson import (
     MAX_BUCKETS,
     ByteRange,
     CodePrefilter,
+    Partition,
     PartitionStats,
-    _Partition,
     byte_ranges,
     evaluate_patients,
     file_order,
@@ -63,7 +63,7 @@ from cds.sweep.ndjson import (
     read_range,
 )
 from cds.sweep.report import build_summary, report_html, summary_text
-from cds.sweep.store import _copy_range, atomic_open, encode_partition, write_json
+from cds.sweep.store import atomic_open, copy_range, encode_partition, write_json
 
 JSONDict = dict[str, Any]
 
@@ -191,10 +191,10 @@ def _worker_setup(trial_ids: tuple[str, ...]) -> CodePrefilter:
     """Once per Python worker: the trials and the prefilter loaded, then the single-machine
     sweep's garbage-collector settings (its workers' own: the long-lived definitions frozen
     out of the collector's sight, which measured there halves parsing plus evaluating)."""
-    from cds.sweep.runner import _quiet_gc
+    from cds.sweep.runner import quiet_gc
 
     keep = CodePrefilter(load_trials(trial_ids))
-    _quiet_gc()
+    quiet_gc()
     return keep
 
 
@@ -244,7 +244,7 @@ def _route_blocks(
     started = time.process_time()
     handles = [io.BytesIO() for _ in range(buckets)]
     shared = io.BytesIO()
-    partition = _Partition(list[IO[bytes]](handles), shared, keep)
+    partition = Partition(list[IO[bytes]](handles), shared, keep)
     partition.start(*where)
     for block in blocks:
         partition.stats.bytes += len(block)
@@ -504,7 +504,7 @@ def assemble(out: Path, buckets: int) -> list[str]:
             f.write(heads[kind])
             for part in parts:
                 f.flush()
-                _copy_range(part, 0, part.stat().st_size, f)
+                copy_range(part, 0, part.stat().st_size, f)
         done.append(name)
     return done
 

@@ -47,7 +47,7 @@ def atomic_open(path: Path, mode: str = "w", *, durable: bool = True) -> Iterato
     tmp.replace(path)
 
 
-def _copy_range(path: Path, offset: int, length: int, out: IO[bytes]) -> None:
+def copy_range(path: Path, offset: int, length: int, out: IO[bytes]) -> None:
     """Append ``length`` bytes of a file, from ``offset``, to ``out`` (flushed, positioned at
     its end): in the kernel where it can (copy_file_range), through a buffer where it cannot."""
     with open(path, "rb") as f:
@@ -229,7 +229,7 @@ class WorkDir:
                 out.write(head)
                 out.flush()
                 for segment, offset, length in spans:
-                    _copy_range(self.parts / segment, offset, length, out)
+                    copy_range(self.parts / segment, offset, length, out)
                 out.write(tail)
 
     def _link_whole(self, spans: list[tuple[str, int, int]], target: Path) -> bool:
