@@ -53,6 +53,7 @@ def main() -> None:
 
     class EveryCodeRelevant:
         valuesets_of = trials.valuesets_of
+        text_signals_for = trials.text_signals_for
 
         def is_relevant(self, key: tuple[str, str]) -> bool:
             return True

@@ -880,6 +880,51 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         },
     )
 
+    # A record that names the disease or the procedure in words only: free-text problem-list
+    # entries and procedures without a standard code (issue 12: never "none on record").
+    p, r = base("net-text-only")
+    p.remove(r["pnet"])
+    p.remove(r["liver"])
+    net = p.condition([], "2025-11-03")
+    net["code"] = {"text": "Well-differentiated pancreatic neuroendocrine tumour"}
+    mets = p.condition([], "2025-11-03")
+    mets["code"] = {"text": "Metastatic disease to the liver"}
+    family = p.condition([], "2020-01-01")
+    family["code"] = {"text": "Family history of carcinoid tumour"}
+    scenario(
+        "net-text-only",
+        "the NET and its liver metastases written only as problem-list text, no code (and a "
+        "family history of carcinoid, which does not count): the NET and liver-metastases "
+        "criteria are unknown, quoting the words, never 'no NET on record'",
+        p,
+        {
+            A: {
+                "status": "needs-review",
+                "inc-net-diagnosis": "unknown",
+                "inc-liver-metastases": "unknown",
+            },
+            B: {
+                "status": "needs-review",
+                "inc-pancreatic-net": "unknown",
+                "inc-liver-metastases": "unknown",
+            },
+        },
+    )
+
+    p, r = base("tace-text-only")
+    tace = p.procedure([], "2024-06-11")
+    tace["code"] = {"text": "TACE, right hepatic lobe"}
+    scenario(
+        "tace-text-only",
+        "a procedure recorded as the words 'TACE, right hepatic lobe' with no code: the prior "
+        "liver-directed therapy exclusions are unknown (confirm), never 'none on record'",
+        p,
+        {
+            A: {"status": "needs-review", "exc-prior-liver-embolization": "unknown"},
+            B: {"status": "needs-review", "exc-prior-liver-directed-therapy": "unknown"},
+        },
+    )
+
     p, r = base("net-benign-coded")
     p.remove(r["pnet"])
     p.remove(r["liver"])

@@ -131,6 +131,155 @@ def test_benign_coded_net_is_unknown() -> None:
     assert "benign" in result.explanation
 
 
+def worded(rid: str, rtype: str, text: str, **extra: Any) -> dict[str, Any]:
+    """A Condition or Procedure that says what it is in words, with no standard code."""
+    resource: dict[str, Any] = {
+        "resourceType": rtype,
+        "id": rid,
+        "subject": {"reference": "Patient/p1"},
+        "code": {"text": text},
+        **extra,
+    }
+    if rtype == "Procedure":
+        resource.setdefault("status", "completed")
+        resource.setdefault("performedDateTime", "2024-06-11")
+    else:
+        resource.setdefault("onsetDateTime", "2025-11-03")
+    return resource
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Neuroendocrine tumour of the pancreas, G2",
+        "Pancreatic NET",
+        "Malignant carcinoid of ileum",
+        "Islet cell carcinoma",
+        "Insulinoma, malignant",
+    ],
+)
+def test_net_named_only_in_words_is_unknown_quoting_it(text: str) -> None:
+    ev = run([worded("net", "Condition", text), LIVER])
+    for trial, cid in ((A, "inc-net-diagnosis"), (B, "inc-pancreatic-net")):
+        result = criterion(ev, trial, cid)
+        assert result.result.value == "unknown", result.explanation
+        assert text in result.explanation and "named in words" in result.explanation
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Family history of carcinoid tumour",
+        "Rule out neuroendocrine tumor",
+        "PNET (primitive neuroectodermal tumour) in childhood",
+        "Hypertension",
+    ],
+)
+def test_words_that_do_not_name_a_net_of_the_patient_leave_no_net_on_record(text: str) -> None:
+    ev = run([worded("c", "Condition", text), LIVER])
+    assert criterion(ev, A, "inc-net-diagnosis").result.value == "fail"
+
+
+def test_a_net_named_in_words_on_a_refuted_or_resolved_condition_does_not_count() -> None:
+    void = {"coding": [{"code": "refuted"}], "text": "refuted"}
+    void["coding"][0]["system"] = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+    resolved = {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                "code": "resolved",
+            }
+        ]
+    }
+    ev = run(
+        [
+            worded("r", "Condition", "Pancreatic NET", verificationStatus=void),
+            worded("s", "Condition", "Carcinoid tumour", clinicalStatus=resolved),
+            LIVER,
+        ]
+    )
+    assert criterion(ev, A, "inc-net-diagnosis").result.value == "fail"
+
+
+def test_a_coded_net_decides_before_any_words() -> None:
+    ev = run([condition("net", ICD10, "C7A.8"), worded("w", "Condition", "carcinoid"), LIVER])
+    assert criterion(ev, A, "inc-net-diagnosis").result.value == "pass"
+
+
+def test_a_local_code_with_net_display_counts_as_words() -> None:
+    """An EHR's own code (not one the criteria read) whose display names a NET."""
+    local = condition("loc", "urn:oid:2.999.1", "PL-4411")
+    local["code"]["coding"][0]["display"] = "Neuroendocrine carcinoma, pancreas"
+    result = criterion(run([local, LIVER]), A, "inc-net-diagnosis")
+    assert result.result.value == "unknown", result.explanation
+
+
+def test_liver_metastases_named_only_in_words_are_unknown() -> None:
+    ev = run([condition("net", ICD10, "C7A.8"), worded("m", "Condition", "Liver metastases")])
+    result = criterion(ev, A, "inc-liver-metastases")
+    assert result.result.value == "unknown", result.explanation
+    ev = run([condition("net", ICD10, "C7A.8"), worded("m", "Condition", "NET without liver mets")])
+    assert criterion(ev, A, "inc-liver-metastases").result.value == "fail"
+
+
+@pytest.mark.parametrize(
+    "text", ["TACE right lobe", "Y90 radioembolization", "Hepatic artery embolization", "SIRT"]
+)
+def test_liver_embolization_named_only_in_words_is_unknown(text: str) -> None:
+    ev = run([worded("p", "Procedure", text)])
+    for trial, cid in (
+        (A, "exc-prior-liver-embolization"),
+        (B, "exc-prior-liver-directed-therapy"),
+    ):
+        result = criterion(ev, trial, cid)
+        assert result.result.value == "unknown", result.explanation
+        assert text in result.explanation
+
+
+def test_embolization_words_on_a_procedure_not_done_do_not_count() -> None:
+    ev = run([worded("p", "Procedure", "TACE", status="not-done")])
+    assert criterion(ev, A, "exc-prior-liver-embolization").result.value == "pass"
+
+
+def test_a_trial_naming_an_unknown_text_signal_is_refused(tmp_path: Any) -> None:
+    import json
+    import shutil
+
+    from cds.criteria.definitions import TRIALS_DIR, VALUESETS_DIR, load_trial_set
+    from cds.errors import DefinitionError
+
+    shutil.copytree(TRIALS_DIR, tmp_path / "trials")
+    path = tmp_path / "trials" / "NCT04339036.json"
+    data = json.loads(path.read_text())
+    for item in data["criteria"]:
+        if item["id"] == "inc-net-diagnosis":
+            item["rule"]["signal_text"] = ["no-such-signal"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DefinitionError) as err:
+        load_trial_set(tmp_path / "trials", VALUESETS_DIR)
+    assert "no-such-signal" in str(err.value) and "signal_text" in str(err.value)
+
+
+def test_a_text_signal_file_with_a_bad_pattern_is_refused(tmp_path: Any) -> None:
+    import json
+
+    from cds.criteria.texts import load_text_signals
+    from cds.errors import DefinitionError
+
+    bad = tmp_path / "signals.json"
+    bad.write_text(
+        json.dumps(
+            {
+                "version": "1",
+                "signals": [{"id": "x", "title": "x", "types": ["Condition"], "words": ["("]}],
+            }
+        )
+    )
+    with pytest.raises(DefinitionError) as err:
+        load_text_signals(bad)
+    assert "signals[0]" in str(err.value)
+
+
 def test_net_code_with_a_pancreas_site_code_is_a_pancreatic_net() -> None:
     ev = run([condition("net", ICD10, "C7A.8"), condition("site", ICD10, "C25.0"), LIVER])
     assert criterion(ev, B, "inc-pancreatic-net").result.value == "pass"

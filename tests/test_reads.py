@@ -48,15 +48,22 @@ def _fixture_records() -> list[tuple[str, PatientRecord]]:
 def test_every_rule_reads_only_what_its_kind_declares(monkeypatch: pytest.MonkeyPatch) -> None:
     trials = load_trials()
     asked: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
-    real_entries = Context.entries
+    asked_texts: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    real_entries, real_named = Context.entries, Context.named
 
     def recording(self: Context, types: Any, valueset_ids: Any) -> Any:
         ids = tuple(valueset_ids)
         asked.append((tuple(types), ids))
         return real_entries(self, types, ids)
 
+    def recording_texts(self: Context, types: Any, signal_ids: Any) -> Any:
+        ids = tuple(signal_ids)
+        asked_texts.append((tuple(types), ids))
+        return real_named(self, types, ids)
+
     monkeypatch.setattr(Context, "entries", recording)
-    checked = 0
+    monkeypatch.setattr(Context, "named", recording_texts)
+    checked = texts_checked = 0
     for name, record in _fixture_records():
         for trial in trials:
             for criterion in trial.criteria:
@@ -64,14 +71,17 @@ def test_every_rule_reads_only_what_its_kind_declares(monkeypatch: pytest.Monkey
                     continue
                 kind = RULE_KINDS[criterion.rule["type"]]
                 declared = kind.reads(criterion.rule, trials.analytes)
+                declared_texts = kind.texts_read(criterion.rule)
                 patient = RecordingPatient(record.patient)
                 # a fresh record per criterion: the record memoises what it reads
                 fresh = PatientRecord(
                     patient=patient,
                     entries=record.entries,
                     _by_valueset=record._by_valueset,
+                    _by_text=record._by_text,
                 )
                 asked.clear()
+                asked_texts.clear()
                 ctx = Context(record=fresh, trials=trials, trial=trial, as_of=AS_OF)
                 kind.func(criterion.rule, ctx)
                 for types, ids in asked:
@@ -81,6 +91,14 @@ def test_every_rule_reads_only_what_its_kind_declares(monkeypatch: pytest.Monkey
                             f"{name}: {trial.id} {criterion.id} ({kind.name}) reads "
                             f"{sorted(undeclared)} from {rtype} without declaring it"
                         )
+                for types, ids in asked_texts:
+                    texts_checked += 1
+                    for rtype in types:
+                        undeclared = set(ids) - declared_texts.get(rtype, set())
+                        assert not undeclared, (
+                            f"{name}: {trial.id} {criterion.id} ({kind.name}) looks for the "
+                            f"text signals {sorted(undeclared)} in {rtype} without declaring it"
+                        )
                 elements = patient.read - {"id"}
                 allowed = kind.patient_elements_read(criterion.rule)
                 assert elements <= allowed, (
@@ -89,6 +107,7 @@ def test_every_rule_reads_only_what_its_kind_declares(monkeypatch: pytest.Monkey
                 )
                 checked += 1
     assert checked > 1000
+    assert texts_checked > 0
 
 
 def test_a_rule_reading_an_undeclared_value_set_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +132,7 @@ def test_a_rule_reading_an_undeclared_value_set_is_caught(monkeypatch: pytest.Mo
 
 def test_every_door_fetches_what_the_rules_read() -> None:
     trials = load_trials()
-    read = {t for t in CLINICAL_TYPES if trials.valueset_ids_for(t)}
+    read = {t for t in CLINICAL_TYPES if trials.valueset_ids_for(t) or trials.text_signals_for(t)}
     assert "MedicationDispense" in read  # the drug a pharmacy handed over counts
     queried = {q.resource_type for q in build_patient_queries(trials)}
     assert queried == {"Patient", *read}

@@ -314,6 +314,7 @@ class EveryCodeRelevant:
 
     def __init__(self, trials: TrialSet) -> None:
         self.valuesets_of = trials.valuesets_of
+        self.text_signals_for = trials.text_signals_for
 
     def is_relevant(self, key: tuple[str, str]) -> bool:
         return True

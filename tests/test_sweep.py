@@ -447,6 +447,14 @@ def test_code_prefilter_keeps_every_line_the_criteria_read() -> None:
         line = b'{"resourceType":"Condition","code":{"coding":[{"code":"%s"}]}}' % code.encode()
         assert keep(line), code
         odd.append(line + b"\n")
+    # a disease or procedure named only in words (text signals): kept, by both tests
+    worded = {
+        "Condition": b'{"resourceType":"Condition","code":{"text":"Pancreatic NET"}}',
+        "Procedure": b'{"resourceType":"Procedure","code":{"text":"Y-90 to liver"}}',
+    }
+    for rtype, line in worded.items():
+        assert keep(line), line
+        blocks[rtype].append(line + b"\n")
     # the whole-block search finds every line the line test keeps
     blocks["Condition"] += odd
     for rtype, lines in blocks.items():

@@ -13,6 +13,7 @@ import jsonschema
 
 from cds.criteria import rules as _rules  # noqa: F401 - registers the rule kinds
 from cds.criteria.reads import CLINICAL_TYPES, RELATED_TYPES, RULE_KINDS, rule_schema
+from cds.criteria.texts import TEXT_SIGNALS_FILE, TextSignal, load_text_signals
 from cds.criteria.units import Analyte
 from cds.criteria.valuesets import LOINC, ValueSet, load_valuesets
 from cds.errors import DefinitionError, InputError
@@ -97,11 +98,14 @@ class TrialSet:
         valuesets: dict[str, ValueSet],
         analytes: dict[str, Analyte],
         answers: dict[str, Any],
+        texts: dict[str, TextSignal] | None = None,
     ) -> None:
         self.trials = tuple(trials)
         self.valuesets = valuesets
         self.analytes = analytes
         self.answers = answers
+        self.texts = texts or {}
+        self._texts_for: dict[str, tuple[TextSignal, ...]] = {}
         self._by_id = {t.id: t for t in self.trials}
         self._used_valuesets: tuple[ValueSet, ...] | None = None
         self._relevance: dict[tuple[str, str], bool] = {}
@@ -168,8 +172,25 @@ class TrialSet:
                 source="--trial",
             )
         return TrialSet(
-            [self._by_id[t] for t in wanted], self.valuesets, self.analytes, self.answers
+            [self._by_id[t] for t in wanted],
+            self.valuesets,
+            self.analytes,
+            self.answers,
+            self.texts,
         )
+
+    def text_signals_for(self, resource_type: str) -> tuple[TextSignal, ...]:
+        """The text signals some criterion looks for in resources of ``resource_type``."""
+        known = self._texts_for.get(resource_type)
+        if known is None:
+            ids: set[str] = set()
+            for trial in self.trials:
+                for criterion in trial.criteria:
+                    if criterion.rule is not None:
+                        kind = RULE_KINDS[criterion.rule["type"]]
+                        ids.update(kind.texts_read(criterion.rule).get(resource_type, ()))
+            known = self._texts_for[resource_type] = tuple(self.texts[i] for i in sorted(ids))
+        return known
 
     def valueset_ids_for(self, resource_type: str) -> frozenset[str]:
         """Every value set the criteria match against resources of ``resource_type``."""
@@ -192,7 +213,9 @@ class TrialSet:
     def types_read(self) -> tuple[str, ...]:
         """The clinical resource types some criterion reads, in record order (what the FHIR
         queries, the Bulk ``_type`` list and the NDJSON sweep fetch)."""
-        return tuple(t for t in CLINICAL_TYPES if self.valueset_ids_for(t))
+        return tuple(
+            t for t in CLINICAL_TYPES if self.valueset_ids_for(t) or self.text_signals_for(t)
+        )
 
     def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
         """The explicit (system, code) pairs the criteria read from ``resource_type``.
@@ -251,6 +274,7 @@ def parse_trial(
     file: str,
     valuesets: dict[str, ValueSet],
     analytes: dict[str, Analyte],
+    texts: dict[str, TextSignal] | None = None,
 ) -> Trial:
     """Validate one trial definition (schema, then references) and build a :class:`Trial`."""
     errors = sorted(_trial_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
@@ -280,7 +304,9 @@ def parse_trial(
         rule = item.get("rule")
         manual = item.get("manual") or {}
         if rule is not None:
-            _check_references(rule, f"criteria[{i}].rule", file, cid, valuesets, analytes)
+            _check_references(
+                rule, f"criteria[{i}].rule", file, cid, valuesets, analytes, texts or {}
+            )
         _check_related(
             manual.get("related", ()), f"criteria[{i}].manual.related", file, cid, valuesets
         )
@@ -323,13 +349,24 @@ def _check_references(
     criterion: str,
     valuesets: dict[str, ValueSet],
     analytes: dict[str, Analyte],
+    texts: dict[str, TextSignal],
 ) -> None:
-    """Every value set and analyte a rule's parameters name exists, and its limits' units
+    """Every value set, text signal and analyte a rule's parameters name exists, and its
+    limits' units
     convert to the analyte's (the parameters' roles come from the rule kind's declaration)."""
     kind = RULE_KINDS[rule["type"]]
     for param, given, path in kind.walk(rule, where):
         if param.role == "valuesets":
             _check_related(given, path, file, criterion, valuesets)
+        elif param.role == "texts":
+            for j, text_id in enumerate(given):
+                if text_id not in texts or not set(param.reads) & set(texts[text_id].types):
+                    raise DefinitionError(
+                        f"unknown text signal {text_id!r} (or not one for {param.reads})",
+                        file=file,
+                        criterion=criterion,
+                        field=f"{path}[{j}]",
+                    )
         elif param.role == "analyte" and given not in analytes:
             raise DefinitionError(
                 f"unknown analyte {given!r}", file=file, criterion=criterion, field=path
@@ -399,15 +436,17 @@ def load_trial_set(
     valuesets_dir: Path = VALUESETS_DIR,
     analytes_file: Path = ANALYTES_FILE,
     answers_file: Path = ANSWERS_FILE,
+    texts_file: Path = TEXT_SIGNALS_FILE,
 ) -> TrialSet:
     """Load and validate every trial definition and what it refers to. Raises DefinitionError."""
     valuesets = load_valuesets(valuesets_dir)
+    texts = load_text_signals(texts_file)
     analytes = load_analytes(analytes_file, valuesets)
     answers = _read_json(answers_file) if answers_file.exists() else {}
     trials = []
     for path in sorted(trials_dir.glob("*.json")):
         trial = parse_trial(
-            _read_json(path), file=str(path), valuesets=valuesets, analytes=analytes
+            _read_json(path), file=str(path), valuesets=valuesets, analytes=analytes, texts=texts
         )
         if trial.id != path.stem:
             raise DefinitionError(
@@ -416,7 +455,7 @@ def load_trial_set(
         trials.append(trial)
     if not trials:
         raise DefinitionError("no trial definitions found", file=str(trials_dir))
-    return TrialSet(trials, valuesets, analytes, answers)
+    return TrialSet(trials, valuesets, analytes, answers, texts)
 
 
 @cache

@@ -42,7 +42,8 @@ class Param:
     """One parameter of a rule kind.
 
     ``role`` says what the value names: ``valuesets`` (a list of value-set ids matched
-    against ``reads``), ``analyte`` (an analyte id: its value set is read from Observations),
+    against ``reads``), ``texts`` (a list of text-signal ids, ``cds/criteria/texts.py``,
+    looked for in ``reads``), ``analyte`` (an analyte id: its value set is read from Observations),
     ``rule`` (a nested rule of kind ``nested``) or ``value`` (anything else).
     """
 
@@ -60,6 +61,15 @@ def valuesets_param(name: str, reads: Iterable[str], *, required: bool = False) 
         {"$ref": "#/$defs/valuesets"},
         required=required,
         role="valuesets",
+        reads=tuple(reads),
+    )
+
+
+def texts_param(name: str, reads: Iterable[str]) -> Param:
+    return Param(
+        name,
+        {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"type": "string"}},
+        role="texts",
         reads=tuple(reads),
     )
 
@@ -141,6 +151,16 @@ class RuleKind:
                 for rtype, inner in RULE_KINDS[p.nested].reads(rule[p.name], analytes).items():
                     add((rtype,), inner)
         add(("Observation",), (analytes[a].valueset for a in analyte_ids if a in analytes))
+        return by_type
+
+    def texts_read(self, rule: Mapping[str, Any]) -> dict[str, set[str]]:
+        """Resource type -> the text signals a rule of this kind with these parameters looks
+        for."""
+        by_type: dict[str, set[str]] = {}
+        for p, given, _ in self.walk(rule, ""):
+            if p.role == "texts":
+                for t in p.reads:
+                    by_type.setdefault(t, set()).update(given)
         return by_type
 
     def patient_elements_read(self, rule: Mapping[str, Any]) -> frozenset[str]:

@@ -13,6 +13,7 @@ from functools import cache, cached_property, lru_cache
 from typing import Any, Literal, Protocol
 
 from cds.criteria.reads import CLINICAL_TYPES, MEDICATION_TYPES
+from cds.criteria.texts import TextSignal, texts_of
 from cds.criteria.valuesets import ValueSet, normalize_coding
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,7 @@ class Entry:
         "_until",
         "_display",
         "_instant",
+        "named",
     )
 
     def __init__(
@@ -279,6 +281,8 @@ class Entry:
         self._instant: float | None | Literal[False] = False
         #: displays by code of the value set that selected it, for a record without one
         self.fallback_displays: dict[CodingKey, str] | None = None
+        #: the ids of the text signals its words match
+        self.named: tuple[str, ...] = ()
 
     @property
     def when(self) -> DateRange | None:
@@ -334,6 +338,10 @@ class RecordIndex(Protocol):
         """The ids of the value sets holding ``key``."""
         ...
 
+    def text_signals_for(self, resource_type: str) -> tuple[TextSignal, ...]:
+        """The text signals some criterion looks for in resources of ``resource_type``."""
+        ...
+
 
 #: US Core sex extensions read when Patient.gender is absent or neither male nor female
 #: (US Core 6.1 us-core-sex: SNOMED 248153007 male, 248152002 female; US Core
@@ -369,6 +377,8 @@ class PatientRecord:
     #: entries by the id of each value set holding one of their codes: a selection is a
     #: lookup, not a walk over codes
     _by_valueset: dict[str, list[Entry]] = field(default_factory=lambda: defaultdict(list))
+    #: entries by the id of each text signal their words matched
+    _by_text: dict[str, list[Entry]] = field(default_factory=lambda: defaultdict(list))
     #: the rules' as-of-filtered, newest-first selections and the measurements read from them
     #: (see rules.Context.entries and rules.latest_measurement)
     selection_cache: dict[Any, Any] = field(default_factory=dict)
@@ -465,6 +475,11 @@ class PatientRecord:
             self._match_cache[cache_key] = cached
         return cached
 
+    def named_in_text(self, types: Iterable[str], signal_id: str) -> list[Entry]:
+        """Entries of the given types whose words match the text signal ``signal_id``."""
+        types = tuple(types)
+        return [e for e in self._by_text.get(signal_id, ()) if e.type in types]
+
     def invalid_reason(self, entry: Entry) -> str | None:
         """Why ``entry``'s resource is not a valid FHIR R4 resource, or ``None`` if it is.
 
@@ -525,7 +540,13 @@ class RecordBuilder:
         self, rtype: str, resource: dict[str, Any], medications: Mapping[str, dict[str, Any]]
     ) -> None:
         try:
-            self._entries += _make_entries(rtype, resource, medications, self.index.is_relevant)
+            self._entries += _make_entries(
+                rtype,
+                resource,
+                medications,
+                self.index.is_relevant,
+                self.index.text_signals_for(rtype),
+            )
         except (AttributeError, TypeError, ValueError) as exc:
             # The resource's shape is too broken to even read its code: skip it, loudly.
             self.warnings.append(f"{rtype}/{resource.get('id')} skipped: unreadable ({exc})")
@@ -572,6 +593,8 @@ class RecordBuilder:
             )
             for valueset_id in ids:
                 by_valueset[valueset_id].append(entry)
+            for signal_id in entry.named:
+                record._by_text[signal_id].append(entry)
         return record
 
 
@@ -776,9 +799,11 @@ def _make_entries(
     resource: dict[str, Any],
     medications: Mapping[str, dict[str, Any]],
     relevant: Callable[[CodingKey], bool],
+    signals: tuple[TextSignal, ...] = (),
 ) -> list[Entry]:
-    """The entries a resource gives the rules: those whose codes some criterion reads (an
-    Entry is made only for them: most of a large record is not)."""
+    """The entries a resource gives the rules: those whose codes some criterion reads, or
+    (for the types text signals are looked for in) whose words name one (an Entry is made
+    only for them: most of a large record is not)."""
     if resource.get("status") in _VOID_STATUS.get(rtype, ()):
         return []
     if rtype == "Observation":
@@ -827,9 +852,19 @@ def _make_entries(
         if concept is None:
             concept = _resolve_medication(resource, medications)
         keys = concept_keys(concept)
-    if not any(map(relevant, keys)):
+    named = _named(signals, concept) if signals else ()
+    if not named and not any(map(relevant, keys)):
         return []
-    return [Entry(f"{rtype}/{resource.get('id')}", rtype, resource, keys, concept)]
+    entry = Entry(f"{rtype}/{resource.get('id')}", rtype, resource, keys, concept)
+    entry.named = named
+    return [entry]
+
+
+def _named(signals: tuple[TextSignal, ...], concept: Any) -> tuple[str, ...]:
+    texts = texts_of(concept)
+    if not texts:
+        return ()
+    return tuple(s.id for s in signals if s.finds(texts))
 
 
 def _resolve_medication(

@@ -19,6 +19,7 @@ from cds.criteria.reads import (
     analyte_param,
     rule_kind,
     rule_param,
+    texts_param,
     value_param,
     valuesets_param,
 )
@@ -110,6 +111,17 @@ class Context:
         selected = sorted(seen.values(), key=_sort_key, reverse=True)
         self.record.selection_cache[cache_key] = selected
         return selected
+
+    def named(self, types: Sequence[str], signal_ids: Iterable[str]) -> list[Entry]:
+        """Entries of ``types`` whose words match any of the text signals, recorded on or
+        before the as-of date (or undated), newest first."""
+        seen: dict[int, Entry] = {}
+        for signal_id in signal_ids:
+            for entry in self.record.named_in_text(types, signal_id):
+                when = entry.when
+                if when is None or when.start <= self.as_of:
+                    seen[id(entry)] = entry
+        return sorted(seen.values(), key=_sort_key, reverse=True)
 
     def readable(self, entries: Iterable[Entry]) -> tuple[list[Entry], list[Entry]]:
         """Split entries into (valid, malformed); malformed ones never count."""
@@ -223,6 +235,9 @@ def _unconfirmed(items: Sequence[Entry], resolve: str) -> Outcome:
     valuesets_param("signal_observations", ["Observation"]),
     valuesets_param("signal_medications", MEDICATION_TYPES),
     valuesets_param("signal_procedures", ["Procedure"]),
+    # The disease named in words by a record that does not code it (issue 12: "a NET recorded
+    # only as text ... makes it unknown").
+    texts_param("signal_text", ["Condition"]),
     # Coded diseases that explain the signals (a NET coded at another site): then they do not
     # count, and the absence of the required diagnosis fails.
     valuesets_param("signals_unless", ["Condition"]),
@@ -267,7 +282,7 @@ def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
             )
     signals = _disease_signals(rule, ctx)
     if signals:
-        found = "; ".join(f"{ctx.titles([vs])}: {_listing(items)}" for vs, items in signals)
+        found = "; ".join(f"{label}: {_listing(items)}" for label, items in signals)
         return Outcome(
             Result.UNKNOWN,
             _refs([e for _, items in signals for e in items]),
@@ -283,8 +298,8 @@ def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
 
 def _disease_signals(rule: dict[str, Any], ctx: Context) -> list[tuple[str, list[Entry]]]:
     """Readable records that suggest the disease without coding it (a Ki-67 result, a
-    somatostatin analogue, a benign-coded NET ...), by value set, unless a coded disease
-    explains them."""
+    somatostatin analogue, a benign-coded NET, the disease named in words ...), by what
+    suggests it, unless a coded disease explains them."""
     if rule.get("signals_unless"):
         by_state = _conditions_by_state(ctx, rule["signals_unless"])[0]
         if by_state["active"] or by_state["unconfirmed"]:
@@ -299,8 +314,21 @@ def _disease_signals(rule: dict[str, Any], ctx: Context) -> list[tuple[str, list
         found.append((vs, ctx.entries(MEDICATION_TYPES, [vs])))
     for vs in rule.get("signal_procedures", []):
         found.append((vs, ctx.entries(("Procedure",), [vs])))
-    readable = [(vs, ctx.readable(items)[0]) for vs, items in found]
-    return [(vs, items) for vs, items in readable if items]
+    labelled = [(ctx.titles([vs]), items) for vs, items in found]
+    for signal_id in rule.get("signal_text", []):
+        named = [
+            e
+            for e in ctx.named(("Condition",), [signal_id])
+            if _condition_state(e, ctx.as_of) != "inactive"
+        ]
+        labelled.append((_named_label(ctx, signal_id), named))
+    readable = [(label, ctx.readable(items)[0]) for label, items in labelled]
+    return [(label, items) for label, items in readable if items]
+
+
+def _named_label(ctx: Context, signal_id: str) -> str:
+    """``a neuroendocrine tumour named in words``: the words are the entries' displays."""
+    return ctx.trials.texts[signal_id].title
 
 
 @rule_kind(
@@ -360,6 +388,9 @@ def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     valuesets_param("medications", MEDICATION_TYPES),
     valuesets_param("conditions", ["Condition"]),
     valuesets_param("ambiguous_procedures", ["Procedure"]),
+    # Procedures named in words by a record that does not code them as one of ``procedures``
+    # (issue 12: a procedure whose text names TACE or Y90 is unknown, never "none on record").
+    texts_param("ambiguous_text", ["Procedure"]),
     value_param("confirm", {"type": "string"}),
     # Procedures that count only together, on the same day (a Whipple coded as its parts).
     valuesets_param("same_day_procedures", ["Procedure"]),
@@ -405,6 +436,11 @@ def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     ambiguous, bad_ambiguous = ctx.readable(
         ctx.entries(("Procedure",), rule.get("ambiguous_procedures", []))
     )
+    named = [
+        e
+        for e in ctx.readable(ctx.named(("Procedure",), rule.get("ambiguous_text", [])))[0]
+        if all(e is not a for a in ambiguous)
+    ]
     if uncertain_status:
         return Outcome(
             Result.UNKNOWN,
@@ -418,6 +454,18 @@ def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
             Result.UNKNOWN,
             _refs(ambiguous),
             f"Possibly relevant: {_listing(ambiguous)}; {confirm}.",
+        )
+    if named:
+        labels = " or ".join(
+            _named_label(ctx, sid)
+            for sid in rule["ambiguous_text"]
+            if any(sid in e.named for e in named)
+        )
+        return Outcome(
+            Result.UNKNOWN,
+            _refs(named),
+            f"Not coded as one, but {labels} on record: {_listing(named)}; "
+            "confirm what was done (a code would decide it).",
         )
     if bad or bad_ambiguous:
         return _malformed_unknown(ctx, bad + bad_ambiguous, "A possibly relevant record")

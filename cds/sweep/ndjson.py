@@ -620,6 +620,20 @@ class CodePrefilter:
             + _trie_pattern([_code_atoms(c) for c in exact | prefixes])
             + rb")"
         )
+        # Records that name a disease or procedure in words only (text signals, which a rule
+        # reads where no code says it): a line that holds the words anywhere is kept, by type.
+        self._text_res: dict[bytes, re.Pattern[bytes]] = {}
+        for rtype in CLINICAL_TYPES:
+            signals = trials.text_signals_for(rtype)
+            if signals:
+                self._text_res[rtype.encode()] = re.compile(
+                    b"|".join(b"(?:" + s.line_pattern + b")" for s in signals)
+                )
+        self._any_text = (
+            re.compile(b"|".join(b"(?:" + p.pattern + b")" for p in self._text_res.values()))
+            if self._text_res
+            else None
+        )
 
     def _judge(self, code: bytes) -> bool:
         code = code.strip()
@@ -632,6 +646,8 @@ class CodePrefilter:
 
     def __call__(self, line: bytes) -> bool:
         if b"\\" in line or b'"medicationReference"' in line:
+            return True
+        if self._any_text is not None and self._any_text.search(line):
             return True
         memo = self._memo
         for code in _CODE_VALUE_RE.findall(line):
@@ -658,7 +674,7 @@ class CodePrefilter:
         # for it cost ~1 % of a sweep).
         if resource_type.startswith(b"Medication") and b'"medicationReference"' in block:
             return None
-        found: list[tuple[bytes, bool]] = []
+        found: dict[int, tuple[bytes, bool]] = {}  # by where the line starts
         after = 0  # end of the last line taken, so each line is taken once
         for m in self._candidate_re.finditer(block):
             key = m.start() - 1
@@ -667,8 +683,17 @@ class CodePrefilter:
             start = block.rfind(b"\n", 0, key) + 1
             after = block.index(b"\n", m.end()) + 1
             # Codes that start with a digit are matched exactly (up to the closing quote).
-            found.append((block[start:after], m.group(1)[:1].isdigit()))
-        return found
+            found[start] = (block[start:after], m.group(1)[:1].isdigit())
+        text_re = self._text_res.get(resource_type)
+        if text_re is not None:
+            # Lines that name a text signal (the line-by-line test keeps them too), merged
+            # into the code matches in input order, each line once.
+            for m in text_re.finditer(block):
+                start = block.rfind(b"\n", 0, m.start()) + 1
+                if start not in found:
+                    found[start] = (block[start : block.index(b"\n", m.end()) + 1], False)
+            return [found[start] for start in sorted(found)]
+        return list(found.values())
 
 
 def _code_atoms(code: str) -> tuple[str, ...]:
