@@ -925,6 +925,55 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         },
     )
 
+    # Sites in Condition.bodySite and Procedure.bodySite (mCODE binds them to SNOMED CT body
+    # structures or ICD-O-3 topography), not in the code.
+    p, r = base("pnet-by-body-site")
+    p.remove(r["pnet"])
+    p.remove(r["liver"])
+    net = p.condition([(ICD10, "C7A.8", "Other malignant neuroendocrine tumors")], "2025-11-03")
+    net["bodySite"] = [
+        {"coding": [{"system": SNOMED, "code": "15776009", "display": "Pancreatic structure"}]}
+    ]
+    mets = p.condition(
+        [(SNOMED, "128462008", "Secondary malignant neoplastic disease")], "2025-11-03"
+    )
+    mets["bodySite"] = [
+        {"coding": [{"system": SNOMED, "code": "10200004", "display": "Liver structure"}]}
+    ]
+    scenario(
+        "pnet-by-body-site",
+        "a NET coded without its primary site (C7A.8) whose bodySite is the pancreas, and "
+        "secondary malignant disease whose bodySite is the liver: a pancreatic NET with liver "
+        "metastases, a candidate for both",
+        p,
+        {
+            A: {"status": "candidate", "inc-net-diagnosis": "pass", "inc-liver-metastases": "pass"},
+            B: {
+                "status": "candidate",
+                "inc-pancreatic-net": "pass",
+                "inc-liver-metastases": "pass",
+            },
+        },
+    )
+
+    p, r = base("embolization-liver-body-site")
+    emb = p.procedure(
+        [(CPT, "37243", "Vascular embolization or occlusion, for tumors")], "2024-06-11"
+    )
+    emb["bodySite"] = [
+        {"coding": [{"system": SNOMED, "code": "10200004", "display": "Liver structure"}]}
+    ]
+    scenario(
+        "embolization-liver-body-site",
+        "an embolization coded CPT 37243 (target not in the code) whose bodySite is the liver: "
+        "a hepatic embolization, excluded from both (unknown before 1.3.0)",
+        p,
+        {
+            A: {"status": "excluded", "exc-prior-liver-embolization": "fail"},
+            B: {"status": "excluded", "exc-prior-liver-directed-therapy": "fail"},
+        },
+    )
+
     p, r = base("net-benign-coded")
     p.remove(r["pnet"])
     p.remove(r["liver"])

@@ -622,3 +622,159 @@ def test_a_ki67_bound_that_spans_a_boundary_says_so() -> None:
     result = criterion(run([PNET, ki67]), B, "inc-grade-1-2")
     assert result.result.value == "unknown"
     assert "between G1 and G2" in result.explanation
+
+
+# ------------------------------------------------------ 1. sites and ICD-O-3 morphologies
+
+ICDO3 = "http://terminology.hl7.org/CodeSystem/icd-o-3"
+MCODE_MORPHOLOGY = (
+    "http://hl7.org/fhir/us/mcode/StructureDefinition/mcode-histology-morphology-behavior"
+)
+
+
+def at_site(resource: dict[str, Any], system: str, code: str) -> dict[str, Any]:
+    resource["bodySite"] = [{"coding": [{"system": system, "code": code}]}]
+    return resource
+
+
+def mcode_primary(cid: str, morphology: str, site: tuple[str, str] | None) -> dict[str, Any]:
+    """An mCODE PrimaryCancerCondition coded by SNOMED CT 'malignant neoplastic disease'
+    (363346000, VSAC All Primary and Secondary Cancer) with the ICD-O-3 morphology in its
+    extension and the site in bodySite."""
+    resource = condition(cid, SNOMED, "363346000")
+    resource["extension"] = [
+        {
+            "url": MCODE_MORPHOLOGY,
+            "valueCodeableConcept": {"coding": [{"system": ICDO3, "code": morphology}]},
+        }
+    ]
+    return at_site(resource, *site) if site else resource
+
+
+@pytest.mark.parametrize(
+    "site", [(ICDO3, "C25.0"), (ICDO3, "C25.4"), (SNOMED, "15776009"), (SNOMED, "73239005")]
+)
+def test_mcode_net_morphology_with_a_pancreas_body_site_is_a_pancreatic_net(
+    site: tuple[str, str],
+) -> None:
+    result = criterion(run([mcode_primary("p", "8240/3", site), LIVER]), B, "inc-pancreatic-net")
+    assert result.result.value == "pass", result.explanation
+    assert site[1] in result.explanation
+
+
+def test_a_net_whose_body_site_is_elsewhere_is_not_a_pancreatic_net() -> None:
+    ev = run([mcode_primary("p", "8240/3", (ICDO3, "C22.0")), LIVER])
+    assert criterion(ev, B, "inc-pancreatic-net").result.value == "unknown"  # confirm primary
+    assert criterion(ev, A, "inc-net-diagnosis").result.value == "pass"
+
+
+@pytest.mark.parametrize("morphology", ["8241/3", "8242/3", "8153/3", "8155/3", "8156/3"])
+def test_added_net_morphologies_are_a_net_of_unstated_primary(morphology: str) -> None:
+    ev = run([mcode_primary("p", morphology, None), LIVER])
+    assert criterion(ev, A, "inc-net-diagnosis").result.value == "pass"
+    assert criterion(ev, B, "inc-pancreatic-net").result.value == "unknown"
+
+
+@pytest.mark.parametrize("morphology", ["8151/3", "8152/3"])
+def test_insulinoma_and_glucagonoma_morphologies_are_pancreatic(morphology: str) -> None:
+    ev = run([mcode_primary("p", morphology, None), LIVER])
+    assert criterion(ev, B, "inc-pancreatic-net").result.value == "pass"
+
+
+@pytest.mark.parametrize("morphology", ["8243/3", "8244/3", "8245/3", "8247/3", "8154/3"])
+def test_mixed_goblet_or_merkel_morphology_is_a_signal_never_a_net_or_no_net(
+    morphology: str,
+) -> None:
+    ev = run([mcode_primary("p", morphology, None), LIVER])
+    for trial, cid in ((A, "inc-net-diagnosis"), (B, "inc-pancreatic-net")):
+        result = criterion(ev, trial, cid)
+        assert result.result.value == "unknown", result.explanation
+        assert morphology in result.explanation or "not a well-differentiated" in (
+            result.explanation
+        )
+
+
+@pytest.mark.parametrize(
+    ("code", "system", "site"),
+    [
+        ("128462008", SNOMED, (SNOMED, "10200004")),
+        ("C79.9", ICD10, (ICDO3, "C22.0")),
+        ("C7B.00", ICD10, (SNOMED, "10200004")),
+    ],
+)
+def test_metastatic_disease_with_a_liver_body_site_is_liver_metastases(
+    code: str, system: str, site: tuple[str, str]
+) -> None:
+    mets = at_site(condition("m", system, code), *site)
+    result = criterion(run([condition("n", ICD10, "C7A.8"), mets]), A, "inc-liver-metastases")
+    assert result.result.value == "pass", result.explanation
+
+
+def test_metastatic_disease_without_a_site_is_unknown_for_liver_metastases() -> None:
+    ev = run([condition("n", ICD10, "C7A.8"), condition("m", SNOMED, "128462008")])
+    result = criterion(ev, A, "inc-liver-metastases")
+    assert result.result.value == "unknown", result.explanation
+    assert "confirm whether the metastases involve the liver" in result.explanation
+
+
+def test_a_primary_net_with_a_liver_body_site_is_not_liver_metastases() -> None:
+    """A primary tumour in the liver is not a metastasis to it."""
+    ev = run([at_site(condition("n", ICD10, "C7A.8"), SNOMED, "10200004")])
+    assert criterion(ev, A, "inc-liver-metastases").result.value == "fail"
+
+
+def procedure(pid: str, system: str, code: str, when: str = "2024-06-11") -> dict[str, Any]:
+    return {
+        "resourceType": "Procedure",
+        "id": pid,
+        "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": system, "code": code}]},
+        "performedDateTime": when,
+    }
+
+
+CPT = "http://www.ama-assn.org/go/cpt"
+
+
+def test_embolization_of_unstated_target_on_the_liver_is_hepatic() -> None:
+    emb = at_site(procedure("e", CPT, "37243"), SNOMED, "10200004")
+    for trial, cid in (
+        (A, "exc-prior-liver-embolization"),
+        (B, "exc-prior-liver-directed-therapy"),
+    ):
+        result = criterion(run([emb]), trial, cid)
+        assert result.result.value == "fail", result.explanation
+        assert "10200004" in result.explanation
+
+
+def test_embolization_of_unstated_target_elsewhere_stays_unknown() -> None:
+    emb = at_site(procedure("e", CPT, "37243"), SNOMED, "15776009")
+    result = criterion(run([emb]), A, "exc-prior-liver-embolization")
+    assert result.result.value == "unknown", result.explanation
+
+
+# ------------------------------------------------------ 5. DPD deficiency (CapTem)
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        condition("dpd", SNOMED, "77365006"),
+        worded("dpd", "Condition", "DPYD c.1905+1G>A heterozygous (DPD deficiency)"),
+    ],
+)
+def test_dpd_deficiency_makes_the_captem_contraindication_unknown(resource: dict[str, Any]) -> None:
+    result = criterion(run([resource]), A, "exc-capecitabine-temozolomide-contraindication")
+    assert result.result.value == "unknown", result.explanation
+    assert "Condition/dpd" in result.evidence
+
+
+@pytest.mark.parametrize(
+    "text", ["DPYD genotype: wild type", "Family history of DPD deficiency", "Hypertension"]
+)
+def test_words_that_do_not_say_the_patient_is_dpd_deficient_leave_it_manual(text: str) -> None:
+    result = criterion(
+        run([worded("c", "Condition", text)]), A, "exc-capecitabine-temozolomide-contraindication"
+    )
+    assert result.result.value == "manual", result.explanation

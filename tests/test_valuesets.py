@@ -108,6 +108,7 @@ EXPECTED_IDS = {
 
 ICD10CM_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
 ICD10CM_CATEGORY = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,3})?$")
+ICDO3_TOPOGRAPHY = re.compile(r"^C[0-9]{2}\.[0-9]$")
 ICDO3_MORPHOLOGY = re.compile(r"^[89][0-9]{3}/[0-9]$")
 
 VALUESET_FILES = sorted(VALUESET_DIR.glob("*.json"))
@@ -235,6 +236,9 @@ def test_code_formats(path: Path) -> None:
         code = concept["code"]
         if system == ICD10CM:
             assert ICD10CM_CODE.fullmatch(code), f"{code}: ICD-10-CM is written with its dot"
+        elif system == ICDO3 and path.stem.endswith("-structure"):
+            # A body-site set (read from bodySite): ICD-O-3 topography only.
+            assert ICDO3_TOPOGRAPHY.fullmatch(code), code
         elif system == ICDO3:
             # Morphology/behaviour only: topography codes (C25.4 ...) are sites, not diagnoses.
             assert ICDO3_MORPHOLOGY.fullmatch(code), code
@@ -325,10 +329,15 @@ def test_history_of_brain_metastases_is_not_brain_metastases() -> None:
     assert not contains(valueset("brain-metastases"), SNOMED, "1098971000119104")
 
 
-def test_icdo3_topography_is_never_a_member() -> None:
+def test_icdo3_topography_is_only_a_body_site() -> None:
+    """A topography code names where, not what: it is a member of body-site sets only (read
+    from bodySite), never of a diagnosis set (read from Condition.code)."""
     for path in VALUESET_FILES:
         vs = load(path)
+        if path.stem.endswith("-structure"):
+            continue
         assert not contains(vs, ICDO3, "C25.4"), path.stem
+    assert contains(valueset("pancreas-structure"), ICDO3, "C25.4")
 
 
 def test_grade_sets_leave_out_ambiguous_icdo3_8249() -> None:

@@ -224,9 +224,12 @@ def _unconfirmed(items: Sequence[Entry], resolve: str) -> Outcome:
 @rule_kind(
     "diagnosis_present",
     valuesets_param("valuesets", ["Condition"], required=True),
-    # A disease coded as a diagnosis plus a site (e.g. a NET code and a C25.x pancreas code).
+    # A disease coded as a diagnosis plus a site: a site code on any Condition (a NET code and
+    # a C25.x pancreas code), or the diagnosis's own bodySite (mCODE binds Condition.bodySite to
+    # SNOMED CT body structures or ICD-O-3 topography).
     valuesets_param("site_diagnoses", ["Condition"]),
     valuesets_param("sites", ["Condition"]),
+    valuesets_param("body_sites", ["Condition"]),
     # Codes that neither establish nor rule out the disease (a NET of unstated primary site).
     valuesets_param("unknown_with", ["Condition"]),
     value_param("unknown_confirm", {"type": "string"}),
@@ -250,14 +253,22 @@ def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
     if by_state["active"]:
         active = by_state["active"]
         return Outcome(Result.PASS, _refs(active), f"Recorded: {_listing(active)}.")
-    if rule.get("site_diagnoses") and rule.get("sites"):
+    if rule.get("site_diagnoses"):
         disease = _conditions_by_state(ctx, rule["site_diagnoses"])[0]["active"]
-        site = _conditions_by_state(ctx, rule["sites"])[0]["active"]
+        site = _conditions_by_state(ctx, rule["sites"])[0]["active"] if rule.get("sites") else []
         if disease and site:
             return Outcome(
                 Result.PASS,
                 _refs([*disease, *site]),
                 f"Recorded: {_listing(disease)} with the site {_listing(site)}.",
+            )
+        at_site = [e for e in disease if _at_body_site(ctx, e, rule.get("body_sites", []))]
+        if at_site:
+            return Outcome(
+                Result.PASS,
+                _refs(at_site),
+                f"Recorded: {_listing(at_site)}, its body site "
+                f"{_body_site_text(ctx, at_site[0], rule['body_sites'])}.",
             )
     if by_state["unconfirmed"]:
         return _unconfirmed(by_state["unconfirmed"], "a confirmed diagnosis would decide it")
@@ -294,6 +305,31 @@ def diagnosis_present(rule: dict[str, Any], ctx: Context) -> Outcome:
         f"No {what} on record on or before {ctx.as_of}, and nothing that suggests it; "
         "this trial requires it.",
     )
+
+
+def _body_site_keys(entry: Entry) -> list[tuple[str, str]]:
+    """The codes of a resource's bodySite (FHIR R4 Condition.bodySite and Procedure.bodySite:
+    a list of CodeableConcepts)."""
+    sites = entry.resource.get("bodySite")
+    if not isinstance(sites, list):
+        return []
+    return [key for site in sites for key in codings_of(site)]
+
+
+def _at_body_site(ctx: Context, entry: Entry, valueset_ids: Sequence[str]) -> bool:
+    keys = _body_site_keys(entry) if valueset_ids else []
+    return any(ctx.trials.valueset(v).contains_key(k) for v in valueset_ids for k in keys)
+
+
+def _body_site_text(ctx: Context, entry: Entry, valueset_ids: Sequence[str]) -> str:
+    for site in entry.resource.get("bodySite") or ():
+        for key in codings_of(site):
+            for vs_id in valueset_ids:
+                valueset = ctx.trials.valueset(vs_id)
+                if valueset.contains_key(key):
+                    shown = concept_display(site) or valueset.displays.get(key) or key[1]
+                    return f"{shown} ({key[1]})"
+    return "(not readable)"
 
 
 def _disease_signals(rule: dict[str, Any], ctx: Context) -> list[tuple[str, list[Entry]]]:
@@ -337,6 +373,9 @@ def _named_label(ctx: Context, signal_id: str) -> str:
     # Allergies and intolerances to these substances count as the condition (issue 12: an
     # allergy to capecitabine, or to iodinated contrast, bears on a contraindication).
     valuesets_param("allergies", ["AllergyIntolerance"]),
+    # Conditions that name it in words only (a DPD deficiency written on the problem list):
+    # never more than unknown, whatever on_found says.
+    texts_param("found_text", ["Condition"]),
     value_param("on_found", {"enum": ["fail", "unknown"]}, required=True),
     value_param("on_absent", {"enum": ["pass", "manual"]}),
     value_param("confirm", {"type": "string"}),
@@ -368,6 +407,23 @@ def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
         return _unconfirmed(unconfirmed, "confirm or refute the diagnosis")
     if bad:
         return _malformed_unknown(ctx, bad, f"A {what} record")
+    named = [
+        e
+        for e in ctx.readable(ctx.named(("Condition",), rule.get("found_text", [])))[0]
+        if _condition_state(e, ctx.as_of) != "inactive"
+    ]
+    if named:
+        labels = " or ".join(
+            _named_label(ctx, sid)
+            for sid in rule["found_text"]
+            if any(sid in e.named for e in named)
+        )
+        return Outcome(
+            Result.UNKNOWN,
+            _refs(named),
+            f"Not coded, but {labels} on record: {_listing(named)}; "
+            f"{confirm or 'confirm whether it applies'}.",
+        )
     not_counted = f" (resolved, not counted: {_listing(inactive)})" if inactive else ""
     if rule.get("on_absent") == "manual":
         return Outcome(
@@ -388,6 +444,9 @@ def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     valuesets_param("medications", MEDICATION_TYPES),
     valuesets_param("conditions", ["Condition"]),
     valuesets_param("ambiguous_procedures", ["Procedure"]),
+    # Body sites that settle an ambiguous procedure (issue 12: CPT 37243, embolization of an
+    # unstated target, with Procedure.bodySite liver is hepatic).
+    valuesets_param("ambiguous_unless_body_site", ["Procedure"]),
     # Procedures named in words by a record that does not code them as one of ``procedures``
     # (issue 12: a procedure whose text names TACE or Y90 is unknown, never "none on record").
     texts_param("ambiguous_text", ["Procedure"]),
@@ -436,6 +495,20 @@ def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
     ambiguous, bad_ambiguous = ctx.readable(
         ctx.entries(("Procedure",), rule.get("ambiguous_procedures", []))
     )
+    settling = rule.get("ambiguous_unless_body_site", [])
+    settled = [e for e in ambiguous if e.status != "unknown" and _at_body_site(ctx, e, settling)]
+    if settled:
+        site = _body_site_text(ctx, settled[0], settling)
+        if informs:
+            confirm = rule.get("confirm", "confirm whether it applies")
+            return Outcome(
+                Result.UNKNOWN, _refs(settled), f"On record: {_listing(settled)}; {confirm}."
+            )
+        return Outcome(
+            Result.FAIL,
+            _refs(settled),
+            f"On record: {_listing(settled)}, performed on the {site}.",
+        )
     named = [
         e
         for e in ctx.readable(ctx.named(("Procedure",), rule.get("ambiguous_text", [])))[0]
