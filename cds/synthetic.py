@@ -409,6 +409,33 @@ def _allergy(code: tuple[str, str, str]) -> Callable[[PatientBuilder, Roles], No
     return change
 
 
+def _other_study(p: PatientBuilder, r: Roles) -> None:
+    p.resources.append(
+        {
+            "resourceType": "ResearchSubject",
+            "id": p._id("rs"),
+            "status": "on-study-intervention",
+            "period": {"start": p.day(40)},
+            "study": {"display": "An investigational agent study (generated)"},
+            "individual": p._subject(),
+        }
+    )
+
+
+def _net_in_words(p: PatientBuilder, r: Roles) -> None:
+    """The NET written only as problem-list text (no code)."""
+    p.remove(r["pnet"])
+    p.resources.append(
+        {
+            "resourceType": "Condition",
+            "id": p._id("c"),
+            "subject": p._subject(),
+            "code": {"text": "Pancreatic neuroendocrine tumour"},
+            "onsetDateTime": p.day(396),
+        }
+    )
+
+
 def _non_net(p: PatientBuilder, r: Roles) -> None:
     _drop("pnet", "liver", "ki67")(p, r)
 
@@ -547,6 +574,8 @@ NET_VARIANTS: tuple[tuple[str, Callable[[PatientBuilder, Roles], None]], ...] = 
     ("age-17", _too_young),
     ("no-birth-date", _no_birth_date),
     ("deceased", _deceased),
+    ("other-study", _other_study),
+    ("net-in-words", _net_in_words),
 )
 
 

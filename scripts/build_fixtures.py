@@ -974,6 +974,51 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         },
     )
 
+    # Enrolment in another study (issue 12 section 5): FHIR R4 ResearchSubject.
+    p, r = base("other-study-enrolment")
+    p.resources.append(
+        {
+            "resourceType": "ResearchStudy",
+            "id": "other-study-enrolment-study",
+            "status": "active",
+            "title": "A phase 2 study of an investigational agent (fictional)",
+        }
+    )
+    p.resources.append(
+        {
+            "resourceType": "ResearchSubject",
+            "id": "other-study-enrolment-rs1",
+            "status": "on-study-intervention",
+            "period": {"start": "2026-09-15"},
+            "study": {
+                "reference": "ResearchStudy/other-study-enrolment-study",
+                "display": "Phase 2 investigational agent study",
+            },
+            "individual": {"reference": "Patient/other-study-enrolment"},
+        }
+    )
+    p.resources.append(
+        {
+            "resourceType": "ResearchSubject",
+            "id": "other-study-enrolment-rs2",
+            "status": "off-study",
+            "period": {"start": "2023-01-10", "end": "2023-06-30"},
+            "study": {"display": "An earlier study, finished"},
+            "individual": {"reference": "Patient/other-study-enrolment"},
+        }
+    )
+    scenario(
+        "other-study-enrolment",
+        "on another study since September (a ResearchSubject on-study-intervention) and off an "
+        "earlier one: the CapTem + Y90 trial's 'other investigational agents' is unknown, "
+        "naming the study (manual before NCT04339036 1.3.0); the earlier study does not count",
+        p,
+        {
+            A: {"status": "needs-review", "exc-investigational-agents": "unknown"},
+            B: {"status": "candidate"},
+        },
+    )
+
     p, r = base("net-benign-coded")
     p.remove(r["pnet"])
     p.remove(r["liver"])

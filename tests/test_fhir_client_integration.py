@@ -288,6 +288,7 @@ def test_the_session_fixtures_are_loaded(
 def _fixture_expectations(tag: tuple[str, str]) -> dict[str, set[str]]:
     """Per fixture patient: the Type/id of every fixture resource the derived queries must find."""
     from cds.criteria import load_trials
+    from cds.fhir.bundle import patient_reference
     from cds.fhir.loader import FIXTURES_DIR, bundle_files, prepare_entries
 
     trials = load_trials()
@@ -305,7 +306,7 @@ def _fixture_expectations(tag: tuple[str, str]) -> dict[str, set[str]]:
             expected.setdefault(resource["id"], set()).add(f"Patient/{resource['id']}")
     for resource in resources:
         rtype = resource["resourceType"]
-        ref = (resource.get("subject") or resource.get("patient") or {}).get("reference", "")
+        ref = patient_reference(resource, {}) or ""
         if not ref.startswith("Patient/") or ref[8:] not in expected:
             continue
         # the Observation's code or a component's (combo-code)

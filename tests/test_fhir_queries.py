@@ -47,6 +47,7 @@ def test_the_query_set_and_its_prefetch_form() -> None:
         "medication-administrations": "MedicationAdministration?patient={{context.patientId}}",
         "medication-dispenses": "MedicationDispense?patient={{context.patientId}}",
         "allergy-intolerances": "AllergyIntolerance?patient={{context.patientId}}",
+        "research-subjects": "ResearchSubject?patient={{context.patientId}}",
     }
     assert "Observation" in trials.asked
 

@@ -71,6 +71,7 @@ def test_fixtures_cover_pass_fail_and_unknown_for_every_computable_criterion() -
         ("NCT04339036", "exc-capecitabine-temozolomide-contraindication"): {"pass", "fail"},
         ("NCT04339036", "exc-iodinated-contrast"): {"pass", "fail"},
         ("NCT05610826", "exc-bone-marrow-radiation"): {"pass", "fail"},
+        ("NCT04339036", "exc-investigational-agents"): {"pass", "fail"},
         # "May be corrected by transfusion": beyond the limit is unknown, never a fail.
         ("NCT04339036", "inc-platelets"): {"fail"},
         ("NCT04339036", "inc-inr"): {"fail"},

@@ -778,3 +778,54 @@ def test_words_that_do_not_say_the_patient_is_dpd_deficient_leave_it_manual(text
         run([worded("c", "Condition", text)]), A, "exc-capecitabine-temozolomide-contraindication"
     )
     assert result.result.value == "manual", result.explanation
+
+
+# ------------------------------------------------------ 5. enrolment in another study
+
+
+def research_subject(rid: str, status: str, **extra: Any) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "ResearchSubject",
+        "id": rid,
+        "status": status,
+        "study": {"reference": "ResearchStudy/s9", "display": "Study nine"},
+        "individual": {"reference": "Patient/p1"},
+        "period": {"start": "2026-09-01"},
+    }
+    resource.update(extra)
+    return resource
+
+
+@pytest.mark.parametrize(
+    "status", ["on-study", "on-study-intervention", "on-study-observation", "pending-on-study"]
+)
+def test_on_another_study_is_unknown_naming_it(status: str) -> None:
+    result = criterion(run([research_subject("rs", status)]), A, "exc-investigational-agents")
+    assert result.result.value == "unknown", result.explanation
+    assert "Study nine" in result.explanation and "ResearchSubject/rs" in result.evidence
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        research_subject("rs", "candidate"),
+        research_subject("rs", "off-study"),
+        research_subject("rs", "withdrawn"),
+        research_subject("rs", "on-study", period={"start": "2025-01-01", "end": "2025-06-30"}),
+        research_subject("rs", "on-study", period={"start": "2026-12-01"}),  # after the as-of
+        # another patient's (a server that cannot search ResearchSubject by patient)
+        research_subject("rs", "on-study", individual={"reference": "Patient/someone-else"}),
+        # this trial itself: by the write-back's key, or named in the study reference
+        research_subject(
+            "rs",
+            "on-study",
+            identifier=[{"system": "urn:x", "value": "NCT04339036:p1"}],
+        ),
+        research_subject("rs", "on-study", study={"display": "NCT04339036 CapTem + Y90"}),
+    ],
+)
+def test_enrolments_that_are_not_another_current_study_leave_it_manual(
+    subject: dict[str, Any],
+) -> None:
+    result = criterion(run([subject]), A, "exc-investigational-agents")
+    assert result.result.value == "manual", result.explanation

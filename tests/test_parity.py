@@ -52,6 +52,13 @@ def _patients_of(names: set[str]) -> set[str]:
     return found
 
 
+#: fixtures a Bulk export from the test server cannot carry whole, and why: sekmet-fhir 0.1.1
+#: indexes no ResearchSubject search parameter, so its Patient compartment (hence a Group
+#: $export) leaves ResearchSubject out, where HAPI follows the R4 compartment definition
+#: (ResearchSubject.individual). Its REST search by patient does return them (every one, which
+#: the rule narrows to the patient's own).
+EXPORT_LACKS = {"other-study-enrolment.json": ("NCT04339036", "exc-investigational-agents")}
+
 REFERENCE = _reference()
 CARRIED = {ref: line for ref, line in REFERENCE.items() if ref not in _patients_of(BUNDLE_ONLY)}
 
@@ -99,7 +106,23 @@ def test_export_sweep_prints_what_cds_evaluate_prints(
             BulkExporter(client), fhir_server.base_url, sweep_options(tmp_path), group=group
         )
     assert summary["complete"] and summary["errors"] == 0
-    assert _by_patient(sweep_lines(tmp_path)) == CARRIED
+    got = _by_patient(sweep_lines(tmp_path))
+    lacking = _patients_of(set(EXPORT_LACKS))
+    assert {r: line for r, line in got.items() if r not in lacking} == {
+        r: line for r, line in CARRIED.items() if r not in lacking
+    }
+    # the patients whose data the server's export leaves out differ in that criterion only
+    (trial_id, criterion_id) = next(iter(EXPORT_LACKS.values()))
+    for ref in lacking:
+        exported, reference = json.loads(got[ref]), json.loads(CARRIED[ref])
+        differing = [
+            (t["trial"], a["id"], a["result"], b["result"])
+            for t, u in zip(exported["trials"], reference["trials"], strict=True)
+            for a, b in zip(t["criteria"], u["criteria"], strict=True)
+            if a != b
+        ]
+        assert [(d[0], d[1]) for d in differing] == [(trial_id, criterion_id)], differing
+        assert differing[0][2:] == ("manual", "unknown")
 
 
 # -- the CDS Hooks service ---------------------------------------------------------------

@@ -133,7 +133,15 @@ def test_a_rule_reading_an_undeclared_value_set_is_caught(monkeypatch: pytest.Mo
 def test_every_door_fetches_what_the_rules_read() -> None:
     trials = load_trials()
     read = {t for t in CLINICAL_TYPES if trials.valueset_ids_for(t) or trials.text_signals_for(t)}
+    read |= {
+        t
+        for trial in trials
+        for c in trial.criteria
+        if c.rule is not None
+        for t in RULE_KINDS[c.rule["type"]].fixed_types
+    }
     assert "MedicationDispense" in read  # the drug a pharmacy handed over counts
+    assert "ResearchSubject" in read  # enrolment in another study
     queried = {q.resource_type for q in build_patient_queries(trials)}
     assert queried == {"Patient", *read}
     from cds.sweep.remote import export_types

@@ -213,9 +213,10 @@ class TrialSet:
     def types_read(self) -> tuple[str, ...]:
         """The clinical resource types some criterion reads, in record order (what the FHIR
         queries, the Bulk ``_type`` list and the NDJSON sweep fetch)."""
-        return tuple(
-            t for t in CLINICAL_TYPES if self.valueset_ids_for(t) or self.text_signals_for(t)
-        )
+        read = {
+            t for trial in self.trials for c in trial.criteria for t in self.resource_types_read(c)
+        }
+        return tuple(t for t in CLINICAL_TYPES if t in read or self.text_signals_for(t))
 
     def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
         """The explicit (system, code) pairs the criteria read from ``resource_type``.

@@ -27,8 +27,18 @@ MEDICATION_TYPES = (
     "MedicationAdministration",
     "MedicationDispense",
 )
+#: resources a rule reads for what they are, not for a code: the patient's enrolment in a
+#: research study (FHIR R4 ResearchSubject, the patient in ``individual``)
+UNCODED_TYPES = ("ResearchSubject",)
 #: every clinical resource type a rule may read, in the order records present them
-CLINICAL_TYPES = ("Condition", "Procedure", "Observation", *MEDICATION_TYPES, "AllergyIntolerance")
+CLINICAL_TYPES = (
+    "Condition",
+    "Procedure",
+    "Observation",
+    *MEDICATION_TYPES,
+    "AllergyIntolerance",
+    *UNCODED_TYPES,
+)
 #: resources the clinical ones point to and the rules read through them: a medication
 #: record's ``medicationReference`` (FHIR R4 MedicationRequest.medication[x] and its siblings)
 REFERENCED_TYPES = ("Medication",)
@@ -100,6 +110,8 @@ class RuleKind:
     fixed_valuesets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: analytes read whatever the parameters say
     fixed_analytes: tuple[str, ...] = ()
+    #: resource types read whole, not by code (``UNCODED_TYPES``)
+    fixed_types: tuple[str, ...] = ()
     #: Patient elements read (besides its id, which every result names)
     patient_elements: tuple[str, ...] = ()
     #: at least one of these parameters must be given
@@ -151,6 +163,8 @@ class RuleKind:
                 for rtype, inner in RULE_KINDS[p.nested].reads(rule[p.name], analytes).items():
                     add((rtype,), inner)
         add(("Observation",), (analytes[a].valueset for a in analyte_ids if a in analytes))
+        for rtype in self.fixed_types:
+            by_type.setdefault(rtype, set())
         return by_type
 
     def texts_read(self, rule: Mapping[str, Any]) -> dict[str, set[str]]:
@@ -194,6 +208,7 @@ def rule_kind(
     fixed_analytes: tuple[str, ...] = (),
     patient_elements: tuple[str, ...] = (),
     any_of: tuple[str, ...] = (),
+    fixed_types: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as rule kind ``name`` with its declaration."""
 
@@ -206,6 +221,7 @@ def rule_kind(
             tuple(params),
             dict(fixed_valuesets or {}),
             fixed_analytes,
+            fixed_types,
             patient_elements,
             any_of,
         )

@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime
 from functools import cache, cached_property, lru_cache
 from typing import Any, Literal, Protocol
 
-from cds.criteria.reads import CLINICAL_TYPES, MEDICATION_TYPES
+from cds.criteria.reads import CLINICAL_TYPES, MEDICATION_TYPES, UNCODED_TYPES
 from cds.criteria.texts import TextSignal, texts_of
 from cds.criteria.valuesets import ValueSet, normalize_coding
 
@@ -29,6 +29,7 @@ __all__ = [
     "PatientRecord",
 ]
 _CLINICAL = frozenset(CLINICAL_TYPES)
+_UNCODED = frozenset(UNCODED_TYPES)
 _MEDICATION = frozenset(MEDICATION_TYPES)
 
 # Records in these states never count (FHIR R4 value sets observation-status, event-status,
@@ -177,6 +178,7 @@ _DATE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("effectivePeriod.end",),
     ),
     "AllergyIntolerance": (("onsetDateTime", "onsetPeriod.start", "recordedDate"), ()),
+    "ResearchSubject": (("period.start",), ("period.end",)),
 }
 #: the same paths, split at their dots once
 _DATE_PATHS = {
@@ -806,6 +808,9 @@ def _make_entries(
     only for them: most of a large record is not)."""
     if resource.get("status") in _VOID_STATUS.get(rtype, ()):
         return []
+    if rtype in _UNCODED:
+        # read for what it is (an enrolment), whatever its codes
+        return [Entry(f"{rtype}/{resource.get('id')}", rtype, resource, (), None)]
     if rtype == "Observation":
         concept = resource.get("code")
         keys = concept_keys(concept)

@@ -1066,6 +1066,78 @@ def performance_status(rule: dict[str, Any], ctx: Context) -> Outcome:
 # --- demographics and derived values ----------------------------------------------------
 
 
+# FHIR R4 ResearchSubject.status values that mean the patient is (about to be) on a study;
+# candidate, eligible, screening and the like do not (the sweep's own write-back gives
+# candidates "candidate" or "potential-candidate").
+_ON_STUDY = {"on-study", "on-study-intervention", "on-study-observation", "pending-on-study"}
+
+
+@rule_kind(
+    "other_study_enrolment",
+    value_param("confirm", {"type": "string"}, required=True),
+    fixed_types=("ResearchSubject",),
+)
+def other_study_enrolment(rule: dict[str, Any], ctx: Context) -> Outcome:
+    """A manual criterion the record can inform (issue 12: "an active ResearchSubject in another
+    study is unknown"): the patient on another study makes it unknown, naming the study;
+    nothing on record leaves it manual, never a pass."""
+    found: list[tuple[Entry, str]] = []
+    for entry in ctx.record.entries.get("ResearchSubject", ()):
+        resource = entry.resource
+        if resource.get("status") not in _ON_STUDY or not _names_patient(ctx, resource):
+            continue
+        if entry.when is not None and entry.when.start > ctx.as_of:
+            continue
+        if entry.until is not None and entry.until.end < ctx.as_of:
+            continue
+        study = _study_name(resource.get("study"))
+        own_key = f"{ctx.trial.id}:"
+        if ctx.trial.id in study or any(
+            isinstance(i, dict) and str(i.get("value", "")).startswith(own_key)
+            for i in resource.get("identifier") or ()
+        ):
+            continue  # this trial itself (the sweep's write-back keys it "NCT...:patient")
+        found.append((entry, study))
+    if found:
+        listed = "; ".join(
+            f"{study} ({entry.ref}, {entry.resource['status']}"
+            + (f" since {entry.when}" if entry.when else "")
+            + ")"
+            for entry, study in found[:_MAX_LISTED]
+        )
+        return Outcome(
+            Result.UNKNOWN,
+            _refs(e for e, _ in found),
+            f"On another study: {listed}; {rule['confirm']}.",
+        )
+    return Outcome(
+        Result.MANUAL,
+        (ctx.record.patient_ref,),
+        f"No enrolment in another study on record on or before {ctx.as_of}; {rule['confirm']}.",
+    )
+
+
+def _names_patient(ctx: Context, resource: dict[str, Any]) -> bool:
+    """False when ``individual`` names another patient (a server that cannot search
+    ResearchSubject by patient returns them all)."""
+    individual = resource.get("individual")
+    ref = individual.get("reference") if isinstance(individual, dict) else None
+    if not isinstance(ref, str) or "Patient/" not in ref:
+        return True  # a bundle's urn:uuid reference: the record already holds only its own
+    return ref.split("Patient/", 1)[1].split("/", 1)[0] == ctx.record.patient_id
+
+
+def _study_name(study: Any) -> str:
+    """How a ResearchSubject names its study: the display, the business identifier (a
+    registry number), or the reference."""
+    if not isinstance(study, dict):
+        return "a study"
+    identifier = study.get("identifier")
+    value = identifier.get("value") if isinstance(identifier, dict) else None
+    parts = [p for p in (study.get("display"), value, study.get("reference")) if isinstance(p, str)]
+    return " ".join(dict.fromkeys(parts)) or "a study"
+
+
 @rule_kind("alive", patient_elements=("deceasedBoolean", "deceasedDateTime"))
 def alive(rule: dict[str, Any], ctx: Context) -> Outcome:
     """The service's precondition: a patient recorded as deceased (FHIR R4

@@ -23,7 +23,9 @@ _BUNDLE_TYPES = {
     "history",
 }
 # Where each clinical resource names its patient (FHIR R4: Patient compartment definition).
-_PATIENT_FIELDS = ("subject", "patient")
+# FHIR R4: most clinical resources name their patient in ``subject`` or ``patient``;
+# ResearchSubject in ``individual``.
+_PATIENT_FIELDS = ("subject", "patient", "individual")
 
 
 def _local_reference(reference: str, aliases: dict[str, str]) -> str:

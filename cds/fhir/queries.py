@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from urllib.parse import quote
 
 from cds.criteria.reads import MEDICATION_TYPES, REFERENCED_TYPES
 from cds.errors import FhirBadResponse, InputError
+from cds.fhir.bundle import patient_reference
 from cds.fhir.client import FhirClient, encode_query, is_resource_id
 
 log = logging.getLogger(__name__)
@@ -251,9 +253,18 @@ def fetch_patient_resources(
     resources: list[JSONDict] = []
     warnings: list[str] = []
     seen: set[tuple[str, str]] = set()
+    own = f"Patient/{patient_id}"
     for timing, found, notes in outputs:
         warnings += notes
+        foreign = 0
         for resource in found:
+            owner = patient_reference(resource, {})
+            if owner is not None and owner != own:
+                # A server that does not support the search parameter ignores it (FHIR R4
+                # 3.1.1.4: unknown parameters are ignored unless handling=strict) and answers
+                # with every patient's resources of the type.
+                foreign += 1
+                continue
             rid = resource.get("id")
             key = (str(resource.get("resourceType")), str(rid))
             if rid is not None and key in seen:
@@ -263,6 +274,8 @@ def fetch_patient_resources(
             resources.append(resource)
         if timing.key == "patient" and found and found[0].get("id") != patient_id:
             raise FhirBadResponse(f"asked for Patient/{patient_id}, got another Patient")
+        if foreign:
+            _warn_ignored_parameter(timing.key)
     for rtype, rid in referenced_reads(resources):
         resources.append(client.read(rtype, rid))
     log.debug(
@@ -278,6 +291,17 @@ def fetch_patient_resources(
         queries=[timing for timing, _, _ in outputs],
         seconds=seconds,
         concurrency=max(workers, 1),
+    )
+
+
+@functools.cache
+def _warn_ignored_parameter(query_key: str) -> None:
+    """Once per query kind and process: the log says which search the server answered for
+    every patient (no patient is named)."""
+    log.warning(
+        "the %s search returned other patients' resources (the server ignores its patient "
+        "parameter); they are set aside",
+        query_key,
     )
 
 

@@ -4,8 +4,8 @@ Grouping a population by patient without holding it in memory is an external has
 each line goes, unparsed, to bucket ``crc32(patient id) mod P``; a bucket (a few tens of MB)
 holds every resource of its patients, so it is evaluated on its own, in any process or on any
 machine. Finding the patient of a line is a regular expression on the raw text in the common
-case (compact JSON, one ``subject``/``patient`` reference, nothing contained); anything else
-is parsed properly.
+case (compact JSON, one ``subject``/``patient``/``individual`` reference, nothing contained);
+anything else is parsed properly.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cds.criteria import TrialSet, load_trials
-from cds.criteria.reads import CLINICAL_TYPES, RECORD_TYPES
+from cds.criteria.reads import CLINICAL_TYPES, RECORD_TYPES, UNCODED_TYPES
 from cds.errors import InputError
 from cds.fhir.bundle import patient_reference
 from cds.sweep.core import PatientOutcome, Tally, error_outcome, evaluate_resources, outcome_of
@@ -41,9 +41,13 @@ MAX_BUCKETS = 2048
 TYPE_RANK = {t: i for i, t in enumerate(RECORD_TYPES)}
 _KEPT = frozenset(RECORD_TYPES)
 _CLINICAL_BYTES = frozenset(t.encode() for t in CLINICAL_TYPES)
+#: clinical types read whole, never set aside by the code prefilter
+_UNCODED_BYTES = frozenset(t.encode() for t in UNCODED_TYPES)
+_CODED_BYTES = _CLINICAL_BYTES - _UNCODED_BYTES
 
 _TYPE_RE = re.compile(rb'^\s*\{\s*"resourceType"\s*:\s*"([A-Za-z]+)"')
-_REF_RE = re.compile(rb'"(?:subject|patient)"\s*:\s*\{\s*"reference"\s*:\s*"([^"\\]+)"')
+# the patient reference elements (cds.fhir.bundle.patient_reference reads the same ones)
+_REF_RE = re.compile(rb'"(?:subject|patient|individual)"\s*:\s*\{\s*"reference"\s*:\s*"([^"\\]+)"')
 
 
 def ndjson_files(directory: Path) -> list[Path]:
@@ -376,7 +380,7 @@ class Partition:
     def block(self, block: bytes) -> None:
         uniform = _uniform_type(block) if self.keep is not None else None
         candidates = None
-        if self.keep is not None and uniform is not None and uniform[0] in _CLINICAL_BYTES:
+        if self.keep is not None and uniform is not None and uniform[0] in _CODED_BYTES:
             candidates = self.keep.candidate_lines(block, uniform[0])
         if candidates is None:  # mixed, spaced or escaped lines, drug references: one by one
             for raw in io.BytesIO(block):
@@ -455,7 +459,7 @@ class Partition:
             line += b"\n"  # the last line of a file may lack its newline
         rtype = m.group(1) if m else None
         if rtype in _CLINICAL_BYTES:
-            if self.keep is not None and not self.keep(line):
+            if self.keep is not None and rtype in _CODED_BYTES and not self.keep(line):
                 stats.irrelevant += 1
                 return
             pid = _fast_patient_id(line)
@@ -512,8 +516,8 @@ def _uniform_type(block: bytes) -> tuple[bytes, int] | None:
 
 def _fast_patient_id(line: bytes) -> bytes | None:
     """The patient id of a clinical resource's line when it names exactly one
-    ``subject``/``patient`` patient reference and contains nothing; ``None`` when the line
-    must be parsed to be sure."""
+    ``subject``/``patient``/``individual`` patient reference and contains nothing; ``None``
+    when the line must be parsed to be sure."""
     if b'"contained"' in line:
         return None
     # The common case by substring searches (faster than a regex over the line): one
@@ -560,7 +564,7 @@ def _parse_route(
         return (rtype, rid.encode()) if isinstance(rid, str) and rid else (None, None)
     if rtype == "Medication":
         return rtype, None
-    if keep is not None and not keep(line):
+    if keep is not None and rtype not in UNCODED_TYPES and not keep(line):
         return "irrelevant", None
     ref = patient_reference(resource, {})
     pid = _reference_id(ref) if ref else None

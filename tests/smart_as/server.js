@@ -21,7 +21,7 @@ const redirectUri = process.env.REDIRECT_URI;
 
 const types = ['Patient', 'Condition', 'Observation', 'Procedure', 'MedicationRequest',
   'MedicationStatement', 'MedicationAdministration', 'MedicationDispense', 'DiagnosticReport',
-  'Medication', 'AllergyIntolerance'];
+  'Medication', 'AllergyIntolerance', 'ResearchSubject'];
 // SMART 2.x scopes this server knows: read+search in the patient compartment or as the user.
 const smartScopes = [
   ...types.map((t) => `patient/${t}.rs`),
