@@ -1019,6 +1019,145 @@ def condition_with_lab(rule: dict[str, Any], ctx: Context) -> Outcome:
     )
 
 
+@rule_kind(
+    "condition_with_class",
+    valuesets_param("valuesets", ["Condition"], required=True),
+    # Observations that record the class as their coded value (LOINC 88020-3 "Functional
+    # capacity NYHA"); an Observation coded with a class finding itself is read too.
+    valuesets_param("class_observations", ["Observation"], required=True),
+    # The classes, matched against a class Observation's value or an Observation's own code.
+    valuesets_param("passing_classes", ["Observation"], required=True),
+    valuesets_param("failing_classes", ["Observation"], required=True),
+    value_param("class_label", {"type": "string"}, required=True),
+    value_param("lookback_days", {"type": "integer", "minimum": 1}, required=True),
+)
+def condition_with_class(rule: dict[str, Any], ctx: Context) -> Outcome:
+    """A condition that excludes only in some classes (heart failure in NYHA class II-IV): the
+    latest class recorded in the look-back window decides while the condition is active; a
+    condition with no current, readable class is unknown, saying what would resolve it."""
+    by_state, bad = _conditions_by_state(ctx, rule["valuesets"])
+    what = ctx.titles(rule["valuesets"])
+    label = rule["class_label"]
+    lookback = rule["lookback_days"]
+    active = by_state["active"]
+    latest = _latest_class_record(rule, ctx)
+    current = (
+        latest
+        if latest is not None
+        and latest.when is not None
+        and latest.when.end >= ctx.window_start(lookback)
+        and not ctx.record.invalid_reason(latest)
+        else None
+    )
+    if not active:
+        if by_state["unconfirmed"]:
+            return _unconfirmed(by_state["unconfirmed"], "confirm or refute the diagnosis")
+        if bad:
+            return _malformed_unknown(ctx, bad, f"A {what} record")
+        found = _class_of(rule, ctx, current) if current is not None else None
+        if found is not None and found[0] is Result.FAIL and current is not None:
+            # The class only describes the condition: a failing class with the condition not
+            # coded is a coding gap, never "none on record".
+            return Outcome(
+                Result.UNKNOWN,
+                (current.ref,),
+                f"No active {what} coded, but {label} {found[1]}{_when(current)} ({current.ref}) "
+                f"is on record; confirm the diagnosis and the class.",
+            )
+        inactive = by_state["inactive"]
+        not_counted = f" (resolved, not counted: {_listing(inactive)})" if inactive else ""
+        return Outcome(
+            Result.PASS,
+            _refs(inactive) or (ctx.record.patient_ref,),
+            f"None on record: no active {what} on or before {ctx.as_of}{not_counted}.",
+        )
+    listed = f"{what} on record ({_listing(active)})"
+    evidence = _refs(active)
+    if latest is None:
+        return Outcome(
+            Result.UNKNOWN,
+            evidence,
+            f"{listed}, but no {label} recorded; a {label} from {_window(lookback, ctx)} "
+            "would decide it.",
+        )
+    assert latest.when is not None  # noqa: S101 - filtered by _latest_class_record
+    if latest.when.end < ctx.window_start(lookback):
+        old = _class_of(rule, ctx, latest)
+        shown = f"{old[1]} ({latest.ref})" if old else latest.describe()
+        return Outcome(
+            Result.UNKNOWN,
+            (*evidence, latest.ref),
+            f"{listed}; the latest {label}, {shown}{_when(latest)}, is older than "
+            f"{_window(lookback, ctx)}; a current {label} would decide it.",
+        )
+    if ctx.record.invalid_reason(latest):
+        bad_class = _malformed_unknown(ctx, [latest], f"The latest {label}")
+        return Outcome(bad_class.result, (*evidence, latest.ref), bad_class.explanation)
+    found = _class_of(rule, ctx, latest)
+    if found is None:
+        return Outcome(
+            Result.UNKNOWN,
+            (*evidence, latest.ref),
+            f"{listed}; the latest {label}, {latest.describe()}{_when(latest)}, states no "
+            f"class the service can read (or more than one); a coded {label} would decide it.",
+        )
+    result, shown = found
+    text = f"{listed}; latest {label}: {shown}{_when(latest)} ({latest.ref})"
+    if latest.status == "preliminary":
+        return Outcome(
+            Result.UNKNOWN,
+            (*evidence, latest.ref),
+            f"{text}, preliminary; the final {label} would decide it.",
+        )
+    classes = rule["passing_classes"] if result is Result.PASS else rule["failing_classes"]
+    return Outcome(result, (*evidence, latest.ref), f"{text}: {ctx.titles(classes)}.")
+
+
+def _latest_class_record(rule: dict[str, Any], ctx: Context) -> Entry | None:
+    """The latest dated Observation of a usable status that records a class, either as its
+    value or as its own code."""
+    sets = [*rule["class_observations"], *rule["passing_classes"], *rule["failing_classes"]]
+    return next(
+        (
+            e
+            for e in ctx.entries(("Observation",), sets)
+            if e.status in _USABLE and e.when is not None
+        ),
+        None,
+    )
+
+
+def _class_of(rule: dict[str, Any], ctx: Context, entry: Entry) -> tuple[Result, str] | None:
+    """(PASS or FAIL, the class as recorded) for a class record; ``None`` when it states no
+    class of either kind, or classes of both."""
+    asks = any(
+        ctx.trials.valueset(vs).contains_key(k)
+        for vs in rule["class_observations"]
+        for k in entry.keys
+    )
+    concept = entry.resource.get("valueCodeableConcept") if asks else None
+    keys = codings_of(concept) if asks else list(entry.keys)
+
+    def holds(valueset_ids: Sequence[str]) -> str | None:
+        for vs_id in valueset_ids:
+            vs = ctx.trials.valueset(vs_id)
+            for k in keys:
+                if vs.contains_key(k):
+                    return vs.displays.get(k, k[1])
+        return None
+
+    passing, failing = holds(rule["passing_classes"]), holds(rule["failing_classes"])
+    if (passing is None) == (failing is None):
+        return None
+    result = Result.PASS if passing is not None else Result.FAIL
+    named = passing or failing or ""
+    if asks:
+        shown = concept_display(concept) or named
+    else:
+        shown = entry.display or named
+    return result, shown
+
+
 def _scale_value(resource: dict[str, Any], answers: dict[str, int]) -> int | None:
     if isinstance(resource.get("valueInteger"), int):
         return int(resource["valueInteger"])
