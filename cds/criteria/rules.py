@@ -58,6 +58,14 @@ _UNCONFIRMED = {"provisional", "differential", "unconfirmed"}
 # NCT05610826's exclusion criteria).
 _KI67_G2_FROM = 3.0
 _KI67_G3_ABOVE = 20.0
+# The same classification's mitotic count cut-offs, in mitoses per 2 mm²: G1 < 2, G2 2-20,
+# G3 > 20. The CAP NET checklist gives the same cut-offs per 10 high power fields (the
+# denominator of SNOMED CT 406094009), so a count per 10 HPF and one per 2 mm² are read alike;
+# it also notes that the grade by Ki-67 index may be higher than the grade by mitotic count
+# (CAP colon NET checklist comments, as reproduced at essentialpathology.info
+# TumorChecklist/CommentsColonNET.html).
+_MITOSES_G2_FROM = 2.0
+_MITOSES_G3_ABOVE = 20.0
 
 _MAX_LISTED = 3
 
@@ -1494,24 +1502,140 @@ def _grade_of_text(resource: dict[str, Any]) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _ki67_grade(value: float) -> int:
-    return 1 if value < _KI67_G2_FROM else 2 if value <= _KI67_G3_ABOVE else 3
+def _who_grade(value: float, g2_from: float, g3_above: float) -> int:
+    return 1 if value < g2_from else 2 if value <= g3_above else 3
 
 
-def _ki67_grades(m: Measurement) -> tuple[int, int]:
-    """The lowest and highest WHO grade a Ki-67 result allows: one grade for an exact value,
+def _who_grades(m: Measurement, g2_from: float, g3_above: float) -> tuple[int, int]:
+    """The lowest and highest WHO grade an index result allows: one grade for an exact value,
     possibly one for a reported bound ("> 20 %" is G3, "< 2 %" below 3 %)."""
     eps = 1e-9
     if m.comparator == "<":
-        return 1, _ki67_grade(m.value - eps)
+        return 1, _who_grade(m.value - eps, g2_from, g3_above)
     if m.comparator == "<=":
-        return 1, _ki67_grade(m.value)
+        return 1, _who_grade(m.value, g2_from, g3_above)
     if m.comparator == ">":
-        return _ki67_grade(m.value + eps), 3
+        return _who_grade(m.value + eps, g2_from, g3_above), 3
     if m.comparator == ">=":
-        return _ki67_grade(m.value), 3
-    g = _ki67_grade(m.value)
+        return _who_grade(m.value, g2_from, g3_above), 3
+    g = _who_grade(m.value, g2_from, g3_above)
     return g, g
+
+
+class _Index(NamedTuple):
+    """One grading index's result (a Ki-67 index or a mitotic count): the lowest and highest
+    WHO grade it allows, and how to name it in an explanation."""
+
+    low: int
+    high: int
+    m: Measurement
+    text: str
+
+    @property
+    def exact(self) -> bool:
+        return self.low == self.high
+
+    @property
+    def span(self) -> str:
+        return f"G{self.low}" if self.exact else f"G{self.low}-G{self.high}"
+
+
+# A mitotic count's unit as pathology reports and FHIR examples write it: per 10 high power
+# fields or per 2 mm² ("/10 HPF", "per 10 HPF", "mitoses/2 mm2", UCUM "/(10.[HPF])").
+_MITOSES_UNIT = re.compile(
+    r"^(?:mitos[ie]s|\{mitos[ie]s\}|#)?\s*(?:/|per)\s*\(?\s*"
+    r"(?:10\s*\.?\s*\[?hpfs?\]?|2\s*\.?\s*mm(?:2|²|\^2))\s*\)?$",
+    re.IGNORECASE,
+)
+# A unit that only counts (UCUM "1", or a bare annotation such as "{HPF}" or "{mitoses}"): the
+# count is then per the code's own denominator (SNOMED CT 406094009: per 10 HPF).
+_COUNT_ONLY_UNIT = re.compile(r"^(?:1|\{[^{}/]*\})$")
+
+
+def _mitotic_count(entry: Entry) -> Measurement | str:
+    """A mitotic count per 10 HPF (= 2 mm² for the WHO cut-offs), or why it cannot be read: a
+    count over another area (per HPF, per 50 HPF, per mm²) is not converted."""
+    quantity = observed_quantity(entry.resource)
+    if isinstance(quantity, str):
+        return f"{entry.describe()}{_when(entry)} {quantity}"
+    for unit in (quantity.get("unit"), quantity.get("code")):
+        if not isinstance(unit, str) or not unit.strip():
+            continue
+        unit = unit.strip()
+        if not (_MITOSES_UNIT.match(unit) or _COUNT_ONLY_UNIT.match(unit)):
+            return (
+                f"Mitotic count {quantity['value']} {unit}{_when(entry)} ({entry.ref}) is not "
+                "per 10 HPF or per 2 mm², the area the WHO cut-offs count over"
+            )
+    value = float(quantity["value"])
+    if value < 0:
+        return f"Mitotic count {quantity['value']}{_when(entry)} ({entry.ref}) is negative"
+    comparator = quantity.get("comparator")
+    return Measurement(
+        entry,
+        value,
+        _fmt(value),
+        comparator if comparator in _OPS else None,
+        entry.status == "preliminary",
+        False,
+    )
+
+
+def _ki67_text(m: Measurement) -> str:
+    bound = _OP_TEXT.get(m.comparator or "", "")
+    return f"Ki-67 {bound}{_fmt(m.value)} %{_when(m.entry)} ({m.entry.ref})"
+
+
+def _mitoses_text(m: Measurement) -> str:
+    bound = _OP_TEXT.get(m.comparator or "", "")
+    shown = f"{bound}{_fmt(m.value)} per 10 HPF (2 mm²)"
+    return f"mitotic count {shown}{_when(m.entry)} ({m.entry.ref})"
+
+
+def _indices(
+    ctx: Context,
+    entries: Iterable[Entry],
+    read: Callable[[Entry], Measurement | str],
+    cut_offs: tuple[float, float],
+    show: Callable[[Measurement], str],
+    unreadable: list[str] | None = None,
+) -> tuple[list[_Index], list[_Index]]:
+    """The readable results of one grading index, newest first: (those that decide a grade,
+    those whose reported bound leaves it open). Why the others cannot be read is added to
+    ``unreadable`` when given."""
+    exact: list[_Index] = []
+    open_bounds: list[_Index] = []
+    for entry in entries:
+        invalid = ctx.record.invalid_reason(entry)
+        m = (
+            f"{entry.describe()}{_when(entry)} could not be read ({invalid})"
+            if invalid
+            else read(entry)
+        )
+        if isinstance(m, Measurement):
+            low, high = _who_grades(m, *cut_offs)
+            (exact if low == high else open_bounds).append(_Index(low, high, m, show(m)))
+        elif unreadable is not None:
+            unreadable.append(m)
+    return exact, open_bounds
+
+
+def _disagreeing(name: str, exact: list[_Index]) -> Outcome | None:
+    """UNKNOWN when results of one index lie on either side of a WHO boundary (different
+    specimens, or a progression): which one grades the tumour is a pathologist's call."""
+    if len({i.low for i in exact}) <= 1:
+        return None
+    listed = "; ".join(f"{i.text}: G{i.low}" for i in exact[:_MAX_LISTED])
+    return Outcome(
+        Result.UNKNOWN,
+        tuple(i.m.entry.ref for i in exact),
+        f"{name} disagree across a WHO grade boundary: {listed}; pathology review would "
+        "decide the grade.",
+    )
+
+
+def _upper(text: str) -> str:
+    return text[0].upper() + text[1:]
 
 
 @rule_kind(
@@ -1520,13 +1644,17 @@ def _ki67_grades(m: Measurement) -> tuple[int, int]:
         "allowed", {"type": "array", "minItems": 1, "items": {"enum": [1, 2, 3]}}, required=True
     ),
     # the NET Conditions: differentiation and grade codes, and what a result's focus may name
-    fixed_valuesets={"Observation": ("tumour-grade",), "Condition": _NET_CONDITIONS},
+    fixed_valuesets={
+        "Observation": ("tumour-grade", "mitotic-count"),
+        "Condition": _NET_CONDITIONS,
+    },
     fixed_analytes=("ki67",),
 )
 def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
     """The NET's histologic grade from, in order of authority: a recorded grade, a poorly
-    differentiated diagnosis code, the Ki-67 index (WHO 2019 cut-offs). A grade or Ki-67
-    result about another tumour (its ``focus``) is set aside and said so."""
+    differentiated diagnosis code, the Ki-67 index and the mitotic count (WHO 2019 cut-offs;
+    the higher of the two). A grade or index result about another tumour (its ``focus``) is
+    set aside and said so."""
     allowed = set(rule["allowed"])
     evidence: list[str] = []
     notes: list[str] = []
@@ -1568,35 +1696,37 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
                 explicit = (found, entry)
                 break
     poorly = ctx.readable(ctx.entries(("Condition",), ["poorly-differentiated-net"]))[0]
-    ki67: tuple[int, Measurement] | None = None
-    decided_ki67: list[tuple[int, Measurement]] = []
-    open_bounds: list[tuple[int, int, Measurement]] = []
-    for ki_entry in about_the_net(_usable_observations(ctx, "ki67")):
-        if ctx.record.invalid_reason(ki_entry):
-            continue
-        m = measure(ctx.trials.analytes["ki67"], ki_entry)
-        if isinstance(m, Measurement):
-            low, high = _ki67_grades(m)
-            if low == high:
-                decided_ki67.append((low, m))
-            else:
-                open_bounds.append((low, high, m))
-    if len({g for g, _ in decided_ki67}) > 1:
-        # Results on either side of a WHO boundary (different specimens, or a progression):
-        # which one grades the tumour is a pathologist's call.
-        listed = "; ".join(
-            f"Ki-67 {_OP_TEXT.get(m.comparator or '', '')}{_fmt(m.value)} %{_when(m.entry)} "
-            f"({m.entry.ref}): G{g}"
-            for g, m in decided_ki67[:_MAX_LISTED]
-        )
-        return Outcome(
-            Result.UNKNOWN,
-            tuple(m.entry.ref for _, m in decided_ki67),
-            f"Ki-67 results disagree across a WHO grade boundary: {listed}; pathology review "
-            "would decide the grade.",
-        )
-    if decided_ki67:
-        ki67 = decided_ki67[0]
+    ki67_analyte = ctx.trials.analytes["ki67"]
+    ki_exact, ki_open = _indices(
+        ctx,
+        about_the_net(_usable_observations(ctx, "ki67")),
+        functools.partial(measure, ki67_analyte),
+        (_KI67_G2_FROM, _KI67_G3_ABOVE),
+        _ki67_text,
+    )
+    mc_unreadable: list[str] = []
+    mc_exact, mc_open = _indices(
+        ctx,
+        about_the_net(_usable_observations(ctx, "mitotic-count")),
+        _mitotic_count,
+        (_MITOSES_G2_FROM, _MITOSES_G3_ABOVE),
+        _mitoses_text,
+        mc_unreadable,
+    )
+    for name, exact in (("Ki-67 results", ki_exact), ("Mitotic counts", mc_exact)):
+        disagreement = _disagreeing(name, exact)
+        if disagreement is not None:
+            return disagreement
+    # the latest result of each index: one that decides a grade, else a bound that leaves it open
+    ki67: _Index | None = next(iter(ki_exact or ki_open), None)
+    mitoses: _Index | None = next(iter(mc_exact or mc_open), None)
+    exact_indices = [i for i in (ki67, mitoses) if i is not None and i.exact]
+    index_grade = max((i.low for i in exact_indices), default=None)
+    aside = (
+        f" ({_listing(set_aside)} is about another tumour, not a NET on record)"
+        if set_aside
+        else ""
+    )
     decided: int | None = None
     if explicit is not None:
         decided, entry = explicit
@@ -1609,85 +1739,132 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
                 f"Conflicting grade: G{decided} recorded in {entry.describe()}, but "
                 f"{_listing(poorly)} says poorly differentiated; pathology review would decide it.",
             )
+        higher = [i for i in exact_indices if i.low > decided]
+        if higher:
+            # WHO assigns the higher of the indices: a recorded grade below what an index says
+            # cannot be taken at face value.
+            i = max(higher, key=lambda x: x.low)
+            return Outcome(
+                Result.UNKNOWN,
+                (entry.ref, i.m.entry.ref),
+                f"Discordant grade: G{decided} recorded in {entry.describe()}, but {i.text} "
+                f"means G{i.low} and WHO assigns the higher grade; pathology review would "
+                "decide it.",
+            )
+        if index_grade is not None and index_grade < decided:
+            rests = "" if mitoses is not None else "(which may rest on the mitotic count) "
+            notes.append(
+                f"{' and '.join(i.text for i in exact_indices)} alone would mean "
+                f"G{index_grade}; the recorded grade {rests}is used"
+            )
     elif poorly:
         nos = ctx.trials.valueset("neuroendocrine-carcinoma-nos")
         if (
-            ki67 is not None
-            and ki67[0] < 3
+            index_grade is not None
+            and index_grade < 3
             and all(any(nos.contains_key(k) for k in e.keys) for e in poorly)
         ):
             # "Neuroendocrine carcinoma" without "poorly differentiated" against a G1/G2
-            # Ki-67: older usage called well-differentiated NETs carcinomas.
-            m = ki67[1]
+            # index: older usage called well-differentiated NETs carcinomas.
+            verb = "means" if len(exact_indices) == 1 else "mean"
             return Outcome(
                 Result.UNKNOWN,
-                (*_refs(poorly), m.entry.ref),
+                (*_refs(poorly), *(i.m.entry.ref for i in exact_indices)),
                 f"{_listing(poorly)} says neuroendocrine carcinoma without saying poorly "
-                f"differentiated, but Ki-67 {_fmt(m.value)} %{_when(m.entry)} ({m.entry.ref}) "
-                f"means G{ki67[0]}; pathology review would decide the grade.",
+                f"differentiated, but {' and '.join(i.text for i in exact_indices)} {verb} "
+                f"G{index_grade}; pathology review would decide the grade.",
             )
         decided = 3
         evidence.extend(_refs(poorly))
         notes.append(f"poorly differentiated: {_listing(poorly)}")
-    elif ki67 is not None:
-        decided, m = ki67
-        evidence.append(m.entry.ref)
-        bound = _OP_TEXT.get(m.comparator or "", "")
-        notes.append(
-            f"Ki-67 {bound}{_fmt(m.value)} %{_when(m.entry)} ({m.entry.ref}) means G{decided} "
-            "by the WHO 2019 cut-offs (G1 < 3 %, G2 3-20 %, G3 > 20 %)"
-        )
-    if decided is None:
-        aside = (
-            f" ({_listing(set_aside)} is about another tumour, not a NET on record)"
-            if set_aside
-            else ""
-        )
-        if open_bounds:
-            low, high, m = open_bounds[0]
+    elif ki67 is not None and mitoses is not None:
+        # WHO 2019: the higher of the two; a reported bound may leave the grade open.
+        low, high = max(ki67.low, mitoses.low), max(ki67.high, mitoses.high)
+        refs = (ki67.m.entry.ref, mitoses.m.entry.ref, *_refs(set_aside))
+        if low != high:
             return Outcome(
                 Result.UNKNOWN,
-                (m.entry.ref, *_refs(set_aside)),
-                f"Ki-67 {_OP_TEXT[m.comparator or '<']}{_fmt(m.value)} %{_when(m.entry)} "
-                f"({m.entry.ref}) leaves the grade between G{low} and G{high}{aside}; an exact "
-                "index or the pathology grade would decide it.",
+                refs,
+                f"{_upper(ki67.text)} ({ki67.span}) and {mitoses.text} ({mitoses.span}) leave "
+                f"the grade between G{low} and G{high}{aside}; an exact index or the pathology "
+                "grade would decide it.",
+            )
+        decided = low
+        evidence.extend((ki67.m.entry.ref, mitoses.m.entry.ref))
+        notes.append(
+            f"{ki67.text} means {ki67.span} and {mitoses.text} means {mitoses.span} by the "
+            "WHO 2019 cut-offs (Ki-67 G1 < 3 %, G2 3-20 %, G3 > 20 %; mitoses G1 < 2, G2 2-20, "
+            f"G3 > 20 per 2 mm²), which take the higher: G{decided}"
+        )
+    elif ki67 is not None:
+        if mitoses is None and mc_unreadable:
+            # A mitotic count on record that cannot be read may be the higher index.
+            return Outcome(
+                Result.UNKNOWN,
+                (ki67.m.entry.ref, *_refs(_usable_observations(ctx, "mitotic-count"))),
+                f"{_upper(ki67.text)} means {ki67.span}, but {mc_unreadable[0]}; WHO 2019 "
+                "grades by the higher of the two, so a mitotic count per 10 HPF or per 2 mm² "
+                "(or the pathology grade) would decide it.",
+            )
+        if not ki67.exact:
+            return Outcome(
+                Result.UNKNOWN,
+                (ki67.m.entry.ref, *_refs(set_aside)),
+                f"{ki67.text} leaves the grade between G{ki67.low} and G{ki67.high}{aside}; an "
+                "exact index or the pathology grade would decide it.",
+            )
+        decided = ki67.low
+        evidence.append(ki67.m.entry.ref)
+        notes.append(
+            f"{ki67.text} means G{decided} by the WHO 2019 cut-offs (G1 < 3 %, G2 3-20 %, "
+            "G3 > 20 %)"
+        )
+    elif mitoses is not None:
+        # With no Ki-67 index the mitotic count is only a floor: WHO 2019 takes the higher of
+        # the two, and the Ki-67 grade may be the higher (CAP NET checklist). It decides only
+        # when every grade from it up to G3 gives the same answer (for G3, always).
+        possible = {g in allowed for g in range(mitoses.low, 4)}
+        if len(possible) > 1:
+            return Outcome(
+                Result.UNKNOWN,
+                (mitoses.m.entry.ref, *_refs(set_aside)),
+                f"{_upper(mitoses.text)} means at least G{mitoses.low}, but no Ki-67 index is "
+                f"recorded{aside} and WHO 2019 grades by the higher of the two, so the grade "
+                "could be higher; the Ki-67 index or the pathology grade would decide it.",
+            )
+        decided = mitoses.low
+        evidence.append(mitoses.m.entry.ref)
+        notes.append(
+            f"{mitoses.text} means at least G{decided} by the WHO 2019 cut-offs (G1 < 2, "
+            "G2 2-20, G3 > 20 per 2 mm²), whatever the Ki-67 index (none is recorded)"
+        )
+    if decided is None:
+        if mc_unreadable:
+            return Outcome(
+                Result.UNKNOWN,
+                (*_refs(_usable_observations(ctx, "mitotic-count")), *_refs(set_aside)),
+                f"No histologic grade, Ki-67 index or differentiation recorded for the NET"
+                f"{aside}, and {mc_unreadable[0]}; the pathology grade would decide it.",
             )
         return Outcome(
             Result.UNKNOWN,
             (ctx.record.patient_ref, *_refs(set_aside)),
-            "No histologic grade, Ki-67 index or differentiation recorded for the NET"
-            f"{aside}; the pathology grade would decide it.",
-        )
-    if ki67 is not None and explicit is not None and ki67[0] > decided:
-        # WHO assigns the higher of the two indices: a recorded grade below what the Ki-67
-        # index says cannot be taken at face value.
-        m = ki67[1]
-        return Outcome(
-            Result.UNKNOWN,
-            (explicit[1].ref, m.entry.ref),
-            f"Discordant grade: G{decided} recorded in {explicit[1].describe()}, but Ki-67 "
-            f"{_fmt(m.value)} %{_when(m.entry)} ({m.entry.ref}) means G{ki67[0]} and WHO assigns "
-            "the higher grade; pathology review would decide it.",
-        )
-    if ki67 is not None and explicit is not None and ki67[0] < decided:
-        notes.append(
-            f"Ki-67 {_fmt(ki67[1].value)} % ({ki67[1].entry.ref}) alone would mean "
-            f"G{ki67[0]}; the recorded grade (which may rest on the mitotic count) is used"
+            "No histologic grade, Ki-67 index, mitotic count or differentiation recorded for "
+            f"the NET{aside}; the pathology grade would decide it.",
         )
     wanted = " or ".join(f"G{g}" for g in sorted(allowed))
-    text = "; ".join(notes)
-    text = text[0].upper() + text[1:]
+    text = _upper("; ".join(notes))
     if decided in allowed:
         return Outcome(Result.PASS, tuple(evidence), f"{text}: {wanted} as required.")
-    if explicit is None and not poorly and any(g > decided for g in allowed):
+    if explicit is None and not poorly and mitoses is None and any(g > decided for g in allowed):
         # WHO 2019 grades by the higher of Ki-67 and mitotic count: with the Ki-67 index alone,
         # a mitotic count could still raise the grade to one the trial accepts.
-        higher = " or ".join(f"G{g}" for g in sorted(g for g in allowed if g > decided))
+        higher_text = " or ".join(f"G{g}" for g in sorted(g for g in allowed if g > decided))
         return Outcome(
             Result.UNKNOWN,
             tuple(evidence),
             f"{text}, but no mitotic count or pathology grade is recorded and a mitotic count "
-            f"could make it {higher}; the pathology grade would decide it.",
+            f"could make it {higher_text}; the pathology grade would decide it.",
         )
     return Outcome(Result.FAIL, tuple(evidence), f"{text}: not {wanted}.")
 
