@@ -146,6 +146,23 @@ class Patient:
         self.resources.append(r)
         return r
 
+    def snomed_obs(
+        self, code: str, display: str, when: str, *, value: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """An Observation coded with a SNOMED CT finding or observable (a NYHA class finding,
+        a mitotic count), with ``value`` merged in (e.g. ``{"valueQuantity": ...}``)."""
+        r: dict[str, Any] = {
+            "resourceType": "Observation",
+            "id": self._id("obs"),
+            "status": "final",
+            "code": {"coding": [{"system": SNOMED, "code": code, "display": display}]},
+            "subject": self._subject(),
+            "effectiveDateTime": when,
+        }
+        r.update(value or {})
+        self.resources.append(r)
+        return r
+
     def procedure(
         self, codings: list[tuple[str, str, str]], when: str, *, status: str = "completed"
     ) -> dict[str, Any]:
@@ -1089,6 +1106,80 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
         {
             A: {"status": "needs-review", "inc-grade-2": "unknown"},
             B: {"status": "candidate", "inc-grade-1-2": "pass"},
+        },
+    )
+
+    # Issue 12: a NYHA class decides NCT05610826's heart failure exclusion (NCT04339036's
+    # uncontrolled intercurrent illness stays unknown whatever the class).
+    heart_failure = [(ICD10, "I50.22", "Chronic systolic (congestive) heart failure")]
+    p, r = base("heart-failure-nyha-1")
+    p.condition(heart_failure, "2023-01-01")
+    p.coded_obs(
+        "88020-3", "Functional capacity NYHA", (LOINC, "LA28404-4", "Class-I"), "2026-09-15"
+    )
+    scenario(
+        "heart-failure-nyha-1",
+        "heart failure with NYHA class I (LOINC 88020-3, answer LA28404-4) in the last 90 "
+        "days: the pancreatic trial's heart failure exclusion (NYHA II-IV) passes; the Y90 "
+        "trial's uncontrolled intercurrent illness stays unknown (a judgement)",
+        p,
+        {
+            A: {"status": "needs-review", "exc-intercurrent-illness": "unknown"},
+            B: {"status": "candidate", "exc-heart-failure": "pass"},
+        },
+    )
+
+    p, r = base("heart-failure-nyha-3")
+    p.condition(heart_failure, "2023-01-01")
+    p.coded_obs(
+        "88020-3", "Functional capacity NYHA", (LOINC, "LA28404-4", "Class-I"), "2026-03-02"
+    )
+    p.snomed_obs("420913000", "New York Heart Association Classification - Class III", "2026-10-05")
+    scenario(
+        "heart-failure-nyha-3",
+        "heart failure whose latest NYHA class is III (an Observation coded with the SNOMED CT "
+        "class finding), an older class I superseded: excluded from the pancreatic trial "
+        "(NYHA II-IV); the Y90 trial's uncontrolled intercurrent illness is unknown",
+        p,
+        {
+            A: {"status": "needs-review", "exc-intercurrent-illness": "unknown"},
+            B: {"status": "excluded", "exc-heart-failure": "fail"},
+        },
+    )
+
+    # Issue 12: the mitotic count is read with the Ki-67 index (WHO 2019: the higher grade).
+    mitoses = "Number of mitoses per 10 high power fields (observable entity)"
+    p, r = base("ki67-mitoses-g2")
+    r["ki67"]["valueQuantity"]["value"] = 2
+    p.snomed_obs(
+        "406094009",
+        mitoses,
+        "2025-11-10",
+        value={"valueQuantity": {"value": 5, "unit": "/10 HPF"}},
+    )
+    scenario(
+        "ki67-mitoses-g2",
+        "Ki-67 2 % (G1 alone) with a mitotic count of 5 per 10 HPF (G2): WHO 2019 takes the "
+        "higher, G2, a candidate for both trials (without the count the grade 2 trial is "
+        "unknown, see ki67-below-3)",
+        p,
+        {
+            A: {"status": "candidate", "inc-grade-2": "pass"},
+            B: {"status": "candidate", "inc-grade-1-2": "pass", "exc-grade-3": "pass"},
+        },
+    )
+
+    p, r = base("mitoses-without-ki67")
+    p.remove(r["ki67"])
+    p.snomed_obs("406094009", mitoses, "2025-11-10", value={"valueQuantity": {"value": 5}})
+    scenario(
+        "mitoses-without-ki67",
+        "a mitotic count of 5 per 10 HPF and no Ki-67 index: at least G2, but the Ki-67 grade "
+        "could be higher, so the grade is unknown for both trials (needs review)",
+        p,
+        {
+            A: {"status": "needs-review", "inc-grade-2": "unknown"},
+            B: {"status": "needs-review", "inc-grade-1-2": "unknown", "exc-grade-3": "unknown"},
         },
     )
 

@@ -104,6 +104,10 @@ EXPECTED_IDS = {
     "neuroendocrine-carcinoma-nos",
     "pancreas-excision-open",
     "duodenum-resection-open",
+    "nyha-class-i",
+    "nyha-class-ii-iv",
+    "nyha-functional-class",
+    "mitotic-count",
 }
 
 ICD10CM_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
@@ -755,3 +759,24 @@ def test_every_answer_code_has_a_source() -> None:
     sources = data["sources"]
     for coding in list(data["ecog"]) + data["qualitative_positive"] + data["qualitative_negative"]:
         assert isinstance(sources.get(coding), str) and sources[coding].strip(), coding
+
+
+def test_nyha_objective_assessment_is_not_the_functional_class() -> None:
+    # LOINC 88021-1 is the NYHA objective assessment (A-D), not functional class I-IV
+    for path in VALUESET_FILES:
+        assert not contains(load(path), LOINC, "88021-1"), path.stem
+    assert contains(valueset("nyha-functional-class"), LOINC, "88020-3")
+
+
+def test_nyha_classes_are_disjoint_and_each_has_both_codings() -> None:
+    class_i, class_ii_iv = valueset("nyha-class-i"), valueset("nyha-class-ii-iv")
+    assert explicit_keys(class_i).isdisjoint(explicit_keys(class_ii_iv))
+    assert {s for s, _ in explicit_keys(class_i)} == {LOINC, SNOMED}
+    assert {s for s, _ in explicit_keys(class_ii_iv)} == {LOINC, SNOMED}
+    assert len(explicit_keys(class_ii_iv)) == 6  # classes II, III, IV in each system
+
+
+def test_nottingham_mitotic_score_is_not_a_mitotic_count() -> None:
+    # LOINC 85300-2 is the breast Nottingham mitotic score (1-3), not a count per 10 HPF
+    assert not contains(valueset("mitotic-count"), LOINC, "85300-2")
+    assert contains(valueset("mitotic-count"), SNOMED, "406094009")
