@@ -206,6 +206,10 @@ def test_observation_codes_are_derived_from_the_criteria() -> None:
     assert ("http://loinc.org", "1968-7") not in codes  # direct bilirubin is not total
     only_a = load_trials(["NCT04339036"]).codes_for("Observation")
     assert ("http://loinc.org", "1558-6") not in only_a  # fasting glucose is only trial B's
+    # Observations coded in SNOMED CT are searched too: a server must return what a file holds
+    assert ("http://snomed.info/sct", "406094009") in codes  # mitotic count
+    assert ("http://snomed.info/sct", "420913000") in codes  # NYHA class III finding
+    assert ("http://snomed.info/sct", "420913000") not in only_a  # only trial B reads NYHA
 
 
 def test_breaking_valuesets_come_from_history_and_washout_rules() -> None:

@@ -15,7 +15,7 @@ from cds.criteria import rules as _rules  # noqa: F401 - registers the rule kind
 from cds.criteria.reads import CLINICAL_TYPES, RELATED_TYPES, RULE_KINDS, rule_schema
 from cds.criteria.texts import TEXT_SIGNALS_FILE, TextSignal, load_text_signals
 from cds.criteria.units import Analyte
-from cds.criteria.valuesets import LOINC, ValueSet, load_valuesets
+from cds.criteria.valuesets import ValueSet, load_valuesets
 from cds.errors import DefinitionError, InputError
 
 PACKAGE_DIR = Path(__file__).parent
@@ -221,15 +221,16 @@ class TrialSet:
     def codes_for(self, resource_type: str) -> frozenset[tuple[str, str]]:
         """The explicit (system, code) pairs the criteria read from ``resource_type``.
 
-        For Observation these are the LOINC codes to put in a server-side ``code`` filter.
-        ICD-10-CM families matched by prefix cannot be listed; Condition searches therefore
-        fetch all of a patient's conditions.
+        For Observation these are the codes to put in a server-side ``code`` filter: LOINC
+        mostly, and the SNOMED CT observables and findings some Observations are coded with
+        (an ECOG or NYHA class finding, the mitotic count), which a LOINC-only filter would
+        leave on the server while a file or an export holding them is read. ICD-10-CM families
+        matched by prefix cannot be listed; Condition searches therefore fetch all of a
+        patient's conditions.
         """
         codes: set[tuple[str, str]] = set()
         for vs_id in self.valueset_ids_for(resource_type):
             codes.update(self.valuesets[vs_id].codes)
-        if resource_type == "Observation":
-            return frozenset(c for c in codes if c[0] == LOINC)
         return frozenset(codes)
 
 
