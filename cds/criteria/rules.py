@@ -360,12 +360,7 @@ def _disease_signals(rule: dict[str, Any], ctx: Context) -> list[tuple[str, list
         found.append((vs, ctx.entries(("Procedure",), [vs])))
     labelled = [(ctx.titles([vs]), items) for vs, items in found]
     for signal_id in rule.get("signal_text", []):
-        named = [
-            e
-            for e in ctx.named(("Condition",), [signal_id])
-            if _condition_state(e, ctx.as_of) != "inactive"
-        ]
-        labelled.append((_named_label(ctx, signal_id), named))
+        labelled.append((_named_label(ctx, signal_id), _named_conditions(ctx, [signal_id])))
     readable = [(label, ctx.readable(items)[0]) for label, items in labelled]
     return [(label, items) for label, items in readable if items]
 
@@ -373,6 +368,26 @@ def _disease_signals(rule: dict[str, Any], ctx: Context) -> list[tuple[str, list
 def _named_label(ctx: Context, signal_id: str) -> str:
     """``a neuroendocrine tumour named in words``: the words are the entries' displays."""
     return ctx.trials.texts[signal_id].title
+
+
+def _named_conditions(ctx: Context, signal_ids: Sequence[str]) -> list[Entry]:
+    """Readable Conditions, current on the as-of date, whose words match the text signals."""
+    found = ctx.readable(ctx.named(("Condition",), signal_ids))[0]
+    return [e for e in found if _condition_state(e, ctx.as_of) != "inactive"]
+
+
+def _named_unknown(
+    ctx: Context, signal_ids: Sequence[str], named: Sequence[Entry], lead: str, confirm: str
+) -> Outcome:
+    """UNKNOWN for records that name the thing in words only, saying which signals."""
+    labels = " or ".join(
+        _named_label(ctx, sid) for sid in signal_ids if any(sid in e.named for e in named)
+    )
+    return Outcome(
+        Result.UNKNOWN,
+        _refs(named),
+        f"{lead}, but {labels} on record: {_listing(named)}; {confirm}.",
+    )
 
 
 @rule_kind(
@@ -415,22 +430,10 @@ def condition_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
         return _unconfirmed(unconfirmed, "confirm or refute the diagnosis")
     if bad:
         return _malformed_unknown(ctx, bad, f"A {what} record")
-    named = [
-        e
-        for e in ctx.readable(ctx.named(("Condition",), rule.get("found_text", [])))[0]
-        if _condition_state(e, ctx.as_of) != "inactive"
-    ]
+    named = _named_conditions(ctx, rule.get("found_text", []))
     if named:
-        labels = " or ".join(
-            _named_label(ctx, sid)
-            for sid in rule["found_text"]
-            if any(sid in e.named for e in named)
-        )
-        return Outcome(
-            Result.UNKNOWN,
-            _refs(named),
-            f"Not coded, but {labels} on record: {_listing(named)}; "
-            f"{confirm or 'confirm whether it applies'}.",
+        return _named_unknown(
+            ctx, rule["found_text"], named, "Not coded", confirm or "confirm whether it applies"
         )
     not_counted = f" (resolved, not counted: {_listing(inactive)})" if inactive else ""
     if rule.get("on_absent") == "manual":
@@ -537,16 +540,12 @@ def history_absent(rule: dict[str, Any], ctx: Context) -> Outcome:
             f"Possibly relevant: {_listing(ambiguous)}; {confirm}.",
         )
     if named:
-        labels = " or ".join(
-            _named_label(ctx, sid)
-            for sid in rule["ambiguous_text"]
-            if any(sid in e.named for e in named)
-        )
-        return Outcome(
-            Result.UNKNOWN,
-            _refs(named),
-            f"Not coded as one, but {labels} on record: {_listing(named)}; "
-            "confirm what was done (a code would decide it).",
+        return _named_unknown(
+            ctx,
+            rule["ambiguous_text"],
+            named,
+            "Not coded as one",
+            "confirm what was done (a code would decide it)",
         )
     if bad or bad_ambiguous:
         return _malformed_unknown(ctx, bad + bad_ambiguous, "A possibly relevant record")
