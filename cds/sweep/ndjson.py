@@ -625,19 +625,20 @@ class CodePrefilter:
             + rb")"
         )
         # Records that name a disease or procedure in words only (text signals, which a rule
-        # reads where no code says it): a line that holds the words anywhere is kept, by type.
-        self._text_res: dict[bytes, re.Pattern[bytes]] = {}
-        for rtype in CLINICAL_TYPES:
-            signals = trials.text_signals_for(rtype)
-            if signals:
-                self._text_res[rtype.encode()] = re.compile(
-                    b"|".join(b"(?:" + s.line_pattern + b")" for s in signals)
-                )
-        self._any_text = (
-            re.compile(b"|".join(b"(?:" + p.pattern + b")" for p in self._text_res.values()))
-            if self._text_res
+        # reads where no code says it): a line whose "text" or "display" strings hold the
+        # words is kept. The strings are found by two searches with a literal prefix and each
+        # distinct string is judged once (a signal's pattern run over whole blocks cost more
+        # than the rest of the prefilter together).
+        self._text_types = frozenset(
+            rtype.encode() for rtype in CLINICAL_TYPES if trials.text_signals_for(rtype)
+        )
+        patterns = {s.line_pattern for t in CLINICAL_TYPES for s in trials.text_signals_for(t)}
+        self._names = (
+            re.compile(b"|".join(b"(?:" + p + b")" for p in sorted(patterns))).search
+            if patterns
             else None
         )
+        self._named_memo: dict[bytes, bool] = {}
 
     def _judge(self, code: bytes) -> bool:
         code = code.strip()
@@ -651,7 +652,7 @@ class CodePrefilter:
     def __call__(self, line: bytes) -> bool:
         if b"\\" in line or b'"medicationReference"' in line:
             return True
-        if self._any_text is not None and self._any_text.search(line):
+        if self._names is not None and self._holds_words(line):
             return True
         memo = self._memo
         for code in _CODE_VALUE_RE.findall(line):
@@ -688,16 +689,42 @@ class CodePrefilter:
             after = block.index(b"\n", m.end()) + 1
             # Codes that start with a digit are matched exactly (up to the closing quote).
             found[start] = (block[start:after], m.group(1)[:1].isdigit())
-        text_re = self._text_res.get(resource_type)
-        if text_re is not None:
+        if resource_type in self._text_types:
             # Lines that name a text signal (the line-by-line test keeps them too), merged
             # into the code matches in input order, each line once.
-            for m in text_re.finditer(block):
+            for m in self._worded(block):
                 start = block.rfind(b"\n", 0, m.start()) + 1
                 if start not in found:
                     found[start] = (block[start : block.index(b"\n", m.end()) + 1], False)
             return [found[start] for start in sorted(found)]
         return list(found.values())
+
+    def _worded(self, text: bytes) -> Iterator[re.Match[bytes]]:
+        """The "text" and "display" strings of ``text`` that hold a text signal's words."""
+        memo = self._named_memo
+        names = self._names
+        assert names is not None  # noqa: S101 - only called when some signal is read
+        for string_re in _WORD_STRING_RES:
+            for m in string_re.finditer(text):
+                value = m.group(1)
+                known = memo.get(value)
+                if known is None:
+                    known = names(value) is not None
+                    if len(memo) < 1 << 16:
+                        memo[value] = known
+                if known:
+                    yield m
+
+    def _holds_words(self, line: bytes) -> bool:
+        return next(self._worded(line), None) is not None
+
+
+#: the strings a text signal is looked for in: every "display" (codings) and "text"
+#: (CodeableConcept.text) string value; a line with JSON escapes is kept whole before this
+_WORD_STRING_RES = (
+    re.compile(rb'display"\s*:\s*"([^"\\]*)"'),
+    re.compile(rb'text"\s*:\s*"([^"\\]*)"'),
+)
 
 
 def _code_atoms(code: str) -> tuple[str, ...]:
