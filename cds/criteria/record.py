@@ -869,7 +869,13 @@ def _named(signals: tuple[TextSignal, ...], concept: Any) -> tuple[str, ...]:
     texts = texts_of(concept)
     if not texts:
         return ()
-    return tuple(s.id for s in signals if s.finds(texts))
+    return _signals_named(signals, tuple(texts))
+
+
+# A population repeats a few thousand distinct texts; each is judged once.
+@lru_cache(maxsize=1 << 14)
+def _signals_named(signals: tuple[TextSignal, ...], texts: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(s.id for s in signals if s.finds(list(texts)))
 
 
 def _resolve_medication(

@@ -25,7 +25,8 @@ TEXT_SIGNALS_FILE = Path(__file__).parent / "text_signals.json"
 _SCHEMA_FILE = Path(__file__).parent / "schema" / "text-signals.schema.json"
 
 
-@dataclass(frozen=True)
+# Compared and hashed by identity (eq=False): records memoise what a tuple of signals finds.
+@dataclass(frozen=True, eq=False)
 class TextSignal:
     """One signal: what it names, the resource types it is looked for in, and its patterns."""
 
