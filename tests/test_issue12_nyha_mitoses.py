@@ -144,7 +144,7 @@ def test_the_latest_class_decides_even_against_an_older_one() -> None:
     assert result.result.value == "pass"
     assert "Observation/new" in result.evidence and "Observation/old" not in result.evidence
     # a newer class that cannot be read is unknown; the older readable one does not stand in
-    unreadable = nyha("newer", None, "2026-10-20", valueString="class1")
+    unreadable = nyha("newer", None, "2026-10-20", valueString="improving")
     result = heart_failure([HF, older_iii, newer_i, unreadable])
     assert result.result.value == "unknown"
     assert "Observation/newer" in result.explanation
@@ -153,7 +153,8 @@ def test_the_latest_class_decides_even_against_an_older_one() -> None:
 @pytest.mark.parametrize(
     "shape",
     [
-        {"valueCodeableConcept": {"text": "NYHA II"}},  # text only
+        {"valueCodeableConcept": {"text": "NYHA II-III"}},  # words that are not one class
+        {"valueString": "symptomatic on exertion"},
         {"valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA6576-8"}]}},
         {
             "valueCodeableConcept": {
@@ -170,6 +171,22 @@ def test_an_unreadable_class_is_unknown(shape: dict[str, Any]) -> None:
     result = heart_failure([HF, nyha("n", None, **shape)])
     assert result.result.value == "unknown", result.explanation
     assert "a coded NYHA class would decide it" in result.explanation
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ({"valueString": "NYHA class III"}, "fail"),
+        ({"valueString": "Class 2"}, "fail"),
+        ({"valueString": " IV "}, "fail"),
+        ({"valueString": "class1"}, "pass"),
+        ({"valueCodeableConcept": {"text": "NYHA functional class I"}}, "pass"),
+    ],
+)
+def test_a_class_written_only_in_words_is_read(shape: dict[str, Any], expected: str) -> None:
+    result = heart_failure([HF, nyha("n", None, **shape)])
+    assert result.result.value == expected, result.explanation
+    assert "Observation/n" in result.evidence
 
 
 def test_a_preliminary_class_is_unknown_and_unusable_statuses_do_not_count() -> None:

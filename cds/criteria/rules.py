@@ -1037,6 +1037,19 @@ def condition_with_lab(rule: dict[str, Any], ctx: Context) -> Outcome:
     valuesets_param("failing_classes", ["Observation"], required=True),
     value_param("class_label", {"type": "string"}, required=True),
     value_param("lookback_days", {"type": "integer", "minimum": 1}, required=True),
+    # A class Observation whose value is words, not a code (valueString or a concept's text:
+    # "NYHA class III", "Class 2"): regular expressions, matched whole and in any case.
+    value_param(
+        "class_text",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                side: {"type": "array", "items": {"type": "string", "minLength": 1}}
+                for side in ("passing", "failing")
+            },
+        },
+    ),
 )
 def condition_with_class(rule: dict[str, Any], ctx: Context) -> Outcome:
     """A condition that excludes only in some classes (heart failure in NYHA class II-IV): the
@@ -1154,6 +1167,13 @@ def _class_of(rule: dict[str, Any], ctx: Context, entry: Entry) -> tuple[Result,
         return None
 
     passing, failing = holds(rule["passing_classes"]), holds(rule["failing_classes"])
+    if asks and passing is None and failing is None and "class_text" in rule:
+        words = entry.resource.get("valueString")
+        if not isinstance(words, str) and isinstance(concept, dict):
+            words = concept.get("text")
+        if isinstance(words, str):
+            passing = words if _says(rule["class_text"].get("passing", ()), words) else None
+            failing = words if _says(rule["class_text"].get("failing", ()), words) else None
     if (passing is None) == (failing is None):
         return None
     result = Result.PASS if passing is not None else Result.FAIL
@@ -1163,6 +1183,17 @@ def _class_of(rule: dict[str, Any], ctx: Context, entry: Entry) -> tuple[Result,
     else:
         shown = entry.display or named
     return result, shown
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_whole(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def _says(patterns: Iterable[str], words: str) -> bool:
+    """Whether ``words`` (trimmed) is wholly one of the patterns."""
+    text = words.strip()
+    return any(_compiled_whole(p).fullmatch(text) for p in patterns)
 
 
 def _scale_value(resource: dict[str, Any], answers: dict[str, int]) -> int | None:
