@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 
 from cds.criteria import rules as _rules  # noqa: F401 - registers the rule kinds
+from cds.criteria.ndc import NDC_MAP_FILE, add_ndc_codes, load_ndc_map
 from cds.criteria.reads import CLINICAL_TYPES, RELATED_TYPES, RULE_KINDS, rule_schema
 from cds.criteria.texts import TEXT_SIGNALS_FILE, TextSignal, load_text_signals
 from cds.criteria.units import Analyte
@@ -439,9 +440,13 @@ def load_trial_set(
     analytes_file: Path = ANALYTES_FILE,
     answers_file: Path = ANSWERS_FILE,
     texts_file: Path = TEXT_SIGNALS_FILE,
+    ndc_map_file: Path = NDC_MAP_FILE,
 ) -> TrialSet:
     """Load and validate every trial definition and what it refers to. Raises DefinitionError."""
-    valuesets = load_valuesets(valuesets_dir)
+    # NDC-coded drugs join the value sets of the RxNorm concept they are mapped to.
+    valuesets = add_ndc_codes(
+        load_valuesets(valuesets_dir), load_ndc_map(ndc_map_file), file=str(ndc_map_file)
+    )
     texts = load_text_signals(texts_file)
     analytes = load_analytes(analytes_file, valuesets)
     answers = _read_json(answers_file) if answers_file.exists() else {}

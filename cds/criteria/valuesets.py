@@ -10,6 +10,7 @@ from typing import Any
 
 import jsonschema
 
+from cds.criteria.ndc import NDC, normalize_ndc
 from cds.errors import DefinitionError
 
 LOINC = "http://loinc.org"
@@ -32,6 +33,8 @@ SYSTEM_ALIASES = {
     "urn:oid:2.16.840.1.113883.6.88": RXNORM,
     "urn:oid:2.16.840.1.113883.6.12": CPT,
     "urn:oid:2.16.840.1.113883.6.4": ICD10PCS,
+    # the NDC's OID, as FDA structured product labels write it (codeSystem of a product code)
+    "urn:oid:2.16.840.1.113883.6.69": NDC,
 }
 
 KNOWN_SYSTEMS = frozenset(
@@ -57,12 +60,16 @@ def normalize_coding(system: str, code: str) -> tuple[str, str]:
     """The (system, code) key codes are matched on.
 
     ICD-10-CM is compared without its dot, because some EHR and claims feeds send C7B02 for
-    C7B.02 (terminology-codes.md §8 rule 1); other systems' codes are compared exactly.
+    C7B.02 (terminology-codes.md §8 rule 1); a package NDC as its 11-digit form, because
+    systems send the label's hyphenated 10-digit form or the 11-digit billing form
+    (cds/criteria/ndc.py); other systems' codes are compared exactly.
     """
     system = SYSTEM_ALIASES.get(system, system)
     code = code.strip()
     if system == ICD10CM:
         code = code.replace(".", "").upper()
+    elif system == NDC:
+        code = normalize_ndc(code) or code
     return system, code
 
 

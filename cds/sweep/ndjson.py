@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cds.criteria import TrialSet, load_trials
+from cds.criteria.ndc import NDC, ndc_spellings
 from cds.criteria.reads import CLINICAL_TYPES, RECORD_TYPES, UNCODED_TYPES
 from cds.errors import InputError
 from cds.fhir.bundle import patient_reference
@@ -602,7 +603,8 @@ class CodePrefilter:
     Every ``"code": "..."`` value in the line is checked (the resource's code, but also units,
     categories and statuses, which only keeps a few lines too many: the record's own relevance
     test then drops them), normalised as the record normalises codes (trimmed; ICD-10-CM
-    without its dot, upper case, families by prefix). A line is dropped only if none can
+    without its dot, upper case, families by prefix; an NDC in each spelling that normalises
+    to a mapped one). A line is dropped only if none can
     match; a line with JSON escapes, or whose drug is a reference to a Medication, is kept.
     """
 
@@ -610,7 +612,9 @@ class CodePrefilter:
         exact: set[str] = set()
         prefixes: set[str] = set()
         for vs in trials.used_valuesets():
-            exact.update(code for _, code in vs.codes)
+            for system, code in vs.codes:
+                # An NDC is stored as its 11-digit form; lines carry any accepted spelling.
+                exact.update(ndc_spellings(code) if system == NDC else (code,))
             prefixes.update(prefix for _, prefix in vs.prefixes)
         self._exact = frozenset(c.encode() for c in exact)
         self._prefixes = tuple(p.encode() for p in sorted(prefixes))
