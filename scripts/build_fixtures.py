@@ -25,6 +25,7 @@ SNOMED = "http://snomed.info/sct"
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
 CPT = "http://www.ama-assn.org/go/cpt"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+NDC = "http://hl7.org/fhir/sid/ndc"
 UCUM = "http://unitsofmeasure.org"
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
@@ -1999,6 +2000,143 @@ def build() -> None:  # noqa: PLR0915 - one scenario after another, deliberately
             B: {"status": "excluded", "exc-prior-capecitabine-temozolomide": "fail"},
         },
         bundle=b,
+    )
+
+    # Issue 12: drugs coded by brand or by NDC only (cds/criteria/ndc_rxnorm.json).
+    p, r = base("xeloda-branded-order")
+    p.resources.append(
+        {
+            "resourceType": "MedicationRequest",
+            "id": "xeloda-branded-order-rx1",
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": "Patient/xeloda-branded-order"},
+            "medicationCodeableConcept": {
+                "coding": [
+                    {
+                        "system": RXNORM,
+                        "code": "213293",
+                        "display": "capecitabine 500 MG Oral Tablet [Xeloda]",
+                    }
+                ],
+                "text": "Xeloda 500 mg tablet",
+            },
+            "authoredOn": "2026-10-06",
+            "dispenseRequest": {
+                "expectedSupplyDuration": {"value": 21, "unit": "days", "system": UCUM, "code": "d"}
+            },
+        }
+    )
+    scenario(
+        "xeloda-branded-order",
+        "Xeloda ordered by its branded-drug RxCUI (213293) on 2026-10-06 for 21 days (last dose "
+        "2026-10-26): both washouts fail and prior capecitabine excludes from the pancreatic trial",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {
+                "status": "excluded",
+                "inc-chemotherapy-washout": "fail",
+                "exc-prior-capecitabine-temozolomide": "fail",
+            },
+        },
+    )
+
+    p, r = base("xeloda-ndc-10-digit")
+    p.resources.append(
+        {
+            "resourceType": "MedicationDispense",
+            "id": "xeloda-ndc-10-digit-dispense",
+            "status": "completed",
+            "subject": {"reference": "Patient/xeloda-ndc-10-digit"},
+            # no RxNorm coding at all: the pharmacy system sends the label's NDC (4-4-2)
+            "medicationCodeableConcept": {
+                "coding": [{"system": NDC, "code": "0004-1100-20"}],
+                "text": "XELODA 150 MG TABLET",
+            },
+            "whenHandedOver": "2026-10-15",
+            "daysSupply": {"value": 14, "unit": "day", "system": UCUM, "code": "d"},
+        }
+    )
+    scenario(
+        "xeloda-ndc-10-digit",
+        "Xeloda dispensed 2026-10-15 for 14 days, coded only with its 10-digit NDC "
+        "0004-1100-20: read as capecitabine, both washouts fail and prior capecitabine excludes "
+        "from the pancreatic trial (no drug on record before NDCs were mapped)",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {
+                "status": "excluded",
+                "inc-chemotherapy-washout": "fail",
+                "exc-prior-capecitabine-temozolomide": "fail",
+            },
+        },
+    )
+
+    p, r = base("xeloda-ndc-11-digit")
+    p.resources.append(
+        {
+            "resourceType": "Medication",
+            "id": "xeloda-ndc-11-digit-medication",
+            # the 11-digit 5-4-2 billing form of the same package, no hyphens, no display
+            "code": {"coding": [{"system": NDC, "code": "00004110020"}]},
+        }
+    )
+    p.resources.append(
+        {
+            "resourceType": "MedicationAdministration",
+            "id": "xeloda-ndc-11-digit-admin",
+            "status": "completed",
+            "medicationReference": {"reference": "Medication/xeloda-ndc-11-digit-medication"},
+            "subject": {"reference": "Patient/xeloda-ndc-11-digit"},
+            "effectiveDateTime": "2026-10-20",
+        }
+    )
+    scenario(
+        "xeloda-ndc-11-digit",
+        "capecitabine given 2026-10-20 as a Medication coded only with the 11-digit NDC "
+        "00004110020 (the billing form of 0004-1100-20): both washouts fail",
+        p,
+        {
+            A: {"status": "excluded", "inc-washout": "fail"},
+            B: {
+                "status": "excluded",
+                "inc-chemotherapy-washout": "fail",
+                "exc-prior-capecitabine-temozolomide": "fail",
+            },
+        },
+    )
+
+    p, r = base("temodar-pack")
+    p.resources.append(
+        {
+            "resourceType": "MedicationDispense",
+            "id": "temodar-pack-dispense",
+            "status": "completed",
+            "subject": {"reference": "Patient/temodar-pack"},
+            "medicationCodeableConcept": {
+                "coding": [{"system": NDC, "code": "0085-1417-02"}],
+                "text": "TEMODAR capsules, carton of 5 single-capsule packets",
+            },
+            "whenHandedOver": "2024-05-10",
+            "daysSupply": {"value": 5, "unit": "day", "system": UCUM, "code": "d"},
+        }
+    )
+    scenario(
+        "temodar-pack",
+        "a Temodar carton of five single-capsule packets dispensed in 2024, coded only with its "
+        "NDC 0085-1417-02: prior temozolomide excludes from the pancreatic trial; the washouts "
+        "pass (long past)",
+        p,
+        {
+            A: {"status": "candidate", "inc-washout": "pass"},
+            B: {
+                "status": "excluded",
+                "inc-chemotherapy-washout": "pass",
+                "exc-prior-capecitabine-temozolomide": "fail",
+            },
+        },
     )
 
     # A transaction bundle with urn:uuid references, as an EHR export or a test tool sends.
