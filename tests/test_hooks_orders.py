@@ -178,3 +178,47 @@ def test_biliary_stent_only_concerns_the_trial_that_excludes_it() -> None:
     system, code = stent_codes[0]
     orders = draft_orders(draft_bundle(service_order("s2", system, code, "biliary stent")))
     assert trials_at_stake(trials, trials.ids, orders) == {"NCT04339036"}
+
+
+NDC = "http://hl7.org/fhir/sid/ndc"
+XELODA_BRANDED = ("213293", "capecitabine 500 MG Oral Tablet [Xeloda]")
+
+
+def _ndc_order(oid: str, code: str, pid: str = "both-candidate") -> dict[str, Any]:
+    """A draft order coded only with an NDC, without text or display (as pharmacy-facing
+    order entry may send it)."""
+    return {
+        "resourceType": "MedicationRequest",
+        "id": oid,
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{pid}"},
+        "medicationCodeableConcept": {"coding": [{"system": NDC, "code": code}]},
+    }
+
+
+@pytest.mark.parametrize("hook", ["order-sign", "order-select"])
+def test_xeloda_by_branded_rxcui_warns_for_both_trials(client: FlaskClient, hook: str) -> None:
+    cards = _sign(
+        client, "both-candidate", med_order("x1", *XELODA_BRANDED, pid="both-candidate"), hook=hook
+    )
+    assert {c["summary"].split(" ", 1)[0] for c in cards} == {"NCT04339036", "NCT05610826"}
+    for card in cards:
+        assert card["indicator"] == "warning"
+        # Markdown escapes the brackets of the RxNorm name
+        assert "capecitabine 500 MG Oral Tablet \\[Xeloda\\]" in card["detail"]
+
+
+@pytest.mark.parametrize("code", ["0004-1100-20", "00004110020"])
+def test_xeloda_by_ndc_warns_and_names_the_drug(client: FlaskClient, code: str) -> None:
+    cards = _sign(client, "both-candidate", _ndc_order("x2", code))
+    assert {c["summary"].split(" ", 1)[0] for c in cards} == {"NCT04339036", "NCT05610826"}
+    for card in cards:
+        assert card["indicator"] == "warning"
+        # named from the NDC map, not as a system URL
+        assert "Xeloda (capecitabine) 150 mg oral tablet (NDC 0004-1100-20)" in card["detail"]
+        assert "hl7.org/fhir/sid/ndc" not in card["detail"]
+
+
+def test_an_ndc_outside_the_map_gives_no_warning(client: FlaskClient) -> None:
+    assert _sign(client, "both-candidate", _ndc_order("x3", "12345-6789-01")) == []

@@ -33,6 +33,8 @@ _MEDICATION_TYPES = ("MedicationRequest",)
 class _ValueSet(Protocol):
     def contains(self, system: str, code: str) -> bool: ...
 
+    def display(self, system: str, code: str) -> str | None: ...
+
 
 class _Criterion(Protocol):
     @property
@@ -65,6 +67,8 @@ class DraftOrder:
     reference: str  # "MedicationRequest/abc", or "draftOrders.entry[2]" when it has no id
     name: str
     codes: tuple[tuple[str, str], ...]
+    #: False when the order carries no text or display and ``name`` is its first code
+    named: bool = True
 
 
 def draft_orders(
@@ -93,8 +97,9 @@ def draft_orders(
         reference = f"{rtype}/{rid}" if isinstance(rid, str) else f"draftOrders.entry[{index}]"
         concept = _ordered_concept(rtype, resource, medications)
         keys = tuple(codings_of(concept))
-        name = concept_display(concept) or (f"{keys[0][0]}|{keys[0][1]}" if keys else rtype)
-        orders.append(DraftOrder(reference, name, keys))
+        name = concept_display(concept)
+        fallback = f"{keys[0][0]}|{keys[0][1]}" if keys else rtype
+        orders.append(DraftOrder(reference, name or fallback, keys, named=name is not None))
     if selections is not None:
         wanted = set(selections)
         chosen = [o for o in orders if o.reference in wanted]
@@ -150,9 +155,26 @@ def orders_at_risk(
             continue
         valuesets = [definitions.valueset(v) for v in sorted(criterion.breaking_valuesets)]
         for order in orders:
-            if any(vs.contains(system, code) for system, code in order.codes for vs in valuesets):
-                found.append(AtRisk(result, order))
+            hits = [
+                (vs, system, code)
+                for system, code in order.codes
+                for vs in valuesets
+                if vs.contains(system, code)
+            ]
+            if hits:
+                found.append(AtRisk(result, order if order.named else _named(order, hits)))
     return found
+
+
+def _named(order: DraftOrder, hits: Sequence[tuple[_ValueSet, str, str]]) -> DraftOrder:
+    """An order sent with codes only (an NDC, say) named as the value set that matched it
+    names the code, so that a card says "Xeloda (capecitabine) 150 mg oral tablet (NDC
+    0004-1100-20)" rather than a system URL."""
+    vs, system, code = hits[0]
+    name = vs.display(system, code)
+    if name is None:
+        return order
+    return DraftOrder(order.reference, name, order.codes, named=True)
 
 
 def trials_at_stake(
