@@ -181,7 +181,10 @@ def test_biliary_stent_only_concerns_the_trial_that_excludes_it() -> None:
 
 
 NDC = "http://hl7.org/fhir/sid/ndc"
-XELODA_BRANDED = ("213293", "capecitabine 500 MG Oral Tablet [Xeloda]")
+XELODA_BRANDED = {
+    "213293": "capecitabine 500 MG Oral Tablet",
+    "213292": "capecitabine 150 MG Oral Tablet",
+}
 
 
 def _ndc_order(oid: str, code: str, pid: str = "both-candidate") -> dict[str, Any]:
@@ -197,16 +200,17 @@ def _ndc_order(oid: str, code: str, pid: str = "both-candidate") -> dict[str, An
     }
 
 
-@pytest.mark.parametrize("hook", ["order-sign", "order-select"])
-def test_xeloda_by_branded_rxcui_warns_for_both_trials(client: FlaskClient, hook: str) -> None:
-    cards = _sign(
-        client, "both-candidate", med_order("x1", *XELODA_BRANDED, pid="both-candidate"), hook=hook
-    )
+@pytest.mark.parametrize(("hook", "rxcui"), [("order-sign", "213293"), ("order-select", "213292")])
+def test_xeloda_by_branded_rxcui_warns_for_both_trials(
+    client: FlaskClient, hook: str, rxcui: str
+) -> None:
+    name = f"{XELODA_BRANDED[rxcui]} [Xeloda]"
+    cards = _sign(client, "both-candidate", med_order("x1", rxcui, name), hook=hook)
     assert {c["summary"].split(" ", 1)[0] for c in cards} == {"NCT04339036", "NCT05610826"}
     for card in cards:
         assert card["indicator"] == "warning"
         # Markdown escapes the brackets of the RxNorm name
-        assert "capecitabine 500 MG Oral Tablet \\[Xeloda\\]" in card["detail"]
+        assert f"{XELODA_BRANDED[rxcui]} \\[Xeloda\\]" in card["detail"]
 
 
 @pytest.mark.parametrize("code", ["0004-1100-20", "00004110020"])

@@ -160,6 +160,18 @@ def _ndc_order(oid: str, code: str) -> dict[str, object]:
     }
 
 
+def test_branded_and_injection_rxcuis_from_the_ema_mappings_are_in_the_drug_sets() -> None:
+    trials = load_trials()
+    for rxcui in ("213292", "213293"):  # Xeloda 150 mg, 500 mg
+        assert {"capecitabine", "cytotoxic-chemotherapy"} <= set(
+            trials.valuesets_of((RXNORM, rxcui))
+        )
+    # temozolomide 100 MG Injection
+    assert {"temozolomide", "cytotoxic-chemotherapy"} <= set(
+        trials.valuesets_of((RXNORM, "835945"))
+    )
+
+
 def test_ndc_and_branded_orders_put_both_trials_at_stake() -> None:
     trials = load_trials()
     for order in (
