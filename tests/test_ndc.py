@@ -84,6 +84,9 @@ def test_xeloda_and_temodar_ndcs_count_as_their_ingredient() -> None:
     assert "temozolomide" not in xeloda
     temodar = trials.valuesets_of(normalize_coding(NDC, "0085-1417-02"))
     assert {"temozolomide", "cytotoxic-chemotherapy"} <= set(temodar)
+    # 5-4-1 and 5-3-2 packages of other cytotoxic agents
+    assert "cytotoxic-chemotherapy" in trials.valuesets_of(normalize_coding(NDC, "60505-6132-6"))
+    assert "cytotoxic-chemotherapy" in trials.valuesets_of(normalize_coding(NDC, "63323-750-10"))
     lutathera = trials.valuesets_of(normalize_coding(NDC, "69488-003-01"))
     assert lutathera == ("lutetium-lu177-dotatate",)
 
