@@ -143,6 +143,34 @@ def test_a_record_indexes_an_ndc_coded_dispense_under_capecitabine(code: str) ->
     assert [e.ref for e in found] == ["MedicationDispense/d1"]
 
 
+@pytest.mark.parametrize(
+    ("rtype", "extra"),
+    [
+        ("MedicationRequest", {"intent": "order", "authoredOn": "2026-10-15"}),
+        ("MedicationAdministration", {"effectiveDateTime": "2026-10-15"}),
+        ("MedicationDispense", {"whenHandedOver": "2026-10-15"}),
+        ("MedicationStatement", {"effectivePeriod": {"start": "2026-10-15"}}),
+    ],
+)
+def test_every_medication_resource_coded_only_by_ndc_counts(
+    rtype: str, extra: dict[str, object]
+) -> None:
+    trials = load_trials()
+    resource = {
+        "resourceType": rtype,
+        "id": "m1",
+        "status": "completed",
+        "subject": {"reference": "Patient/p"},
+        "medicationCodeableConcept": {"coding": [{"system": NDC, "code": "0085-1417-02"}]},
+        **extra,
+    }
+    record = PatientRecord.from_resources(
+        [{"resourceType": "Patient", "id": "p"}, resource], index=trials
+    )
+    found = record.matching([rtype], trials.valueset("temozolomide"))
+    assert [e.ref for e in found] == [f"{rtype}/m1"]
+
+
 def test_the_ndjson_prefilter_keeps_every_spelling_and_drops_unmapped_ndcs() -> None:
     prefilter = CodePrefilter(load_trials())
     for code in ("0004-1100-20", "00004110020", "00004-1100-20", "47335-890-80"):
