@@ -43,6 +43,7 @@ def test_accepted_spellings_normalise_to_eleven_digits(sent: str, eleven: str) -
         "004-1100-20",  # 3-4-2 is no NDC layout
         "0004-1100-2O",  # letter O
         "000041100200",  # 12 digits
+        "００００４１１００２０",  # 11 full-width digits
     ],
 )
 def test_other_spellings_are_not_guessed(sent: str) -> None:

@@ -5,9 +5,10 @@ map names for it: the map's NDCs join every value set that holds that RxNorm cod
 index, the NDJSON prefilter and the order warnings of the CDS Hooks service all read them
 without knowing about NDCs. The map is data (``ndc_rxnorm.json``) with a source on every row.
 
-NDC forms (FDA, 21 CFR 207.35; the 11-digit 5-4-2 form is the HIPAA billing standard): a package
-NDC is 10 digits in one of three hyphenated layouts, 4-4-2, 5-3-2 or 5-4-1, and is compared as
-the 11-digit 5-4-2 form made by padding the short segment with a leading zero. Accepted here:
+NDC forms: a package NDC is printed on the label as 10 digits in one of three hyphenated
+layouts, 4-4-2, 5-3-2 or 5-4-1 (labeler-product-package; every layout occurs in the map's
+sources), and claims and pharmacy systems send the 11-digit 5-4-2 form made by padding the short
+segment with a leading zero. Codes are compared in that 11-digit form. Accepted here:
 
 - 10 digits hyphenated 4-4-2, 5-3-2 or 5-4-1 (``0004-1100-20``, ``47335-890-80``,
   ``53808-0411-1``);
@@ -38,14 +39,14 @@ NDC_MAP_FILE = Path(__file__).parent / "ndc_rxnorm.json"
 #: segment lengths of the 10-digit layouts and where each is padded to 5-4-2
 _TEN_DIGIT_LAYOUTS = {(4, 4, 2): 0, (5, 3, 2): 1, (5, 4, 1): 2}
 _TARGET = (5, 4, 2)
-_HYPHENATED = re.compile(r"^(\d+)-(\d+)-(\d+)$")
+_HYPHENATED = re.compile(r"^([0-9]+)-([0-9]+)-([0-9]+)$")
 
 
 def normalize_ndc(code: str) -> str | None:
     """The 11-digit (5-4-2, unhyphenated) form of a package NDC, or None when ``code`` is not
     one of the accepted spellings (see the module docstring)."""
     code = code.strip()
-    if len(code) == 11 and code.isdigit():
+    if len(code) == 11 and code.isascii() and code.isdigit():
         return code
     m = _HYPHENATED.match(code)
     if m is None:
