@@ -6,9 +6,12 @@ partition pass of the single-machine sweep (no Spark needed)."""
 
 from __future__ import annotations
 
+import argparse
+import gc
 import io
 import json
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import pytest
 
 import cds.sweep.ndjson as ndjson_module
 import cds.sweep.spark as spark_module
+import cds.sweep.spark_output as spark_output
 from cds.cli import main
 from cds.criteria import load_trials
 from cds.errors import InputError
@@ -136,7 +140,11 @@ def test_cli_refuses_spark_with_local_only_options(
     with pytest.raises(SystemExit) as exited:
         main([*base, "--ndjson", str(tmp_path), "--spark-conf", "novalue"])
     assert exited.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
-    assert main(["sweep", "--ndjson", str(tmp_path), "--out", str(tmp_path), "--overwrite"]) == 2
+    local = ["sweep", "--ndjson", str(tmp_path), "--out"]
+    for extra in (["--overwrite"], ["--parquet"], ["--assemble-limit", "1G"]):
+        assert main([*local, str(tmp_path), *extra]) == 2
+        assert "--engine spark" in capsys.readouterr().err
+    assert main([*local, "hdfs://namenode:8020/sweeps/x"]) == 2
     assert "--engine spark" in capsys.readouterr().err
 
 
@@ -202,6 +210,94 @@ def test_parallel_partition_pass_gives_each_bucket_in_input_order(
                 assert pieces.splitlines(True) == buckets[b]
         assert (work.input / "shared.ndjson").exists()
     assert stats[1] == stats[3]
+
+
+def _engine_free(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary without what differs between two runs of one sweep (times, output name)."""
+    return {k: v for k, v in summary.items() if k not in ("engine", "elapsed_seconds")}
+
+
+def test_output_to_a_hadoop_url_is_byte_identical_to_a_local_directory(
+    inputs: dict[str, Path], spark_context: Any, tmp_path: Path
+) -> None:
+    """--out as a file:// URL: a real Hadoop local filesystem, written by Spark's text writer
+    (part files) and Hadoop's FileSystem (the rest), not by the Python workers."""
+    from pyspark.sql import SparkSession
+
+    def opts(out: Path | str) -> SparkOptions:
+        return SparkOptions(out=out, trials=load_trials(), as_of=AS_OF, buckets=3, parquet=True)
+
+    source = str(inputs["fixtures"])
+    local = sweep_spark(source, opts(tmp_path / "local"), context=spark_context)
+    url = (tmp_path / "url").as_uri()
+    assert url.startswith("file:///")
+    remote = sweep_spark(source, opts(url), context=spark_context)
+    assert remote["engine"]["output"] == url and local["patients"] > 0
+    assert _engine_free(remote) == _engine_free(local)
+    assert remote["engine"]["assembled"] == local["engine"]["assembled"]
+    for name in ("results.ndjson", "candidates.csv", "errors.ndjson", "report.html"):
+        assert (tmp_path / "url" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    saved = json.loads((tmp_path / "url" / "summary.json").read_text())
+    assert _engine_free(saved) == _engine_free(json.loads(json.dumps(local)))
+    for kind, suffix in (("results", ".ndjson"), ("csv", ".csv"), ("errors", ".ndjson")):
+        local_parts = sorted((tmp_path / "local" / "parts" / kind).glob(f"part-*{suffix}"))
+        # Hadoop's names, one part per reduce partition (the last, for the map step's
+        # counts, empty)
+        url_parts = sorted((tmp_path / "url" / "parts" / kind).glob("part-[0-9]*[0-9]"))
+        assert len(local_parts) == 3 and len(url_parts) == 4
+        assert [p.read_bytes() for p in url_parts[:3]] == [p.read_bytes() for p in local_parts]
+        assert url_parts[3].read_bytes() == b""
+
+    # Parquet: one row per patient and trial, the statuses results.ndjson holds
+    spark = SparkSession(spark_context)
+    expected = sorted(
+        (
+            line["patient"],
+            trial["trial"],
+            trial["status"],
+            {c["id"]: c["result"] for c in trial["criteria"]},
+        )
+        for line in map(
+            json.loads, (tmp_path / "local" / "results.ndjson").read_text().splitlines()
+        )
+        for trial in line["trials"]
+    )
+    for where in (tmp_path / "local" / "results.parquet", f"{url}/results.parquet"):
+        with warnings.catch_warnings():  # PySpark leaves its result socket to the GC
+            warnings.simplefilter("ignore", ResourceWarning)
+            rows = spark.read.parquet(str(where)).collect()
+            gc.collect()
+        got = sorted((r.patient, r.trial, r.status, dict(r.criteria_status)) for r in rows)
+        assert got == expected
+        assert {r.as_of for r in rows} == {AS_OF}
+        assert all(sorted(c.id for c in r.criteria) == sorted(r.criteria_status) for r in rows)
+
+    # A rerun is refused as for a local --out; --overwrite replaces only the sweep's outputs
+    (tmp_path / "url" / "notes.txt").write_text("the user's own file")
+    with pytest.raises(InputError, match="--overwrite"):
+        sweep_spark(source, opts(url), context=spark_context)
+    again = opts(url)
+    again.overwrite, again.parquet, again.assemble_limit = True, False, 0
+    rerun = sweep_spark(source, again, context=spark_context)
+    assert rerun["engine"]["assembled"] == ["candidates.csv", "errors.ndjson"]
+    assert (tmp_path / "url" / "notes.txt").read_text() == "the user's own file"
+    assert not (tmp_path / "url" / "results.ndjson").exists()
+    assert not (tmp_path / "url" / "results.parquet").exists()
+
+
+def test_assembly_rule() -> None:
+    """results.ndjson up to the limit; candidates and errors always; each only with room."""
+    sizes = {"results": 5 << 30, "csv": 1 << 20, "errors": 0}
+    room = 100 << 30
+    assert spark_output.assembly_plan(sizes, room, 10 << 30) == ["results", "csv", "errors"]
+    assert spark_output.assembly_plan(sizes, room, 4 << 30) == ["csv", "errors"]
+    assert spark_output.assembly_plan(sizes, (6 << 30) - 1, 10 << 30) == ["csv", "errors"]
+    assert spark_output.assembly_plan(sizes, 1 << 29, 10 << 30) == []
+    assert spark_output.parse_size("10G") == 10 << 30
+    assert spark_output.parse_size("500m") == 500 << 20
+    assert spark_output.parse_size("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError):
+        spark_output.parse_size("ten")
 
 
 def test_cli_spark_sweep(

@@ -14,6 +14,7 @@ from cds.criteria import load_trials
 from cds.errors import InputError, OutputError
 from cds.evaluate_command import parse_as_of
 from cds.sweep.runner import SweepOptions, print_summary, sweep_ndjson
+from cds.sweep.spark_output import is_url
 
 if TYPE_CHECKING:
     from cds.fhir.auth import TokenSource
@@ -122,8 +123,19 @@ def _run(args: argparse.Namespace) -> int:
         from cds.sweep.spark import run_spark
 
         return run_spark(args)
-    if args.overwrite:
-        raise InputError("--overwrite applies to --engine spark", source="--overwrite")
+    for flag, given in (
+        ("--overwrite", args.overwrite),
+        ("--parquet", args.parquet),
+        ("--assemble-limit", args.assemble_limit is not None),
+    ):
+        if given:
+            raise InputError(f"{flag} applies to --engine spark", source=flag)
+    if is_url(args.out):
+        raise InputError(
+            "a URL is written by --engine spark; --engine local writes a directory",
+            source="--out",
+        )
+    args.out = Path(args.out)
     as_of = parse_as_of(args.as_of) if args.as_of else None
     trials = load_trials(args.trial) if args.trial else load_trials()
     workers = args.workers or max(1, os.cpu_count() or 1)
@@ -250,7 +262,9 @@ def register(subparsers: Any, fixtures_subparsers: Any) -> None:
         metavar="YYYY-MM-DD",
         help="evaluation date for the whole run (default today; a resumed sweep keeps its own)",
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
+    # Kept as given (not a Path, which would fold the // of hdfs://host/...): --engine spark
+    # also writes to a URL
+    parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument(
         "--resume",
         action="store_true",

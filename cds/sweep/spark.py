@@ -26,14 +26,11 @@ PySpark is an optional extra (``pip install 'cds-trial-screening[spark]'``), imp
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import io
 import json
 import logging
 import os
-import re
-import shutil
 import sys
 import time
 import warnings
@@ -44,9 +41,9 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from cds.criteria import TrialSet, load_trials
-from cds.errors import InputError
+from cds.errors import InputError, OutputError
 from cds.evaluate_command import parse_as_of
-from cds.sweep.core import CSV_HEADER, Tally
+from cds.sweep.core import Tally
 from cds.sweep.ndjson import (
     BLOCK_BYTES,
     BUCKET_BYTES,
@@ -63,28 +60,32 @@ from cds.sweep.ndjson import (
     read_range,
 )
 from cds.sweep.report import build_summary, report_html, summary_text
-from cds.sweep.store import atomic_open, copy_range, encode_partition, write_json
+from cds.sweep.spark_output import (
+    DEFAULT_ASSEMBLE_LIMIT,
+    PARQUET,
+    PART_KINDS,
+    PARTS,
+    HadoopOutput,
+    LocalOutput,
+    SweepOutput,
+    assemble,
+    check_out,
+    is_url,
+    java_message,
+    parse_size,
+)
+from cds.sweep.store import EncodedPartition, atomic_open, encode_partition
 
 JSONDict = dict[str, Any]
 
 #: the input is read in byte ranges of about this size (one map task each)
 SPLIT_BYTES = 64 << 20
-PARTS = "parts"
-#: kinds of part files: (directory under parts/, suffix, the output assembled from them)
-PART_KINDS = (
-    ("results", ".ndjson", "results.ndjson"),
-    ("csv", ".csv", "candidates.csv"),
-    ("errors", ".ndjson", "errors.ndjson"),
-)
-#: the single-machine sweep's outputs, as this sweep writes them
-OUTPUTS = (*(name for _, _, name in PART_KINDS), "summary.json", "report.html")
-#: free space an assembly leaves on the output's disk at least
-ASSEMBLY_MARGIN = 1 << 30
 
 
 @dataclass
 class SparkOptions:
-    out: Path
+    #: a local directory (every executor must see it) or a Hadoop filesystem URL
+    out: Path | str
     trials: TrialSet
     as_of: date | None
     #: None: spark-submit's --master when run by spark-submit, else local[*]
@@ -93,6 +94,10 @@ class SparkOptions:
     overwrite: bool = False
     #: buckets (reduce partitions); default from the input size, as the NDJSON sweep
     buckets: int | None = None
+    #: results.ndjson is assembled from its part files only up to this many bytes
+    assemble_limit: int = DEFAULT_ASSEMBLE_LIMIT
+    #: also the per-patient results as a Parquet dataset (results.parquet/)
+    parquet: bool = False
 
 
 def parse_conf(text: str) -> tuple[str, str]:
@@ -100,40 +105,6 @@ def parse_conf(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
     return key.strip(), value
-
-
-#: a URL (file:, hdfs:, s3a:, ...): read by Spark's own readers, not by Python workers
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
-
-
-def is_url(path: str) -> bool:
-    return _URL.match(path) is not None
-
-
-def check_out(out: Path, overwrite: bool) -> list[str]:
-    """The earlier sweep's outputs in ``out``; refused unless ``overwrite``."""
-    existing = [name for name in (*OUTPUTS, PARTS) if (out / name).exists()]
-    if existing and not overwrite:
-        raise InputError(
-            f"holds the outputs of an earlier sweep ({', '.join(existing)}); choose another "
-            "--out or pass --overwrite to replace them",
-            source=str(out),
-        )
-    return existing
-
-
-def prepare_out(out: Path, existing: list[str]) -> None:
-    """Remove exactly the earlier outputs (never anything else in the directory) and make the
-    part file directories."""
-    for name in existing:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    for kind, _, _ in PART_KINDS:
-        (out / PARTS / kind).mkdir(parents=True)
 
 
 def spark_conf_pairs(master: str, conf: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -286,19 +257,15 @@ def values(items: Iterable[tuple[int, Any]]) -> Iterator[Any]:
 _ERROR_SAMPLES = 20
 
 
-def evaluate_task(
+def evaluate_bucket(
     index: int,
     items: Iterable[tuple[int, Any]],
-    buckets: int,
     shared_lines: Any,
     trial_ids: tuple[str, ...],
     as_of: date,
-    out: str,
-) -> Iterator[JSONDict]:
-    """Reduce: one bucket's patients evaluated by the single-machine sweep's function; its part
-    files written; its tally returned as data."""
-    if index >= buckets:
-        return
+) -> tuple[EncodedPartition, JSONDict]:
+    """Reduce: one bucket's patients evaluated by the single-machine sweep's function; its
+    output bytes, and its tally as data."""
     _worker_setup(trial_ids)
     started = time.process_time()
     chunks = sorted(value for _, value in items)  # (map task, bytes): input order
@@ -310,13 +277,57 @@ def evaluate_task(
     outcomes, tally = evaluate_patients(group_lines(lines), shared, trials, as_of)
     encoded = encode_partition(outcomes)
     del outcomes
-    parts = Path(out) / PARTS
-    for (kind, suffix, _), (_, data) in zip(PART_KINDS, encoded.files(), strict=True):
-        with atomic_open(parts / kind / f"part-{index:05d}{suffix}", "wb", durable=False) as f:
-            f.write(data)
     samples = [json.loads(line) for line in encoded.errors.splitlines()[:_ERROR_SAMPLES]]
     cpu = {"receive": received - started, "evaluate": time.process_time() - received}
-    yield {"index": index, "tally": tally.to_json(), "error_samples": samples, "cpu": cpu}
+    return encoded, {"index": index, "tally": tally.to_json(), "error_samples": samples, "cpu": cpu}
+
+
+def evaluate_task(
+    index: int,
+    items: Iterable[tuple[int, Any]],
+    buckets: int,
+    shared_lines: Any,
+    trial_ids: tuple[str, ...],
+    as_of: date,
+    out: LocalOutput,
+) -> Iterator[JSONDict]:
+    """Reduce, for a local output: the bucket's part files written by the task itself (under a
+    temporary name, renamed: a retried task rewrites the same bytes); its tally returned."""
+    if index >= buckets:
+        return
+    encoded, tally = evaluate_bucket(index, items, shared_lines, trial_ids, as_of)
+    for kind, data in encoded.files():
+        with atomic_open(out.part_path(kind, index), "wb", durable=False) as f:
+            f.write(data)
+    yield tally
+
+
+#: the record of a task's tally among its part files' records (no kind is named so)
+TALLY = "tally"
+
+
+def evaluate_records(
+    index: int,
+    items: Iterable[tuple[int, Any]],
+    buckets: int,
+    shared_lines: Any,
+    trial_ids: tuple[str, ...],
+    as_of: date,
+) -> Iterator[tuple[str, Any]]:
+    """Reduce, for a URL output: the bucket's part files as records (kind, bytes) that Spark
+    writes, and its tally as (TALLY, tally). Spark's text writer ends each record with a
+    newline, so a part's last newline is left off here (and an empty part gives no record)."""
+    if index >= buckets:
+        return
+    encoded, tally = evaluate_bucket(index, items, shared_lines, trial_ids, as_of)
+    yield TALLY, tally
+    for kind, data in encoded.files():
+        if data:
+            yield kind, data[:-1]
+
+
+def _of_kind(kind: str, record: tuple[str, Any]) -> bool:
+    return record[0] == kind
 
 
 def _identity(key: int) -> int:
@@ -342,30 +353,44 @@ def sweep_spark(path: str, opts: SparkOptions, *, context: Any = None) -> JSONDi
     """Sweep a directory of NDJSON files on Spark; returns summary.json's content. ``path``: a
     local directory (Python workers read byte ranges of its files: every executor must see
     it, locally or on a shared mount) or a URL Spark reads (``hdfs://``, ``s3a://`` with the
-    user's Spark configuration, ``file://``). With ``context``, that SparkContext is used
-    (and left running); else one is started from ``opts`` and stopped at the end."""
+    user's Spark configuration, ``file://``); ``opts.out`` likewise (:mod:`spark_output`).
+    With ``context``, that SparkContext is used (and left running); else one is started from
+    ``opts`` and stopped at the end."""
     started = time.monotonic()
     local = None if is_url(path) else Path(path).resolve()
     local_files = ndjson_files(local) if local is not None else []
-    existing = check_out(opts.out, opts.overwrite)
+    out: SweepOutput | None = None
+    existing: list[str] = []
+    if not is_url(str(opts.out)):
+        # Refused before Spark starts, where no JVM is needed to look
+        out = LocalOutput(Path(opts.out))
+        existing = check_out(out, opts.overwrite)
     as_of = opts.as_of or date.today()
     sc = context if context is not None else start_spark(opts.master, opts.conf)
     try:
         startup = time.monotonic() - started
+        if out is None:
+            out = HadoopOutput(sc, str(opts.out))
+            existing = check_out(out, opts.overwrite)
         source: _LocalSource | _SparkSource
         if local is not None:
             source = _LocalSource(sc, local, local_files)
         else:
             source = _SparkSource(sc, path)
-        prepare_out(opts.out, existing)
-        summary = _run(sc, source, opts, as_of)
+        out.prepare(existing)
+        summary = _run(sc, source, out, opts, as_of)
+        summary["elapsed_seconds"] = round(time.monotonic() - started, 3)
+        summary["engine"]["startup_seconds"] = round(startup, 3)
+        out.write_bytes("summary.json", summary_bytes(summary))
     finally:
         if context is None:
             sc.stop()
-    summary["elapsed_seconds"] = round(time.monotonic() - started, 3)
-    summary["engine"]["startup_seconds"] = round(startup, 3)
-    write_json(opts.out / "summary.json", summary)
     return summary
+
+
+def summary_bytes(summary: JSONDict) -> bytes:
+    """summary.json as the single-machine sweep writes it (:func:`store.write_json`)."""
+    return (json.dumps(summary, ensure_ascii=False, indent=1) + "\n").encode()
 
 
 class _LocalSource:
@@ -396,7 +421,7 @@ class _SparkSource:
             fs = root.getFileSystem(sc._jsc.hadoopConfiguration())
             statuses = fs.listStatus(root) if fs.getFileStatus(root).isDirectory() else None
         except Exception as exc:  # py4j wraps the JVM's (file not found, unknown scheme, IO)
-            raise InputError(f"cannot list it ({_java_message(exc)})", source=url) from exc
+            raise InputError(f"cannot list it ({java_message(exc)})", source=url) from exc
         if statuses is None:
             raise InputError("not a directory", source=url)
         files = [
@@ -418,12 +443,13 @@ class _SparkSource:
         )
 
 
-def _java_message(exc: Exception) -> str:
-    java = getattr(exc, "java_exception", None)
-    return str(java.getMessage()) if java is not None else str(exc).splitlines()[0]
-
-
-def _run(sc: Any, source: _LocalSource | _SparkSource, opts: SparkOptions, as_of: date) -> JSONDict:
+def _run(
+    sc: Any,
+    source: _LocalSource | _SparkSource,
+    out: SweepOutput,
+    opts: SparkOptions,
+    as_of: date,
+) -> JSONDict:
     trial_ids = opts.trials.ids
     buckets = opts.buckets or max(
         1, min(MAX_BUCKETS, max(sc.defaultParallelism, -(-source.size // BUCKET_BYTES)))
@@ -441,18 +467,13 @@ def _run(sc: Any, source: _LocalSource | _SparkSource, opts: SparkOptions, as_of
         stats.merge(_stats_from_json(counts))
         shared_lines += [line for line in medications.splitlines() if line.strip()]
     shared = sc.broadcast(shared_lines)
-    tallies = _collect(
-        routed.mapPartitionsWithIndex(
-            functools.partial(
-                evaluate_task,
-                buckets=buckets,
-                shared_lines=shared,
-                trial_ids=trial_ids,
-                as_of=as_of,
-                out=str(opts.out.resolve()),
-            )
+    common = {"buckets": buckets, "shared_lines": shared, "trial_ids": trial_ids, "as_of": as_of}
+    if isinstance(out, LocalOutput):
+        tallies = _collect(
+            routed.mapPartitionsWithIndex(functools.partial(evaluate_task, out=out, **common))
         )
-    )
+    else:
+        tallies = _evaluate_through_spark(routed, out, common)
     shared.destroy()
     tally = Tally.for_trials(opts.trials)
     samples: list[JSONDict] = []
@@ -461,7 +482,9 @@ def _run(sc: Any, source: _LocalSource | _SparkSource, opts: SparkOptions, as_of
         for step, seconds in item["cpu"].items():
             task_cpu[step] += seconds
         samples += item["error_samples"][: _ERROR_SAMPLES - len(samples)]
-    assembled = assemble(opts.out, buckets)
+    assembled = assemble(out, opts.assemble_limit)
+    if opts.parquet:
+        write_parquet(sc, out)
     meta = {
         "as_of": as_of.isoformat(),
         "complete": len(tallies) == buckets,
@@ -477,44 +500,90 @@ def _run(sc: Any, source: _LocalSource | _SparkSource, opts: SparkOptions, as_of
             "master": sc.master,
             "version": sc.version,
             "map_tasks": source.tasks,
+            "output": out.name,
             "assembled": assembled,
+            "parquet": PARQUET if opts.parquet else None,
             "task_cpu_seconds": {step: round(v, 2) for step, v in task_cpu.items()},
         },
     }
     summary = build_summary(tally, opts.trials, meta)
-    with atomic_open(opts.out / "report.html") as f:
-        f.write(report_html(summary))
+    out.write_bytes("report.html", report_html(summary).encode())
     return summary
 
 
-def assemble(out: Path, buckets: int) -> list[str]:
-    """The single-machine outputs from the part files, in bucket order, each when it fits on
-    the output's disk with room to spare (else the part files are the output, and
-    summary.json says which were assembled)."""
-    header = io.StringIO()
-    csv.writer(header).writerow(CSV_HEADER)
-    heads = {"results": b"", "csv": header.getvalue().encode(), "errors": b""}
-    done = []
-    for kind, suffix, name in PART_KINDS:
-        parts = [out / PARTS / kind / f"part-{i:05d}{suffix}" for i in range(buckets)]
-        size = sum(p.stat().st_size for p in parts)
-        if shutil.disk_usage(out).free < size + ASSEMBLY_MARGIN:
-            continue
-        with atomic_open(out / name, "wb", durable=False) as f:
-            f.write(heads[kind])
-            for part in parts:
-                f.flush()
-                copy_range(part, 0, part.stat().st_size, f)
-        done.append(name)
-    return done
+def _evaluate_through_spark(routed: Any, out: SweepOutput, common: JSONDict) -> list[JSONDict]:
+    """The evaluation for a URL output: its records kept on the executors' disks (a few
+    large records per bucket) while the tallies are collected and Spark writes each kind's
+    part files from them, so every bucket is evaluated once."""
+    from pyspark import StorageLevel
+
+    evaluated = routed.mapPartitionsWithIndex(
+        functools.partial(evaluate_records, **common)
+    ).persist(StorageLevel.DISK_ONLY)
+    try:
+        only_tallies = evaluated.filter(functools.partial(_of_kind, TALLY))
+        tallies = [tally for _, tally in _collect(only_tallies)]
+        for kind, _, _ in PART_KINDS:
+            records = evaluated.filter(functools.partial(_of_kind, kind)).map(_second)
+            try:
+                records.saveAsTextFile(out.spark_path(PARTS, kind))
+            except Exception as exc:  # a Py4JJavaError: the filesystem's, or a task's
+                raise OutputError(
+                    f"cannot write the {kind} part files ({java_message(exc)})", source=out.name
+                ) from exc
+    finally:
+        evaluated.unpersist()
+    return tallies
 
 
-def print_spark_summary(summary: JSONDict, out: Path, stream: TextIO) -> None:
+def _second(record: tuple[str, Any]) -> Any:
+    return record[1]
+
+
+#: results.ndjson's lines as Spark SQL reads them (cds/criteria/model.py, to_json); a
+#: criterion's protocol text is left out of the Parquet rows (it is the trial definition's)
+RESULT_SCHEMA = (
+    "patient STRING, as_of DATE, trials ARRAY<STRUCT<trial: STRING, version: STRING, "
+    "status: STRING, criteria: ARRAY<STRUCT<id: STRING, kind: STRING, result: STRING, "
+    "evidence: ARRAY<STRING>, explanation: STRING>>>>"
+)
+
+
+def write_parquet(sc: Any, out: SweepOutput) -> None:
+    """results.parquet/: one row per patient and trial (patient, as_of, trial, trial_version,
+    status, criteria_status: criterion id -> pass/fail/unknown/manual, criteria: each
+    criterion's id, kind, result, evidence and explanation), read by Spark SQL from the
+    results part files (in the JVM: no Python worker handles a row)."""
+    from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
+
+    spark = SparkSession(sc)
+    lines = spark.read.schema(RESULT_SCHEMA).option("mode", "FAILFAST")
+    results = lines.json(out.spark_path(PARTS, "results"))
+    rows = results.select("patient", "as_of", F.explode("trials").alias("t")).select(
+        "patient",
+        "as_of",
+        F.col("t.trial").alias("trial"),
+        F.col("t.version").alias("trial_version"),
+        F.col("t.status").alias("status"),
+        F.map_from_entries(
+            F.transform("t.criteria", lambda c: F.struct(c["id"], c["result"]))
+        ).alias("criteria_status"),
+        F.col("t.criteria").alias("criteria"),
+    )
+    try:
+        rows.write.parquet(out.spark_path(PARQUET))
+    except Exception as exc:  # a Py4JJavaError
+        raise OutputError(f"cannot write {PARQUET} ({java_message(exc)})", source=out.name) from exc
+
+
+def print_spark_summary(summary: JSONDict, out: str, stream: TextIO) -> None:
     stream.write(summary_text(summary))
-    assembled = summary["engine"]["assembled"]
+    engine = summary["engine"]
+    written = [*engine["assembled"], *([engine["parquet"]] if engine["parquet"] else [])]
     stream.write(
-        f"wrote {out}/{PARTS}/ (part files), summary.json, report.html"
-        + (f", {', '.join(assembled)}" if assembled else "")
+        f"wrote {out.rstrip('/')}/{PARTS}/ (part files), summary.json, report.html"
+        + "".join(f", {name}" for name in written)
         + "\n"
     )
 
@@ -547,6 +616,19 @@ def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an earlier Spark sweep's outputs in --out (without it, the sweep refuses)",
     )
+    group.add_argument(
+        "--parquet",
+        action="store_true",
+        help=f"also write the results as a Parquet dataset, {PARQUET}/ in --out (one row per "
+        "patient and trial)",
+    )
+    group.add_argument(
+        "--assemble-limit",
+        type=parse_size,
+        metavar="SIZE",
+        help="assemble results.ndjson from its part files only up to this size (default "
+        f"{DEFAULT_ASSEMBLE_LIMIT >> 30}G; 0: never); candidates.csv and errors.ndjson always",
+    )
 
 
 def run_spark(args: argparse.Namespace) -> int:
@@ -571,7 +653,10 @@ def run_spark(args: argparse.Namespace) -> int:
         master=args.spark_master,
         conf=list(args.spark_conf),
         overwrite=args.overwrite,
+        parquet=args.parquet,
     )
+    if args.assemble_limit is not None:
+        opts.assemble_limit = args.assemble_limit
     summary = sweep_spark(str(args.ndjson), opts)
-    print_spark_summary(summary, args.out, sys.stdout)
+    print_spark_summary(summary, str(args.out), sys.stdout)
     return 0
