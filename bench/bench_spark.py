@@ -2,8 +2,9 @@
 (not a test; figures for the README).
 
 For each --patients N, in one run: `cds sweep --ndjson` with --workers 1 and 2, and
-`cds sweep --engine spark` on local[1] and local[2] (and, with --before REV, the single-machine
-sweep of an earlier commit, for its 1 -> 2 worker scaling before the parallel partition pass).
+`cds sweep --engine spark` on local[1] and local[2] (and, with --before REV, both sweeps of an
+earlier commit: the single-machine one for its 1 -> 2 worker scaling before the parallel
+partition pass, the Spark one for its CPU before later changes).
 Spark's start-up (JVM, SparkContext) is timed apart; its time and CPU seconds (user + system of
 the whole process tree: driver, JVM, Python workers, read from /proc) are counted after it.
 Printed: per-patient wall and CPU time; the scaling factor from 1 to 2 cores (goal >= 1.6x);
@@ -186,10 +187,12 @@ def run_local(data: Path, out: Path, *, workers: int, tree: Path = REPO) -> dict
     }
 
 
-def run_spark(data: Path, out: Path, *, master: str) -> dict[str, Any]:
+def run_spark(data: Path, out: Path, *, master: str, tree: Path = REPO) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--spark-child", str(data), str(out), master]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this tree's cds, in the workers too
-    done = subprocess.run(cmd, capture_output=True, check=False, cwd=REPO, env=env)
+    # The cds of ``tree``, in the workers too (PYTHONPATH, and the working directory, which a
+    # `python -m pyspark.daemon` worker puts first on its path)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(cmd, capture_output=True, check=False, cwd=tree, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr.decode()[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
@@ -236,10 +239,18 @@ def bench(args: argparse.Namespace) -> None:
             if full:
                 runs += [("local w1", functools.partial(run_local, data, workers=1))]
             runs += [("local w2", functools.partial(run_local, data, workers=2))]
-            if full and before is not None:
+            if full and before is not None and not args.before_spark_only:
                 runs += [
                     ("before w1", functools.partial(run_local, data, workers=1, tree=before)),
                     ("before w2", functools.partial(run_local, data, workers=2, tree=before)),
+                ]
+            if full and before is not None:
+                runs += [
+                    (
+                        f"before spark {cores}",
+                        functools.partial(run_spark, data, master=f"local[{cores}]", tree=before),
+                    )
+                    for cores in (1, 2)
                 ]
             if full:
                 runs += [("spark local[1]", functools.partial(run_spark, data, master="local[1]"))]
@@ -295,6 +306,12 @@ def bench(args: argparse.Namespace) -> None:
                 f"2 cores {ratio('spark local[2]', 'local w2', 'cpu')} (goal <= 1.3x); "
                 f"wall, 2 cores: {ratio('spark local[2]', 'local w2', 'seconds')}"
             )
+            if before is not None:
+                print(
+                    "  the same for Spark at --before: "
+                    f"1 core {ratio('before spark 1', 'local w1', 'cpu')}, "
+                    f"2 cores {ratio('before spark 2', 'local w2', 'cpu')}"
+                )
             if not args.keep:
                 shutil.rmtree(data)
         print("\nhow time grows (ms/patient at each N):")
@@ -316,6 +333,11 @@ def main() -> None:
         "--before",
         metavar="REV",
         help="also the single-machine sweep at REV (a commit, or a directory with its cds/)",
+    )
+    parser.add_argument(
+        "--before-spark-only",
+        action="store_true",
+        help="with --before, only its Spark sweep (not its single-machine one)",
     )
     parser.add_argument("--data", help="work directory (default a new one under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep generated data")

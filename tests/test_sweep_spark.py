@@ -330,3 +330,28 @@ def test_a_range_reader_reports_lines_by_their_number_in_the_file(tmp_path: Path
         partition.block(block)
     assert partition.stats.patients == 6
     assert partition.where() == f"{path} line 10"
+
+
+def test_workers_keep_the_directories_of_sparks_own_archives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a Python worker does once (PySpark invalidates import caches before every task):
+    Spark's own archives are not read again; any other archive still is."""
+    import zipfile
+    import zipimport
+
+    monkeypatch.setattr(
+        zipimport.zipimporter, "invalidate_caches", zipimport.zipimporter.invalidate_caches
+    )  # restored after the test
+    importers = {}
+    for name in ("pyspark.zip", "py4j-0.10.9.9-src.zip", "spark-core_2.13-4.1.1.jar", "own.zip"):
+        with zipfile.ZipFile(tmp_path / name, "w") as archive:
+            archive.writestr("first.py", "")
+        importers[name] = zipimport.zipimporter(str(tmp_path / name))
+    spark_module.keep_zip_directories()
+    spark_module.keep_zip_directories()  # once per worker, however often it is called
+    for name, importer in importers.items():
+        with zipfile.ZipFile(tmp_path / name, "a") as archive:
+            archive.writestr("second.py", "")
+        importer.invalidate_caches()
+        assert (importer.find_spec("second") is not None) == (name == "own.zip"), name
