@@ -39,6 +39,8 @@ from cds.synthetic import ANCHOR, Population, write_population
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
+#: marks a generated population as complete (reused by a later run with the same --data)
+GENERATED = ".generated"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -69,6 +71,7 @@ class TreeSampler:
         self.cpu: dict[int, float] = {}
         self.roles: dict[int, str] = {}
         self.peak: dict[str, int] = {}
+        self.own_cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -108,6 +111,10 @@ class TreeSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.sample()
+            # The sampler's own CPU: in the Spark child it runs in the driver's process, and
+            # is taken out of the driver's figure there (the single-machine sweep's sampler
+            # runs in this script's process, which is not counted)
+            self.own_cpu = time.thread_time()
             time.sleep(0.1)
 
     def __enter__(self) -> TreeSampler:
@@ -131,16 +138,19 @@ def spark_child(data: str, out: str, master: str) -> None:
         sampler.sample()
         startup_cpu = sampler.cpu_total()
         startup_roles = sampler.cpu_by_role()
+        startup_sampler = sampler.own_cpu
         opts = spark.SparkOptions(Path(out), load_trials(), ANCHOR, master=master)
         began = time.perf_counter()
         summary = spark.sweep_spark(data, opts, context=sc)
         seconds = time.perf_counter() - began
         sampler.sample()
-        cpu = sampler.cpu_total() - startup_cpu
+        sampling = sampler.own_cpu - startup_sampler
+        cpu = sampler.cpu_total() - startup_cpu - sampling
         roles = {
             role: round(cpu - startup_roles.get(role, 0.0), 2)
             for role, cpu in sampler.cpu_by_role().items()
         }
+        roles["driver"] = round(roles.get("driver", 0.0) - sampling, 2)
         sc.stop()
     print(
         json.dumps(
@@ -211,6 +221,7 @@ def bench(args: argparse.Namespace) -> None:
     elif args.before:
         # The earlier commit's package, unpacked (no worktree, nothing in .git changes).
         before = root / "before-tree"
+        shutil.rmtree(before, ignore_errors=True)
         before.mkdir(parents=True)
         archive = subprocess.run(
             ["git", "-C", str(REPO), "archive", args.before, "cds"], check=True, capture_output=True
@@ -228,8 +239,11 @@ def bench(args: argparse.Namespace) -> None:
         for n, full in sizes:
             data = root / f"g{n}"
             started = time.perf_counter()
-            write_population(Population(n, seed=1), data, "ndjson")
-            size = sum(p.stat().st_size for p in data.iterdir())
+            if not (data / GENERATED).exists():  # kept by an earlier run with --keep
+                shutil.rmtree(data, ignore_errors=True)
+                write_population(Population(n, seed=1), data, "ndjson")
+                (data / GENERATED).write_text(f"Population({n}, seed=1)\n")
+            size = sum(p.stat().st_size for p in data.glob("*.ndjson"))
             print(
                 f"\n== {n:,} patients: {size / 1e9:.2f} GB of NDJSON, generated in "
                 f"{time.perf_counter() - started:.0f} s; disk free "
@@ -340,7 +354,11 @@ def main() -> None:
         help="with --before, only its Spark sweep (not its single-machine one)",
     )
     parser.add_argument("--data", help="work directory (default a new one under /tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep generated data")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep generated data (a later run with the same --data reuses it)",
+    )
     bench(parser.parse_args())
 
 
