@@ -75,7 +75,7 @@ from cds.sweep.spark_output import (
     java_message,
     parse_size,
 )
-from cds.sweep.store import EncodedPartition, atomic_open, encode_partition
+from cds.sweep.store import EncodedPartition, atomic_open, encode_partition, json_text
 
 JSONDict = dict[str, Any]
 
@@ -403,8 +403,9 @@ def sweep_spark(path: str, opts: SparkOptions, *, context: Any = None) -> JSONDi
     out: SweepOutput | None = None
     existing: list[str] = []
     if not is_url(str(opts.out)):
-        # Refused before Spark starts, where no JVM is needed to look
-        out = LocalOutput(Path(opts.out))
+        # Refused before Spark starts, where no JVM is needed to look; resolved here, as
+        # the workers' working directory need not be the driver's
+        out = LocalOutput(Path(opts.out).resolve())
         existing = check_out(out, opts.overwrite)
     as_of = opts.as_of or date.today()
     sc = context if context is not None else start_spark(opts.master, opts.conf)
@@ -422,16 +423,11 @@ def sweep_spark(path: str, opts: SparkOptions, *, context: Any = None) -> JSONDi
         summary = _run(sc, source, out, opts, as_of)
         summary["elapsed_seconds"] = round(time.monotonic() - started, 3)
         summary["engine"]["startup_seconds"] = round(startup, 3)
-        out.write_bytes("summary.json", summary_bytes(summary))
+        out.write_bytes("summary.json", json_text(summary).encode())
     finally:
         if context is None:
             sc.stop()
     return summary
-
-
-def summary_bytes(summary: JSONDict) -> bytes:
-    """summary.json as the single-machine sweep writes it (:func:`store.write_json`)."""
-    return (json.dumps(summary, ensure_ascii=False, indent=1) + "\n").encode()
 
 
 class _LocalSource:

@@ -144,6 +144,7 @@ def assemble(out: SweepOutput, limit: int) -> list[str]:
 
 @dataclass
 class LocalOutput:
+    #: absolute (the workers write into it)
     path: Path
 
     @property
@@ -153,7 +154,7 @@ class LocalOutput:
     def spark_path(self, *names: str) -> str:
         # A URI, not a bare path: on a cluster whose default filesystem is HDFS a bare path
         # would name a directory there.
-        return self.path.resolve().joinpath(*names).as_uri()
+        return self.path.joinpath(*names).as_uri()
 
     def existing(self) -> list[str]:
         return [name for name in OUTPUTS if (self.path / name).exists()]
@@ -173,7 +174,7 @@ class LocalOutput:
 
     def part_path(self, kind: str, index: int) -> Path:
         suffix = dict((k, s) for k, s, _ in PART_KINDS)[kind]
-        return self.path.resolve() / PARTS / kind / f"part-{index:05d}{suffix}"
+        return self.path / PARTS / kind / f"part-{index:05d}{suffix}"
 
     def parts(self, kind: str) -> list[tuple[str, int]]:
         files = sorted((self.path / PARTS / kind).glob("part-*"))

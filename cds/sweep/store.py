@@ -74,10 +74,14 @@ def copy_range(path: Path, offset: int, length: int, out: IO[bytes]) -> None:
         out.flush()
 
 
+def json_text(data: Any) -> str:
+    """A JSON output file's text (summary.json): readable, UTF-8 as is."""
+    return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_open(path) as f:
-        json.dump(data, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+        f.write(json_text(data))
 
 
 #: the kinds of output a partition has, each with its segment file and its output file
