@@ -829,3 +829,57 @@ def test_enrolments_that_are_not_another_current_study_leave_it_manual(
 ) -> None:
     result = criterion(run([subject]), A, "exc-investigational-agents")
     assert result.result.value == "manual", result.explanation
+
+
+# ------------------------------------------------------ 2. ICD-O-3 8249/3 as a grade
+
+
+def net_8249(cid: str = "m") -> dict[str, Any]:
+    return mcode_primary(cid, "8249/3", (SNOMED, "15776009"))
+
+
+def test_8249_alone_does_not_settle_a_grade_2_or_1_2_trial() -> None:
+    ev = run([net_8249(), LIVER])
+    for trial, cid in ((A, "inc-grade-2"), (B, "inc-grade-1-2")):
+        result = criterion(ev, trial, cid)
+        assert result.result.value == "unknown", result.explanation
+        assert "8249/3" in result.explanation and "Condition/m" in result.evidence
+
+
+def test_8249_with_a_g2_ki67_is_g2() -> None:
+    ev = run([net_8249(), LIVER, obs("k", "29593-1", 8, "%", "2025-11-10")])
+    assert criterion(ev, A, "inc-grade-2").result.value == "pass"
+    assert criterion(ev, B, "inc-grade-1-2").result.value == "pass"
+
+
+def test_8249_against_a_g1_from_the_indices_is_discordant() -> None:
+    mitoses = {
+        "resourceType": "Observation",
+        "id": "mc",
+        "status": "final",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": SNOMED, "code": "406094009"}]},
+        "effectiveDateTime": "2025-11-10",
+        "valueQuantity": {"value": 1},
+    }
+    ev = run([net_8249(), LIVER, obs("k", "29593-1", 1, "%", "2025-11-10"), mitoses])
+    result = criterion(ev, B, "inc-grade-1-2")
+    assert result.result.value == "unknown", result.explanation
+    assert "Discordant" in result.explanation and "8249/3" in result.explanation
+
+
+@pytest.mark.parametrize(("allowed", "expected"), [([2, 3], "pass"), ([1], "fail")])
+def test_8249_decides_when_g2_and_g3_are_on_the_same_side(
+    allowed: list[int], expected: str
+) -> None:
+    from cds.criteria import load_trials
+    from cds.criteria.reads import RULE_KINDS
+    from cds.criteria.record import PatientRecord
+    from cds.criteria.rules import Context
+    from tests.helpers import AS_OF, patient
+
+    trials = load_trials()
+    record = PatientRecord.from_resources([patient(), net_8249(), LIVER], trials)
+    ctx = Context(record=record, trials=trials, trial=trials[A], as_of=AS_OF)
+    outcome = RULE_KINDS["grade"].func({"type": "grade", "allowed": allowed}, ctx)
+    assert outcome.result.value == expected, outcome.explanation

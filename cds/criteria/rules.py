@@ -1490,6 +1490,7 @@ _NET_CONDITIONS = (
     "net-grade-1",
     "net-grade-2",
     "net-grade-3",
+    "net-morphology-g2-or-g3",
 )
 
 
@@ -1867,6 +1868,41 @@ def grade(rule: dict[str, Any], ctx: Context) -> Outcome:
         notes.append(
             f"{mitoses.text} means at least G{decided} by the WHO 2019 cut-offs (G1 < 2, "
             "G2 2-20, G3 > 20 per 2 mm²), whatever the Ki-67 index (none is recorded)"
+        )
+    # ICD-O-3 8249/3: G2 in ICD-O-3.1 and ICD-O-3.2, and G3 too in ICD-O-3.2, so "G2 or G3".
+    morphology = [
+        e
+        for e in ctx.readable(ctx.entries(("Condition",), ["net-morphology-g2-or-g3"]))[0]
+        if _condition_state(e, ctx.as_of) != "inactive"
+    ]
+    said = "ICD-O-3 8249/3 (NET G2; G2 or G3 in ICD-O-3.2)"
+    if morphology and decided == 1:
+        return Outcome(
+            Result.UNKNOWN,
+            (*evidence, *_refs(morphology)),
+            f"Discordant grade: {'; '.join(notes)} (G1), but {_listing(morphology)} is coded "
+            f"{said}; pathology review would decide it.",
+        )
+    if morphology and decided is None:
+        on_side = {g in allowed for g in (2, 3)}
+        if on_side == {True}:
+            return Outcome(
+                Result.PASS,
+                _refs(morphology),
+                f"{_listing(morphology)} is coded {said}: either meets this trial's grade.",
+            )
+        if on_side == {False}:
+            return Outcome(
+                Result.FAIL,
+                _refs(morphology),
+                f"{_listing(morphology)} is coded {said}: this trial accepts neither.",
+            )
+        return Outcome(
+            Result.UNKNOWN,
+            (*_refs(morphology), *_refs(set_aside)),
+            f"{_listing(morphology)} is coded {said}, which does not settle the grade this "
+            f"trial requires{aside}; the Ki-67 index, a mitotic count or the pathology grade "
+            "would decide it.",
         )
     if decided is None:
         if mc_unreadable:
