@@ -883,3 +883,15 @@ def test_8249_decides_when_g2_and_g3_are_on_the_same_side(
     ctx = Context(record=record, trials=trials, trial=trials[A], as_of=AS_OF)
     outcome = RULE_KINDS["grade"].func({"type": "grade", "allowed": allowed}, ctx)
     assert outcome.result.value == expected, outcome.explanation
+
+
+def test_this_trial_named_by_its_study_reference_is_not_another_study() -> None:
+    subject = research_subject("rs", "on-study", study={"reference": "ResearchStudy/NCT04339036"})
+    assert criterion(run([subject]), A, "exc-investigational-agents").result.value == "manual"
+
+
+def test_an_unreadable_enrolment_record_is_unknown_never_silence() -> None:
+    subject = research_subject("rs", "on-study", study="not a reference")
+    result = criterion(run([subject]), A, "exc-investigational-agents")
+    assert result.result.value == "unknown", result.explanation
+    assert "could not be read" in result.explanation

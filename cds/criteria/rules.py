@@ -1259,7 +1259,8 @@ def other_study_enrolment(rule: dict[str, Any], ctx: Context) -> Outcome:
     study is unknown"): the patient on another study makes it unknown, naming the study;
     nothing on record leaves it manual, never a pass."""
     found: list[tuple[Entry, str]] = []
-    for entry in ctx.record.entries.get("ResearchSubject", ()):
+    readable, bad = ctx.readable(ctx.record.entries.get("ResearchSubject", ()))
+    for entry in readable:
         resource = entry.resource
         if resource.get("status") not in _ON_STUDY or not _names_patient(ctx, resource):
             continue
@@ -1268,8 +1269,10 @@ def other_study_enrolment(rule: dict[str, Any], ctx: Context) -> Outcome:
         if entry.until is not None and entry.until.end < ctx.as_of:
             continue
         study = _study_name(resource.get("study"))
+        named_study = resource.get("study")
+        reference = named_study.get("reference") if isinstance(named_study, dict) else None
         own_key = f"{ctx.trial.id}:"
-        if ctx.trial.id in study or any(
+        if ctx.trial.id in f"{study} {reference}" or any(
             isinstance(i, dict) and str(i.get("value", "")).startswith(own_key)
             for i in resource.get("identifier") or ()
         ):
@@ -1277,9 +1280,9 @@ def other_study_enrolment(rule: dict[str, Any], ctx: Context) -> Outcome:
         found.append((entry, study))
     if found:
         listed = "; ".join(
-            f"{study} ({entry.ref}, {entry.resource['status']}"
+            f"{study}, {entry.resource['status']}"
             + (f" since {entry.when}" if entry.when else "")
-            + ")"
+            + f" ({entry.ref})"
             for entry, study in found[:_MAX_LISTED]
         )
         return Outcome(
@@ -1287,6 +1290,8 @@ def other_study_enrolment(rule: dict[str, Any], ctx: Context) -> Outcome:
             _refs(e for e, _ in found),
             f"On another study: {listed}; {rule['confirm']}.",
         )
+    if bad:
+        return _malformed_unknown(ctx, bad, "A study enrolment record")
     return Outcome(
         Result.MANUAL,
         (ctx.record.patient_ref,),
@@ -1311,8 +1316,11 @@ def _study_name(study: Any) -> str:
         return "a study"
     identifier = study.get("identifier")
     value = identifier.get("value") if isinstance(identifier, dict) else None
-    parts = [p for p in (study.get("display"), value, study.get("reference")) if isinstance(p, str)]
-    return " ".join(dict.fromkeys(parts)) or "a study"
+    named = [p for p in (study.get("display"), value) if isinstance(p, str) and p.strip()]
+    if named:
+        return " ".join(dict.fromkeys(named))
+    reference = study.get("reference")
+    return f"the study {reference}" if isinstance(reference, str) else "a study"
 
 
 @rule_kind("alive", patient_elements=("deceasedBoolean", "deceasedDateTime"))
