@@ -335,3 +335,48 @@ def test_every_fixture_patient_fetched_from_the_server_has_all_its_fixture_resou
             result = fetch_patient_resources(c, patient_id, trials, tag=fhir_server.tag)
             fetched = {f"{r['resourceType']}/{r['id']}" for r in result.resources}
             assert fetched == refs, patient_id
+
+
+def _with_a_refused_procedure_search(trials: Any) -> list[Any]:
+    """The trials' queries, the Procedure search given a date the server refuses (a 400): a
+    real server's answer to a search it cannot run."""
+    from dataclasses import replace
+
+    return [
+        replace(q, template=q.template + "&date=notadate") if q.resource_type == "Procedure" else q
+        for q in build_patient_queries(trials)
+    ]
+
+
+def test_a_refused_search_fails_the_fetch_unless_asked_to_leave_it_incomplete(
+    client: FhirClient, fhir_server: FhirTestServer, loaded_fhir_base_url: str
+) -> None:
+    from datetime import date
+
+    from cds.criteria import load_trials
+    from cds.errors import FhirRejected
+    from cds.sweep.core import evaluate_resources
+
+    trials = load_trials()
+    patient = f"{fhir_server.id_prefix}prior-tace"
+    queries = _with_a_refused_procedure_search(trials)
+    with pytest.raises(FhirRejected):
+        fetch_patient_resources(client, patient, trials, queries=queries, tag=fhir_server.tag)
+    fetched = fetch_patient_resources(
+        client, patient, trials, queries=queries, tag=fhir_server.tag, incomplete_on_refusal=True
+    )
+    assert set(fetched.incomplete) == {"Procedure"}
+    assert not [r for r in fetched.resources if r["resourceType"] == "Procedure"]
+    assert any(r["resourceType"] == "Condition" for r in fetched.resources)
+    assert any("could not answer" in w and patient not in w for w in fetched.warnings)
+    evaluation = evaluate_resources(
+        fetched.resources, trials, date(2026, 11, 1), incomplete=fetched.incomplete
+    )
+    tace = next(
+        c
+        for c in evaluation.trial("NCT04339036").criteria
+        if c.id == "exc-prior-liver-embolization"
+    )
+    # without the Procedures the TACE on record is not seen: unknown, never "none on record"
+    assert tace.result.value == "unknown", tace.explanation
+    assert "reported an error" in tace.explanation

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from cds.criteria.reads import MEDICATION_TYPES, REFERENCED_TYPES
-from cds.errors import FhirBadResponse, InputError
-from cds.fhir.bundle import patient_reference
+from cds.errors import FhirBadResponse, FhirNotFound, FhirRejected, FhirSearchFailed, InputError
+from cds.fhir.bundle import failed_search_reason, patient_reference
 from cds.fhir.client import FhirClient, encode_query, is_resource_id
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,9 @@ class FetchResult:
     #: wall-clock seconds for the whole fetch
     seconds: float = 0.0
     concurrency: int = 1
+    #: resource type -> why its data is missing (a search the server could not answer, with
+    #: ``incomplete_on_refusal``): criteria reading it cannot pass or fail on what is here
+    incomplete: dict[str, str] = field(default_factory=dict)
 
 
 def check_patient_id(patient_id: str) -> str:
@@ -194,6 +197,7 @@ def fetch_patient_resources(
     page_size: int = 200,
     tag: tuple[str, str] | None = None,
     queries: Sequence[PatientQuery] | None = None,
+    incomplete_on_refusal: bool = False,
 ) -> FetchResult:
     """Fetch what the trials need about one patient: the Patient, then every search, all pages.
 
@@ -203,6 +207,10 @@ def fetch_patient_resources(
     :param tag: restrict searches to resources with this ``meta.tag`` (``_tag=system|code``),
         for shared servers
     :param queries: override the derived queries (default: :func:`build_patient_queries`)
+    :param incomplete_on_refusal: a search the server refuses or reports failed (a 4xx, an
+        error OperationOutcome: a resource type or parameter it does not support) leaves its
+        resource type in ``incomplete`` instead of failing the whole fetch, so one unsupported
+        search (an EHR without ResearchSubject, say) leaves only the criteria it feeds unknown
     :raises FhirNotFound: the patient does not exist
     :raises FhirError: any other failure of any query (the others are cancelled)
     """
@@ -224,12 +232,21 @@ def fetch_patient_resources(
             pages, warnings = 1, []
         else:
             resource_type, _, params = (url + suffix).partition("?")
-            result = client.search(resource_type, params)
+            try:
+                result = client.search(resource_type, params)
+            except (FhirRejected, FhirSearchFailed, FhirNotFound) as exc:
+                if not incomplete_on_refusal:
+                    raise
+                # The message holds the URL with the patient id: the type of error only.
+                refused[query.resource_type] = f"{query.key}: {type(exc).__name__}"
+                seconds = time.perf_counter() - started
+                return QueryTiming(query.key, url, seconds, 1, 0, offset), [], []
             resources, pages, warnings = result.resources, result.pages, result.warnings
         seconds = time.perf_counter() - started
         timing = QueryTiming(query.key, url, seconds, pages, len(resources), offset)
         return timing, resources, [f"{query.key}: {w}" for w in warnings]
 
+    refused: dict[str, str] = {}  # resource type -> the refused query, with incomplete_on_refusal
     fetch_started = time.perf_counter()
     workers = min(concurrency, len(plan))
     if workers <= 1:
@@ -276,6 +293,7 @@ def fetch_patient_resources(
             raise FhirBadResponse(f"asked for Patient/{patient_id}, got another Patient")
         if foreign:
             _warn_ignored_parameter(timing.key)
+    warnings += [f"{why}: the server could not answer this search" for why in refused.values()]
     for rtype, rid in referenced_reads(resources):
         resources.append(client.read(rtype, rid))
     log.debug(
@@ -291,6 +309,7 @@ def fetch_patient_resources(
         queries=[timing for timing, _, _ in outputs],
         seconds=seconds,
         concurrency=max(workers, 1),
+        incomplete={rtype: failed_search_reason([why]) for rtype, why in sorted(refused.items())},
     )
 
 

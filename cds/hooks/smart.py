@@ -573,7 +573,12 @@ def _evaluate(
     st: HooksState, client: FhirClient, patient_id: str
 ) -> tuple[PatientEvaluation, dict[str, Any], dict[str, Any]]:
     fetched = fetch_patient_resources(
-        client, patient_id, st.trials, queries=st.queries, concurrency=st.settings.fhir_concurrency
+        client,
+        patient_id,
+        st.trials,
+        queries=st.queries,
+        concurrency=st.settings.fhir_concurrency,
+        incomplete_on_refusal=True,
     )
     patient = (
         fetched.resources[0] if fetched.resources else {"resourceType": "Patient", "id": patient_id}
@@ -581,7 +586,11 @@ def _evaluate(
     as_of = st.settings.as_of or date.today()
     # Exactly as the REST sweep evaluates a fetched patient (cds.sweep.remote).
     evaluation = evaluate_resources(
-        fetched.resources, st.trials, as_of, warnings=list(fetched.warnings)
+        fetched.resources,
+        st.trials,
+        as_of,
+        warnings=list(fetched.warnings),
+        incomplete=fetched.incomplete,
     )
     return evaluation, patient, index_resources(fetched.resources)
 

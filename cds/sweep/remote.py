@@ -241,6 +241,7 @@ def _run_rest(
                     page_size=rest.page_size,
                     tag=rest.tag,
                     queries=queries,
+                    incomplete_on_refusal=True,
                 )
         except FhirAuthError:
             raise
@@ -250,7 +251,11 @@ def _run_rest(
             return error_outcome(f"Patient/{pid}", f"{type(exc).__name__}: {exc}"), None
         try:
             evaluation = evaluate_resources(
-                fetched.resources, trials, as_of, warnings=fetched.warnings
+                fetched.resources,
+                trials,
+                as_of,
+                warnings=fetched.warnings,
+                incomplete=fetched.incomplete,
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return error_outcome(f"Patient/{pid}", f"record unreadable: {exc!r}"), None
