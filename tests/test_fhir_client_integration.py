@@ -339,7 +339,8 @@ def test_every_fixture_patient_fetched_from_the_server_has_all_its_fixture_resou
 
 def _with_a_refused_procedure_search(trials: Any) -> list[Any]:
     """The trials' queries, the Procedure search given a date the server refuses (a 400): a
-    real server's answer to a search it cannot run."""
+    real server's answer to a search it cannot run (an error OperationOutcome, which may pass,
+    still fails the fetch: tests/test_fhir_hardening.py)."""
     from dataclasses import replace
 
     return [

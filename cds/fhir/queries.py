@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from cds.criteria.reads import MEDICATION_TYPES, REFERENCED_TYPES
-from cds.errors import FhirBadResponse, FhirNotFound, FhirRejected, FhirSearchFailed, InputError
+from cds.errors import FhirBadResponse, FhirNotFound, FhirRejected, InputError
 from cds.fhir.bundle import failed_search_reason, patient_reference
 from cds.fhir.client import FhirClient, encode_query, is_resource_id
 
@@ -207,10 +207,12 @@ def fetch_patient_resources(
     :param tag: restrict searches to resources with this ``meta.tag`` (``_tag=system|code``),
         for shared servers
     :param queries: override the derived queries (default: :func:`build_patient_queries`)
-    :param incomplete_on_refusal: a search the server refuses or reports failed (a 4xx, an
-        error OperationOutcome: a resource type or parameter it does not support) leaves its
-        resource type in ``incomplete`` instead of failing the whole fetch, so one unsupported
-        search (an EHR without ResearchSubject, say) leaves only the criteria it feeds unknown
+    :param incomplete_on_refusal: a search the server refuses (a 4xx: a resource type or a
+        parameter it does not support) leaves its resource type in ``incomplete`` instead of
+        failing the whole fetch, so one unsupported search (an EHR without ResearchSubject,
+        say) leaves only the criteria it feeds unknown. A search that reports an error
+        OperationOutcome still fails the fetch: that may be a passing fault, which a rerun
+        can mend.
     :raises FhirNotFound: the patient does not exist
     :raises FhirError: any other failure of any query (the others are cancelled)
     """
@@ -234,7 +236,7 @@ def fetch_patient_resources(
             resource_type, _, params = (url + suffix).partition("?")
             try:
                 result = client.search(resource_type, params)
-            except (FhirRejected, FhirSearchFailed, FhirNotFound) as exc:
+            except (FhirRejected, FhirNotFound) as exc:
                 if not incomplete_on_refusal:
                     raise
                 # The message holds the URL with the patient id: the type of error only.

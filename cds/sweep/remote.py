@@ -247,7 +247,8 @@ def _run_rest(
             raise
         except (FhirError, InputError) as exc:
             # A failed search (an error OperationOutcome) lands here too: the patient is an
-            # error in errors.ndjson, never "no data on record".
+            # error in errors.ndjson, never "no data on record". (A search the server refuses
+            # outright, a 4xx, is left incomplete instead: see incomplete_on_refusal.)
             return error_outcome(f"Patient/{pid}", f"{type(exc).__name__}: {exc}"), None
         try:
             evaluation = evaluate_resources(
