@@ -381,3 +381,25 @@ def test_a_refused_search_fails_the_fetch_unless_asked_to_leave_it_incomplete(
     # without the Procedures the TACE on record is not seen: unknown, never "none on record"
     assert tace.result.value == "unknown", tace.explanation
     assert "reported an error" in tace.explanation
+
+
+def test_a_rest_sweep_leaves_a_refused_search_incomplete_not_the_patient_an_error(
+    fhir_server: FhirTestServer, loaded_fhir_base_url: str, tmp_path: Path
+) -> None:
+    from cds.criteria import load_trials
+    from cds.sweep.remote import RestOptions, sweep_rest
+    from tests.helpers import sweep_lines, sweep_options
+
+    patient = f"{fhir_server.id_prefix}prior-tace"
+    rest = RestOptions(
+        tag=fhir_server.tag,
+        patient_ids=[patient],
+        queries=tuple(_with_a_refused_procedure_search(load_trials())),
+    )
+    with fhir_server.client() as client:
+        summary = sweep_rest(client, sweep_options(tmp_path), rest)
+    assert summary["errors"] == 0 and summary["patients"] == 1
+    (line,) = sweep_lines(tmp_path)
+    trial = next(t for t in json.loads(line)["trials"] if t["trial"] == "NCT04339036")
+    tace = next(c for c in trial["criteria"] if c["id"] == "exc-prior-liver-embolization")
+    assert tace["result"] == "unknown" and trial["status"] == "needs-review"
