@@ -288,7 +288,7 @@ def test_the_session_fixtures_are_loaded(
 def _fixture_expectations(tag: tuple[str, str]) -> dict[str, set[str]]:
     """Per fixture patient: the Type/id of every fixture resource the derived queries must find."""
     from cds.criteria import load_trials
-    from cds.fhir.bundle import patient_reference
+    from cds.criteria.record import patient_reference
     from cds.fhir.loader import FIXTURES_DIR, bundle_files, prepare_entries
 
     trials = load_trials()

@@ -187,17 +187,9 @@ XELODA_BRANDED = {
 }
 
 
-def _ndc_order(oid: str, code: str, pid: str = "both-candidate") -> dict[str, Any]:
-    """A draft order coded only with an NDC, without text or display (as pharmacy-facing
-    order entry may send it)."""
-    return {
-        "resourceType": "MedicationRequest",
-        "id": oid,
-        "status": "draft",
-        "intent": "order",
-        "subject": {"reference": f"Patient/{pid}"},
-        "medicationCodeableConcept": {"coding": [{"system": NDC, "code": code}]},
-    }
+def _ndc_order(oid: str, code: str) -> dict[str, Any]:
+    """A draft order coded only with an NDC, without text or display."""
+    return med_order(oid, code, None, system=NDC)
 
 
 @pytest.mark.parametrize(("hook", "rxcui"), [("order-sign", "213293"), ("order-select", "213292")])

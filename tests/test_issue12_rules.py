@@ -895,3 +895,13 @@ def test_an_unreadable_enrolment_record_is_unknown_never_silence() -> None:
     result = criterion(run([subject]), A, "exc-investigational-agents")
     assert result.result.value == "unknown", result.explanation
     assert "could not be read" in result.explanation
+
+
+def test_another_patients_resources_never_enter_a_record() -> None:
+    """Whatever brought them (a server ignoring a search's patient parameter, a prefetch):
+    resources naming another patient are set aside, with a warning."""
+    theirs = condition("net", ICD10, "C7A.8")
+    theirs["subject"] = {"reference": "https://ehr.example/fhir/Patient/someone-else/_history/2"}
+    ev = run([theirs, LIVER])
+    assert criterion(ev, A, "inc-net-diagnosis").result.value == "fail"
+    assert any("Condition/net skipped: it names another patient" in w for w in ev.warnings)

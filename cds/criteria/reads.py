@@ -27,6 +27,9 @@ MEDICATION_TYPES = (
     "MedicationAdministration",
     "MedicationDispense",
 )
+#: where a clinical resource names its patient (FHIR R4 Patient compartment): most in
+#: ``subject`` or ``patient``, ResearchSubject in ``individual``
+PATIENT_REFERENCE_ELEMENTS = ("subject", "patient", "individual")
 #: resources a rule reads for what they are, not for a code: the patient's enrolment in a
 #: research study (FHIR R4 ResearchSubject, the patient in ``individual``)
 UNCODED_TYPES = ("ResearchSubject",)

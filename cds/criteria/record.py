@@ -12,7 +12,12 @@ from datetime import UTC, date, datetime
 from functools import cache, cached_property, lru_cache
 from typing import Any, Literal, Protocol
 
-from cds.criteria.reads import CLINICAL_TYPES, MEDICATION_TYPES, UNCODED_TYPES
+from cds.criteria.reads import (
+    CLINICAL_TYPES,
+    MEDICATION_TYPES,
+    PATIENT_REFERENCE_ELEMENTS,
+    UNCODED_TYPES,
+)
 from cds.criteria.texts import TextSignal, texts_of
 from cds.criteria.valuesets import ValueSet, normalize_coding
 
@@ -328,6 +333,26 @@ class Entry:
         return f"{name} ({self.ref})"
 
 
+def local_reference(reference: str, aliases: Mapping[str, str]) -> str:
+    """``Type/id`` for a reference given as Type/id, an absolute URL, or a bundle fullUrl."""
+    if reference in aliases:
+        return aliases[reference]
+    reference = reference.split("/_history/", 1)[0]
+    parts = reference.rstrip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 2 else reference
+
+
+def patient_reference(resource: Mapping[str, Any], aliases: Mapping[str, str]) -> str | None:
+    """The ``Patient/id`` a clinical resource belongs to, if it names one."""
+    for name in PATIENT_REFERENCE_ELEMENTS:
+        value = resource.get(name)
+        if isinstance(value, dict) and isinstance(value.get("reference"), str):
+            ref = local_reference(value["reference"], aliases)
+            if ref.startswith("Patient/"):
+                return ref
+    return None
+
+
 class RecordIndex(Protocol):
     """What a record needs from the trials to index a patient's resources
     (:class:`cds.criteria.TrialSet` has it)."""
@@ -585,7 +610,14 @@ class RecordBuilder:
         )
         memberships = self.index.valuesets_of
         by_valueset = record._by_valueset
+        this_patient = f"Patient/{record.patient_id}"
         for entry in self._entries:
+            owner = patient_reference(entry.source, self._aliases)
+            if owner is not None and owner != this_patient and record.patient_id:
+                # Never another patient's data in this record, whichever door brought it (a
+                # server that ignores a search's patient parameter answers with everyone's).
+                record.warnings.append(f"{entry.ref} skipped: it names another patient")
+                continue
             record.entries[entry.type].append(entry)
             keys = entry.keys
             ids = (
@@ -875,7 +907,7 @@ def _named(signals: tuple[TextSignal, ...], concept: Any) -> tuple[str, ...]:
 # A population repeats a few thousand distinct texts; each is judged once.
 @lru_cache(maxsize=1 << 14)
 def _signals_named(signals: tuple[TextSignal, ...], texts: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(s.id for s in signals if s.finds(list(texts)))
+    return tuple(s.id for s in signals if s.finds(texts))
 
 
 def _resolve_medication(

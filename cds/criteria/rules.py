@@ -1262,7 +1262,7 @@ def other_study_enrolment(rule: dict[str, Any], ctx: Context) -> Outcome:
     readable, bad = ctx.readable(ctx.record.entries.get("ResearchSubject", ()))
     for entry in readable:
         resource = entry.resource
-        if resource.get("status") not in _ON_STUDY or not _names_patient(ctx, resource):
+        if resource.get("status") not in _ON_STUDY:
             continue
         if entry.when is not None and entry.when.start > ctx.as_of:
             continue
@@ -1297,16 +1297,6 @@ def other_study_enrolment(rule: dict[str, Any], ctx: Context) -> Outcome:
         (ctx.record.patient_ref,),
         f"No enrolment in another study on record on or before {ctx.as_of}; {rule['confirm']}.",
     )
-
-
-def _names_patient(ctx: Context, resource: dict[str, Any]) -> bool:
-    """False when ``individual`` names another patient (a server that cannot search
-    ResearchSubject by patient returns them all)."""
-    individual = resource.get("individual")
-    ref = individual.get("reference") if isinstance(individual, dict) else None
-    if not isinstance(ref, str) or "Patient/" not in ref:
-        return True  # a bundle's urn:uuid reference: the record already holds only its own
-    return ref.split("Patient/", 1)[1].split("/", 1)[0] == ctx.record.patient_id
 
 
 def _study_name(study: Any) -> str:

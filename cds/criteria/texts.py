@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ class TextSignal:
     #: phrases that make a match not count ("family history of ...")
     exclude: re.Pattern[str] | None
 
-    def finds(self, texts: list[str]) -> bool:
+    def finds(self, texts: Iterable[str]) -> bool:
         """Whether any of the texts names it (and is not excluded)."""
         return any(
             self.pattern.search(text) and not (self.exclude and self.exclude.search(text))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cds.criteria.reads import CLINICAL_TYPES
-from cds.criteria.record import PatientRecord, RecordBuilder, RecordIndex
+from cds.criteria.record import PatientRecord, RecordBuilder, RecordIndex, patient_reference
 from cds.errors import InputError
 from cds.fhir.outcome import outcome_failed, outcome_message
 
@@ -22,30 +22,6 @@ _BUNDLE_TYPES = {
     "message",
     "history",
 }
-# Where each clinical resource names its patient (FHIR R4: Patient compartment definition).
-# FHIR R4: most clinical resources name their patient in ``subject`` or ``patient``;
-# ResearchSubject in ``individual``.
-_PATIENT_FIELDS = ("subject", "patient", "individual")
-
-
-def _local_reference(reference: str, aliases: dict[str, str]) -> str:
-    """``Type/id`` for a reference given as Type/id, an absolute URL, or a bundle fullUrl."""
-    if reference in aliases:
-        return aliases[reference]
-    reference = reference.split("/_history/", 1)[0]
-    parts = reference.rstrip("/").split("/")
-    return "/".join(parts[-2:]) if len(parts) >= 2 else reference
-
-
-def patient_reference(resource: dict[str, Any], aliases: dict[str, str]) -> str | None:
-    """The ``Patient/id`` a clinical resource belongs to, if it names one."""
-    for name in _PATIENT_FIELDS:
-        value = resource.get(name)
-        if isinstance(value, dict) and isinstance(value.get("reference"), str):
-            ref = _local_reference(value["reference"], aliases)
-            if ref.startswith("Patient/"):
-                return ref
-    return None
 
 
 @dataclass

@@ -15,8 +15,9 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from cds.criteria.reads import MEDICATION_TYPES, REFERENCED_TYPES
+from cds.criteria.record import patient_reference
 from cds.errors import FhirBadResponse, FhirNotFound, FhirRejected, InputError
-from cds.fhir.bundle import failed_search_reason, patient_reference
+from cds.fhir.bundle import failed_search_reason
 from cds.fhir.client import FhirClient, encode_query, is_resource_id
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,14 @@ from typing import IO, Any
 
 from cds.criteria import TrialSet, load_trials
 from cds.criteria.ndc import NDC, ndc_spellings
-from cds.criteria.reads import CLINICAL_TYPES, RECORD_TYPES, UNCODED_TYPES
+from cds.criteria.reads import (
+    CLINICAL_TYPES,
+    PATIENT_REFERENCE_ELEMENTS,
+    RECORD_TYPES,
+    UNCODED_TYPES,
+)
+from cds.criteria.record import patient_reference
 from cds.errors import InputError
-from cds.fhir.bundle import patient_reference
 from cds.sweep.core import PatientOutcome, Tally, error_outcome, evaluate_resources, outcome_of
 from cds.sweep.store import WorkDir
 
@@ -47,8 +52,12 @@ _UNCODED_BYTES = frozenset(t.encode() for t in UNCODED_TYPES)
 _CODED_BYTES = _CLINICAL_BYTES - _UNCODED_BYTES
 
 _TYPE_RE = re.compile(rb'^\s*\{\s*"resourceType"\s*:\s*"([A-Za-z]+)"')
-# the patient reference elements (cds.fhir.bundle.patient_reference reads the same ones)
-_REF_RE = re.compile(rb'"(?:subject|patient|individual)"\s*:\s*\{\s*"reference"\s*:\s*"([^"\\]+)"')
+# a reference in one of the elements that name the patient (as patient_reference reads them)
+_REF_RE = re.compile(
+    rb'"(?:'
+    + "|".join(PATIENT_REFERENCE_ELEMENTS).encode()
+    + rb')"\s*:\s*\{\s*"reference"\s*:\s*"([^"\\]+)"'
+)
 
 
 def ndjson_files(directory: Path) -> list[Path]:

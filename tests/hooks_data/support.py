@@ -216,23 +216,26 @@ def draft_bundle(*resources: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def med_order(oid: str, code: str, display: str, pid: str = "both-candidate") -> dict[str, Any]:
+def med_order(
+    oid: str,
+    code: str,
+    display: str | None,
+    pid: str = "both-candidate",
+    system: str = "http://www.nlm.nih.gov/research/umls/rxnorm",
+) -> dict[str, Any]:
+    """A draft MedicationRequest; without a display, coded only (as pharmacy-facing order
+    entry may send an NDC)."""
+    coding = {"system": system, "code": code}
+    concept: dict[str, Any] = {"coding": [coding]}
+    if display is not None:
+        coding["display"] = concept["text"] = display
     return {
         "resourceType": "MedicationRequest",
         "id": oid,
         "status": "draft",
         "intent": "order",
         "subject": {"reference": f"Patient/{pid}"},
-        "medicationCodeableConcept": {
-            "coding": [
-                {
-                    "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
-                    "code": code,
-                    "display": display,
-                }
-            ],
-            "text": display,
-        },
+        "medicationCodeableConcept": concept,
     }
 
 
